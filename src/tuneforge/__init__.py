@@ -1,0 +1,31 @@
+"""tuneforge: fast, memory-lean LoRA / QLoRA fine-tuning.
+
+The public names follow Unsloth's so that switching is a change of import. They are resolved
+lazily: `import tuneforge` stays cheap (the CLI's `--help` does not import torch).
+"""
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "FastLanguageModel": ("tuneforge.models.fast_language_model", "FastLanguageModel"),
+    "FastModel": ("tuneforge.models.fast_language_model", "FastLanguageModel"),
+    "is_bfloat16_supported": ("tuneforge.device", "is_bfloat16_supported"),
+    "SFTTrainer": ("tuneforge.train.trainer", "SFTTrainer"),
+    "SFTConfig": ("tuneforge.train.trainer", "SFTConfig"),
+    "get_chat_template": ("tuneforge.data.templates", "get_chat_template"),
+    "standardize_sharegpt": ("tuneforge.data.formats", "standardize_sharegpt"),
+    "train_on_responses_only": ("tuneforge.data.masking", "train_on_responses_only"),
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'tuneforge' has no attribute {name!r}")
+    import importlib
+
+    module_name, attribute = _PUBLIC[name]
+    value = getattr(importlib.import_module(module_name), attribute)
+    globals()[name] = value
+    return value
