@@ -1,0 +1,119 @@
+"""RMSNorm kernel: forward and backward equal the PyTorch reference and transformers' modules.
+
+Tolerances (relative error ||out - ref|| / ||ref||):
+- fp32 1e-5: kernel and reference differ only in reduction order and rsqrt rounding (~1e-7
+  observed); a wrong formula or cast order shows up at 1e-3 or more.
+- bf16 1e-2: one or two bf16 roundings (2^-8 relative each) land differently. Under the CPU
+  interpreter (triton 3.9) fp32 -> bf16 casts truncate instead of rounding to nearest, so
+  errors there are one-sided and about twice the GPU's.
+"""
+
+import pytest
+import torch
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from tuneforge.kernels.rms_norm import reference_rms_norm, rms_norm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# (leading shape, hidden): single row, odd row counts, batch dims, hidden not a power of two.
+SHAPES = [((1,), 64), ((17,), 97), ((33,), 576), ((2, 17), 1000)]
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def make_inputs(lead, hidden, dtype, offset):
+    x = torch.randn(*lead, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
+    # Gemma stores weight - 1 (small around 0); Llama's weight is around 1.
+    w = (torch.randn(hidden, device=DEVICE) * 0.1 + (0.0 if offset else 1.0)).to(dtype).requires_grad_()
+    return x, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("lead,hidden", SHAPES)
+def test_forward_and_backward_match_reference(lead, hidden, offset, dtype):
+    x, w = make_inputs(lead, hidden, dtype, offset)
+    y = rms_norm(x, w, 1e-6, offset)
+    ref = reference_rms_norm(x, w, 1e-6, offset)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert rel_err(y, ref) < TOL[dtype]
+
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    dx_ref, dw_ref = torch.autograd.grad(ref, (x, w), dy)
+    assert dx.dtype == dtype and dw.dtype == dtype
+    assert rel_err(dx, dx_ref) < TOL[dtype]
+    assert rel_err(dw, dw_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("module_cls,offset", [(LlamaRMSNorm, 0.0), (GemmaRMSNorm, 1.0)])
+def test_reference_equals_transformers_bit_for_bit(module_cls, offset, dtype):
+    hidden = 97
+    module = module_cls(hidden, eps=1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(hidden) * 0.1 + (0.0 if offset else 1.0))
+    x = torch.randn(17, hidden, device=DEVICE, dtype=dtype)
+    assert torch.equal(reference_rms_norm(x, module.weight, 1e-6, offset), module(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("module_cls,offset", [(LlamaRMSNorm, 0.0), (GemmaRMSNorm, 1.0)])
+def test_kernel_matches_transformers_module(module_cls, offset, dtype):
+    hidden = 576
+    module = module_cls(hidden, eps=1e-5).to(DEVICE, dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(hidden) * 0.1 + (0.0 if offset else 1.0))
+    x = torch.randn(2, 17, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
+    y_ref = module(x)
+    y = rms_norm(x, module.weight, 1e-5, offset)
+    assert rel_err(y, y_ref) < TOL[dtype]
+
+    dy = torch.randn_like(y)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, module.weight), dy)
+    dx, dw = torch.autograd.grad(y, (x, module.weight), dy)
+    assert rel_err(dx, dx_ref) < TOL[dtype]
+    assert rel_err(dw, dw_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("cast_before_weight", [True, False])
+def test_cast_before_weight_picks_the_rounding_rule(cast_before_weight):
+    # bf16 makes the two rules visibly different; the kernel must follow the one asked for.
+    x, w = make_inputs((33,), 97, torch.bfloat16, 0.0)
+    y = rms_norm(x, w, 1e-6, 0.0, cast_before_weight)
+    ref = reference_rms_norm(x, w, 1e-6, 0.0, cast_before_weight)
+    other = reference_rms_norm(x, w, 1e-6, 0.0, not cast_before_weight)
+    assert not torch.equal(ref, other)
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_frozen_weight_gets_no_gradient_and_dx_is_unchanged():
+    # The LoRA case: norm weights are frozen, so the kernel skips dW.
+    x, w = make_inputs((17,), 97, torch.float32, 0.0)
+    w.requires_grad_(False)
+    y = rms_norm(x, w)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, (x,), dy)
+    (dx_ref,) = torch.autograd.grad(reference_rms_norm(x, w), (x,), dy)
+    assert rel_err(dx, dx_ref) < TOL[torch.float32]
+
+
+def test_row_strided_input_is_read_in_place():
+    # A slice of a wider buffer: rows are strided, the last dim is contiguous.
+    base = torch.randn(17, 128, device=DEVICE)
+    x = base[:, 5:102].requires_grad_()
+    w = torch.randn(97, device=DEVICE, requires_grad=True)
+    y = rms_norm(x, w)
+    assert rel_err(y, reference_rms_norm(x, w)) < TOL[torch.float32]
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(4, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight must have shape \(64,\)"):
+        rms_norm(x, torch.ones(63, device=DEVICE))
+    with pytest.raises(TypeError, match="x must be float32"):
+        rms_norm(x.to(torch.int32), torch.ones(64, device=DEVICE))
