@@ -1,0 +1,204 @@
+"""NF4 (bitsandbytes 4-bit) dequantisation in one Triton pass, and the dense weight of any base layer.
+
+bitsandbytes stores a `Params4bit` weight of logical shape `quant_state.shape` as:
+- packed codes: the flattened weight, two 4-bit codes per byte, the first element in the HIGH
+  nibble (storage may be any dtype of the same bytes: `quant_storage`);
+- per block of `blocksize` (64) consecutive flattened elements a fp32 absmax, or with double
+  quantisation (`compress_statistics=True`, "nested") a uint8 code into `state2.code` (the 8-bit
+  dynamic map) scaled by a fp32 `state2.absmax` per `state2.blocksize` (256) blocks, plus the
+  scalar `offset` (the mean subtracted before the second quantisation);
+- `quant_state.code`: the 16 values of the 4-bit data type (NF4, or FP4 which reads the same way).
+
+    absmax[b] = state2.code[qabsmax[b]] * state2.absmax[b // 256] + offset     (fp32)
+    W[i]      = code[nibble(i)] * absmax[i // blocksize]                       (fp32, then out dtype)
+
+bitsandbytes itself first materialises the whole fp32 absmax vector and then runs a second
+kernel; here both happen in the one kernel that writes W, so W is read-once/write-once.
+The arithmetic is done in fp32 in the same order as bitsandbytes, so the result is bit-identical
+(or within one rounding of the out dtype where a GPU fuses the multiply-add).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import triton
+import triton.language as tl
+
+from tuneforge.kernels._utils import check_device
+
+__all__ = ["dequantize_nf4", "get_base_weight", "reference_dequantize_nf4"]
+
+
+# Triton's CPU interpreter converts fp32 -> bf16 by truncation, where a GPU rounds to nearest
+# even; kernels that store bf16 round the value themselves under the interpreter, so the CPU
+# tests see the GPU's exact numbers.
+INTERPRETER_BF16_FIX = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def needs_bf16_rounding(dtype: torch.dtype) -> bool:
+    """The ROUND_BF16 constexpr for a kernel that stores `dtype`."""
+    return INTERPRETER_BF16_FIX and dtype == torch.bfloat16
+
+
+@triton.jit
+def round_bf16_rtne(x, ROUND_BF16: tl.constexpr):
+    """fp32 x rounded to the nearest-even bf16 value (still fp32) when ROUND_BF16; else x.
+
+    Adds half an ulp of bf16 (minus one when the kept bit is even) to the raw bits and clears
+    the 16 dropped bits, so the later truncating conversion is exact. Finite values only.
+    """
+    if ROUND_BF16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + (0x7FFF + ((u >> 16) & 1))
+        x = ((u >> 16) << 16).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr,  # [ceil(n / 2)] uint8: two codes per byte, first element in the high nibble
+    code_ptr,  # [16] fp32: the 4-bit data type's values
+    absmax_ptr,  # [n_blocks] fp32, or uint8 when NESTED
+    code2_ptr,  # [256] fp32: state2.code (NESTED only)
+    absmax2_ptr,  # [ceil(n_blocks / blocksize2)] fp32 (NESTED only)
+    offset_ptr,  # [1] fp32 (NESTED only)
+    out_ptr,  # [n] out dtype
+    n,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    BLOCK: tl.constexpr,  # bytes per program
+    ROUND_BF16: tl.constexpr,
+):
+    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    first = 2 * byte  # flattened index of the high-nibble element
+    ok_hi = first < n
+    ok_lo = first + 1 < n
+    packed = tl.load(packed_ptr + byte, mask=ok_hi, other=0).to(tl.int32)
+    # Both elements of a byte lie in one block: blocksize is even.
+    block = first // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=ok_hi, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok_hi, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=ok_hi, other=0.0)
+    hi = tl.load(code_ptr + (packed >> 4)) * scale
+    lo = tl.load(code_ptr + (packed & 15)) * scale
+    out_ty = out_ptr.dtype.element_ty
+    # Two interleaved strided stores; the L2 merges them into full lines.
+    hi = round_bf16_rtne(hi, ROUND_BF16).to(out_ty)
+    lo = round_bf16_rtne(lo, ROUND_BF16).to(out_ty)
+    tl.store(out_ptr + first, hi, mask=ok_hi)
+    tl.store(out_ptr + first + 1, lo, mask=ok_lo)
+
+
+def _state_parts(weight_packed: torch.Tensor, quant_state):
+    """(packed uint8 [ceil(n/2)], n, code [16] fp32) after checking the state is one we read."""
+    if quant_state is None:
+        raise ValueError("this weight has no quant_state: it was never quantised (move it to a device first)")
+    if quant_state.code is None or quant_state.code.numel() != 16:
+        raise ValueError(
+            f"quant_state.code must hold the 16 values of a 4-bit type (quant_type "
+            f"{quant_state.quant_type!r}); got {None if quant_state.code is None else quant_state.code.numel()}"
+        )
+    if quant_state.blocksize % 2:
+        raise ValueError(f"quant_state.blocksize must be even, got {quant_state.blocksize}")
+    n = 1
+    for d in quant_state.shape:
+        n *= int(d)
+    # quant_storage may be e.g. bf16 for FSDP: the bytes are the same, only the view differs.
+    packed = weight_packed.detach().contiguous().view(torch.uint8).reshape(-1)
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"packed weight holds {packed.numel()} bytes but quant_state.shape {tuple(quant_state.shape)} "
+            f"needs {(n + 1) // 2}"
+        )
+    return packed, n, quant_state.code.to(device=packed.device, dtype=torch.float32)
+
+
+def dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight of a bitsandbytes 4-bit tensor.
+
+    weight_packed: the `Params4bit` data, [ceil(n / 2), 1] (any quant_storage dtype).
+    quant_state:   its `bitsandbytes.functional.QuantState` (nested or not).
+    out_dtype:     default quant_state.dtype (the dtype the weight had before quantisation).
+    Returns W: quant_state.shape, out_dtype, on weight_packed's device.
+    """
+    packed, n, code = _state_parts(weight_packed, quant_state)
+    check_device(packed)
+    device = packed.device
+    out_dtype = out_dtype or quant_state.dtype
+    out = torch.empty(tuple(quant_state.shape), dtype=out_dtype, device=device)
+    if n == 0:
+        return out
+    if quant_state.nested:
+        s2 = quant_state.state2
+        absmax = quant_state.absmax.to(device)
+        code2 = s2.code.to(device=device, dtype=torch.float32)
+        absmax2 = s2.absmax.to(device=device, dtype=torch.float32)
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=device).reshape(1)
+        blocksize2 = s2.blocksize
+    else:
+        absmax = quant_state.absmax.to(device=device, dtype=torch.float32)
+        code2 = absmax2 = offset = absmax  # unused placeholders: NESTED=False never reads them
+        blocksize2 = 1
+    block = 1024 if device.type == "cuda" else 4096
+    grid = (triton.cdiv(packed.numel(), block),)
+    # No fused multiply-add on the GPU: bitsandbytes rounds the product before adding the offset.
+    extra = {"num_warps": 4, "enable_fp_fusion": False} if device.type == "cuda" else {}
+    _dequantize_nf4_kernel[grid](
+        packed, code, absmax, code2, absmax2, offset, out, n,
+        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
+        BLOCK=block, ROUND_BF16=needs_bf16_rounding(out_dtype), **extra,
+    )
+    return out
+
+
+def reference_dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`dequantize_nf4` in plain PyTorch (no bitsandbytes call): same arguments, same result."""
+    packed, n, code = _state_parts(weight_packed, quant_state)
+    device = packed.device
+    if quant_state.nested:
+        s2 = quant_state.state2
+        q = quant_state.absmax.to(device).long()
+        idx2 = torch.arange(q.numel(), device=device) // s2.blocksize
+        absmax = s2.code.to(device).float()[q] * s2.absmax.to(device).float()[idx2]
+        absmax = absmax + torch.as_tensor(quant_state.offset, dtype=torch.float32, device=device)
+    else:
+        absmax = quant_state.absmax.to(device).float()
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n].long()
+    block_of = torch.arange(n, device=device) // quant_state.blocksize
+    w = code[codes] * absmax[block_of]
+    return w.to(out_dtype or quant_state.dtype).reshape(tuple(quant_state.shape))
+
+
+def get_base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense [out, in] weight of a Linear, a bitsandbytes Linear4bit, or a peft LoRA layer's base.
+
+    dtype: the dtype wanted (default: the weight's own, or quant_state.dtype for 4-bit).
+    A 4-bit weight is dequantised (a new tensor); a dense one is returned as is (cast if asked).
+    """
+    if hasattr(module, "get_base_layer"):  # peft LoraLayer and friends
+        module = module.get_base_layer()
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        raise TypeError(f"{type(module).__name__} has no weight; expected a Linear-like layer")
+    if getattr(module, "fan_in_fan_out", False):
+        raise NotImplementedError(f"{type(module).__name__} stores its weight transposed (fan_in_fan_out)")
+    if hasattr(weight, "quant_state") or type(weight).__name__ == "Params4bit":
+        qs = weight.quant_state
+        if qs is None:
+            raise ValueError(f"{type(module).__name__}'s 4-bit weight is not quantised yet (quant_state is None)")
+        return dequantize_nf4(weight, qs, dtype)
+    if hasattr(weight, "SCB") or type(weight).__name__ == "Int8Params":
+        raise NotImplementedError(
+            f"{type(module).__name__} holds an 8-bit (LLM.int8) weight; the fused LoRA kernels take "
+            "16/32-bit or NF4 bases only"
+        )
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{type(module).__name__}'s weight has dtype {weight.dtype}; expected a float weight")
+    return weight if dtype is None or weight.dtype == dtype else weight.to(dtype)
