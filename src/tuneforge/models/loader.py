@@ -1,0 +1,258 @@
+"""Load a causal LM and its tokenizer: resolve the name, quantise, scale RoPE, fix the tokenizer.
+
+The steps, in order:
+  name      -> a local folder (shipped model, local path) or a Hub id (registry twin)
+  config    -> family (from `model_type`) and RoPE scaling for longer contexts
+  weights   -> NF4 4-bit (double-quantised) | int8 | 16-bit | fp32, compute dtype auto
+  tokenizer -> a pad token distinct from EOS, right padding for training
+  patch     -> kernel-backed forwards for families that have them
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tuneforge.device import default_compute_dtype, has_cuda
+from tuneforge.models import registry, shipped
+from tuneforge.models.families import FamilySpec, family_for_model_type
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+}
+
+# Tokens that tokenizers ship for padding, tried in order before adding a new one.
+_PAD_CANDIDATES = (
+    "<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|PAD_TOKEN|>", "<|fim_pad|>",
+    "<|endoftext|>",
+)
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights come from. `path` is a local folder, or a Hub id when `hub` is True."""
+
+    path: str
+    hub: bool
+    requested: str
+
+
+def resolve_source(model_name: str, load_in_4bit: bool) -> Source:
+    """Shipped models and local folders first; anything else is a Hub id (if the network allows)."""
+    if shipped.shipped_model(model_name) is not None:
+        return Source(str(shipped.converted_path(model_name)), hub=False, requested=model_name)
+    path = Path(model_name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        return Source(str(path), hub=False, requested=model_name)
+    looks_like_path = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1 or os.sep == "\\"
+    if looks_like_path or path.suffix in (".gguf", ".safetensors", ".bin"):
+        raise ModelLoadError(f"model path not found: {model_name}")
+    hub_id = registry.resolve_name(model_name, load_in_4bit)
+    if hub_id != model_name:
+        logger.info("%s -> %s (registry)", model_name, hub_id)
+    return Source(hub_id, hub=True, requested=model_name)
+
+
+def _hub_error(source: Source, error: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    why = "HF_HUB_OFFLINE is set" if offline else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return ModelLoadError(
+        f"could not load {source.requested!r} from the Hugging Face Hub ({why}). Pass a local model folder, "
+        f"or a shipped model ({', '.join(shipped.SHIPPED_MODELS)}); for gated models pass token=..."
+    )
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or default_compute_dtype()
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype] or default_compute_dtype()
+    raise ValueError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def apply_rope_scaling(config, max_seq_length: int, rope_scaling: dict | None) -> None:
+    """Make `config` cover `max_seq_length` positions.
+
+    A model trained with plain RoPE gets linear position interpolation with factor
+    ceil(max_seq_length / trained length); one that already has a scaling scheme (llama3, yarn,
+    longrope) keeps it and only its position limit grows, with a log line. An explicit
+    `rope_scaling` dict always wins.
+    """
+    parameters = dict(getattr(config, "rope_parameters", None) or {})
+    trained = getattr(config, "max_position_embeddings", None)
+    if rope_scaling is not None:
+        parameters.update(rope_scaling)
+        parameters.setdefault("rope_type", parameters.pop("type", "linear"))
+        config.rope_parameters = parameters
+        logger.info("RoPE scaling set by the caller: %s", parameters)
+    elif trained and max_seq_length > trained:
+        rope_type = parameters.get("rope_type", "default")
+        if rope_type == "default":
+            factor = float(math.ceil(max_seq_length / trained))
+            parameters.update(rope_type="linear", factor=factor)
+            config.rope_parameters = parameters
+            logger.info(
+                "max_seq_length %d > trained length %d: linear RoPE scaling, factor %.0f",
+                max_seq_length, trained, factor,
+            )
+        else:
+            logger.warning(
+                "max_seq_length %d > max_position_embeddings %d; keeping the model's own %r RoPE scaling",
+                max_seq_length, trained, rope_type,
+            )
+    if trained and max_seq_length > trained:
+        config.max_position_embeddings = max_seq_length
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype):
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        # Storage dtype equal to the compute dtype lets FSDP shard the packed weights like others.
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def fix_tokenizer(tokenizer, model=None):
+    """Right padding for training and a pad token that is not EOS.
+
+    A pad token equal to EOS makes collators that mask padding mask every EOS too, so the model
+    never learns to stop. We reuse a padding-like token the vocabulary already has, and only add
+    a new one (growing the embeddings) when there is none.
+    """
+    tokenizer.padding_side = "right"
+    eos = tokenizer.eos_token
+    if tokenizer.pad_token is not None and tokenizer.pad_token != eos:
+        return tokenizer
+    vocab = tokenizer.get_vocab()
+    for candidate in _PAD_CANDIDATES + ((tokenizer.unk_token,) if tokenizer.unk_token else ()):
+        if candidate and candidate != eos and candidate in vocab and candidate != tokenizer.bos_token:
+            tokenizer.pad_token = candidate
+            logger.info("pad token set to %r (id %d), distinct from EOS %r", candidate, vocab[candidate], eos)
+            break
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<|PAD_TOKEN|>"})
+        logger.warning("tokenizer had no usable pad token: added <|PAD_TOKEN|>; embeddings resized")
+        if model is not None:
+            model.resize_token_embeddings(len(tokenizer))
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def load_model(
+    model_name: str,
+    max_seq_length: int = 2048,
+    dtype=None,
+    load_in_4bit: bool = True,
+    load_in_8bit: bool = False,
+    full_finetuning: bool = False,
+    token: str | None = None,
+    device_map=None,
+    rope_scaling: dict | None = None,
+    fix_tokenizer_: bool = True,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str = "sdpa",
+    use_kernels: bool | None = None,
+    **from_pretrained_kwargs,
+):
+    """Returns (model, tokenizer). See `FastLanguageModel.from_pretrained` for the arguments."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit are both True: choose one")
+    if full_finetuning and (load_in_4bit or load_in_8bit):
+        logger.info("full_finetuning=True: loading in 16/32-bit, quantisation off")
+        load_in_4bit = load_in_8bit = False
+    if max_seq_length <= 0:
+        raise ValueError(f"max_seq_length must be > 0, got {max_seq_length}")
+    compute_dtype = resolve_dtype(dtype)
+    source = resolve_source(model_name, load_in_4bit)
+    hub_kwargs = dict(token=token, revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(source.path, **hub_kwargs)
+    except (OSError, ValueError) as error:
+        if source.hub:
+            raise _hub_error(source, error) from None
+        raise ModelLoadError(f"{source.path}: could not read config.json: {error}") from None
+
+    spec = family_for_model_type(config.model_type)
+    if spec is None:
+        logger.warning(
+            "model_type %r has no tuneforge family: it loads and trains on the plain transformers path "
+            "(no kernels)", config.model_type,
+        )
+    apply_rope_scaling(config, max_seq_length, rope_scaling)
+
+    # Pre-quantised checkpoints carry their own quantization_config; don't stack another on top.
+    prequantised = getattr(config, "quantization_config", None) is not None
+    quantization = None if prequantised else quantization_config(load_in_4bit, load_in_8bit, compute_dtype)
+    if device_map is None:
+        device_map = {"": torch.cuda.current_device()} if has_cuda() else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            config=config,
+            dtype=compute_dtype,
+            quantization_config=quantization,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            **hub_kwargs,
+            **from_pretrained_kwargs,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **hub_kwargs)
+    except OSError as error:
+        if source.hub:
+            raise _hub_error(source, error) from None
+        raise
+
+    if fix_tokenizer_:
+        fix_tokenizer(tokenizer, model)
+    model.max_seq_length = max_seq_length
+    model.tuneforge_family = spec
+    tokenizer.model_max_length = max_seq_length
+    kind = "nf4" if load_in_4bit else "int8" if load_in_8bit else str(compute_dtype).replace("torch.", "")
+    logger.info(
+        "loaded %s (%s, family %s) as %s, compute %s, %.1fM parameters",
+        source.requested, config.model_type, spec.name if spec else "-", kind,
+        str(compute_dtype).replace("torch.", ""), model.num_parameters() / 1e6,
+    )
+
+    from tuneforge.models.patch import patch_model
+
+    patch_model(model, spec, enabled=use_kernels)
+    return model, tokenizer
+
+
+def family_of(model) -> FamilySpec | None:
+    """The family spec recorded on a model (or its peft wrapper) at load time."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    spec = getattr(base, "tuneforge_family", None)
+    if spec is None:
+        spec = family_for_model_type(base.config.model_type)
+    return spec

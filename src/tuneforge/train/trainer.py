@@ -1,0 +1,105 @@
+"""TRL's SFTTrainer with tuneforge's defaults: precision picked for the device, the 8-bit AdamW
+with a separate embedding learning rate, the kernel-backed loss when the model has it, and
+callbacks that leave a CSV log, a loss plot and a one-line summary in the output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import trl
+
+from tuneforge.device import has_cuda, is_bfloat16_supported
+from tuneforge.train.callbacks import CsvLogCallback, SummaryCallback
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig(trl.SFTConfig):
+    """trl.SFTConfig plus `embedding_learning_rate` (for embed_tokens / lm_head when trained).
+
+    Precision: leave `bf16`/`fp16` unset (None) to pick bf16 on Ampere+ GPUs, fp16 on older
+    GPUs and fp32 on the CPU.
+    """
+
+    embedding_learning_rate: float | None = field(
+        default=None, metadata={"help": "learning rate of embed_tokens / lm_head when they are trained"}
+    )
+    # get_peft_model already set up checkpointing (possibly offloaded); the trainer must not
+    # re-enable the standard one over it.
+    gradient_checkpointing: bool = False
+    logging_steps: float = 1
+    fp16: bool | None = None
+    report_to: None | str | list[str] = None
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = is_bfloat16_supported()
+        if self.fp16 is None:
+            self.fp16 = has_cuda() and not self.bf16
+        if self.report_to is None:
+            self.report_to = "none"
+        super().__post_init__()
+
+
+class SFTTrainer(trl.SFTTrainer):
+    """Drop-in for trl.SFTTrainer (same arguments)."""
+
+    def __init__(self, model=None, args=None, *positional, callbacks=None, **kwargs):
+        if args is None:
+            args = SFTConfig(output_dir="outputs")
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, CsvLogCallback) for c in callbacks):
+            callbacks.append(CsvLogCallback(args.output_dir))
+        if not any(isinstance(c, SummaryCallback) for c in callbacks):
+            callbacks.append(SummaryCallback(args.output_dir))
+        super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        from tuneforge.train.optim import build_optimizer
+
+        args = self.args
+        self.optimizer = build_optimizer(
+            model if model is not None else self.model,
+            optim=str(getattr(args.optim, "value", args.optim)),
+            learning_rate=args.learning_rate,
+            embedding_learning_rate=getattr(args, "embedding_learning_rate", None),
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+        )
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not _has_fused_loss(model) or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Kernel-backed path: the patched forward computes the loss from hidden states in chunks
+        # (the [tokens x vocab] logits never exist) and returns logits=None.
+        mode = "train" if model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # Same scaling as trl/transformers: DDP averages gradients over ranks.
+            loss = loss * self.accelerator.num_processes
+        if mode == "train":
+            if "attention_mask" in inputs:
+                tokens = inputs["attention_mask"].sum()
+            else:
+                tokens = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(tokens).sum().item())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+
+def _has_fused_loss(model) -> bool:
+    base = model
+    while hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    base = getattr(base, "module", base)  # DDP
+    return "fused_cross_entropy" in getattr(base, "tuneforge_kernels", [])
