@@ -1,0 +1,250 @@
+"""Rotary position embedding: Triton kernel, autograd Function, PyTorch reference, cos/sin builder.
+
+Convention: "rotate_half", as transformers' `apply_rotary_pos_emb` (unsqueeze_dim=1). With the head
+dim split in halves x = [x1, x2] and cos = [c1, c2], sin = [s1, s2]:
+
+    out1 = x1 * c1 - x2 * s1
+    out2 = x2 * c2 + x1 * s2
+
+The backward pass applies the transpose of that map (a rotation by -sin when, as transformers
+builds them, both halves of cos/sin are equal):
+
+    dx1 = dy1 * c1 + dy2 * s2
+    dx2 = dy2 * c2 - dy1 * s1
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tuneforge.kernels._utils import check_device, check_float
+
+# rope types whose cos/sin `rope_cos_sin` builds (through transformers' ROPE_INIT_FUNCTIONS for all
+# but "default"). Each is tested against transformers' own rotary embedding module.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+
+
+@triton.jit
+def _rotate_heads(
+    X, O, stride_xh, stride_oh, n_heads, half,
+    c1, c2, s1, s2,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    """Rotate all heads of one token: X, O point at head 0, dim 0 of that token."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < n_heads) & (d < half)
+    x_ptr = X + h * stride_xh + d
+    o_ptr = O + h * stride_oh + d
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + half, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        o1 = x1 * c1 + x2 * s2
+        o2 = x2 * c2 - x1 * s1
+    else:
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    tl.store(o_ptr, o1.to(O.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + half, o2.to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    Q, K, QO, KO, COS, SIN,
+    seq_len, n_q_heads, n_k_heads, half,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_qob, stride_qoh, stride_qos,
+    stride_kob, stride_koh, stride_kos,
+    stride_cb, stride_cs,
+    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    # One program per (batch, position): cos/sin of that position are loaded once and reused for
+    # every q and k head. Strides let q/k arrive as the [B, S, H, D] -> [B, H, S, D] transposed
+    # views the attention layers make, without a copy.
+    pid = tl.program_id(0)
+    b = (pid // seq_len).to(tl.int64)
+    s = (pid % seq_len).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < half
+    cs = b * stride_cb + s * stride_cs + d
+    c1 = tl.load(COS + cs, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(COS + cs + half, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(SIN + cs, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(SIN + cs + half, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(
+        Q + b * stride_qb + s * stride_qs, QO + b * stride_qob + s * stride_qos,
+        stride_qh, stride_qoh, n_q_heads, half, c1, c2, s1, s2, BLOCK_QH, BLOCK_D, BACKWARD,
+    )
+    _rotate_heads(
+        K + b * stride_kb + s * stride_ks, KO + b * stride_kob + s * stride_kos,
+        stride_kh, stride_koh, n_k_heads, half, c1, c2, s1, s2, BLOCK_KH, BLOCK_D, BACKWARD,
+    )
+
+
+def _launch(q, k, cos, sin, backward: bool):
+    """Rotate q: [B, Hq, S, D] and k: [B, Hk, S, D] into new tensors laid out like q and k."""
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    # cos/sin are small ([B, S, D]); contiguous makes their strides equal, so one pair serves both.
+    cos, sin = cos.contiguous(), sin.contiguous()
+    # empty_like keeps q's memory layout, so a transposed view in gives the same layout out.
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    batch, n_q_heads, seq_len, head_dim = q.shape
+    n_k_heads = k.shape[1]
+    half = head_dim // 2
+    # cos/sin may have batch 1 (transformers builds them from position_ids of shape [1, S]
+    # when no explicit ids are given): broadcast with a zero batch stride.
+    stride_cb = 0 if cos.shape[0] == 1 else cos.stride(0)
+    block_d = triton.next_power_of_2(half)
+    block_qh, block_kh = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
+    # Each program holds (Hq + Hk) x D values; more warps once that passes a few thousand.
+    num_warps = 4 if (block_qh + block_kh) * block_d <= 4096 else 8
+    grid = (batch * seq_len,)
+    if batch * seq_len:
+        _rope_kernel[grid](
+            q, k, q_out, k_out, cos, sin,
+            seq_len, n_q_heads, n_k_heads, half,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2),
+            k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            stride_cb, cos.stride(1),
+            BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_D=block_d, BACKWARD=backward, num_warps=num_warps,
+        )
+    return q_out, k_out
+
+
+def _check_inputs(q, k, cos, sin) -> None:
+    check_device(q, k, cos, sin)
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_float(name, t)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [batch, heads, seq, head_dim], got {tuple(q.shape)} and {tuple(k.shape)}")
+    batch, _, seq_len, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, seq and head_dim")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for rotate_half RoPE, got {head_dim}")
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, batch) or cos.shape[1:] != (seq_len, head_dim):
+        raise ValueError(
+            f"cos and sin must both be [batch or 1, seq, head_dim] = [{batch} or 1, {seq_len}, {head_dim}], "
+            f"got {tuple(cos.shape)} and {tuple(sin.shape)} (partial rotary: rotate the leading slice of q/k yourself)"
+        )
+    if cos.requires_grad or sin.requires_grad:
+        raise NotImplementedError("apply_rope does not compute gradients for cos/sin; pass them detached")
+
+
+class RoPEFunction(torch.autograd.Function):
+    """Autograd wrapper: saves only cos and sin (q and k are not needed for the backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        _check_inputs(q, k, cos, sin)
+        q_out, k_out = _launch(q, k, cos, sin, backward=False)
+        ctx.save_for_backward(cos, sin)
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        # An output that did not reach the loss arrives as zeros (materialize_grads is on).
+        dq, dk = _launch(dq, dk, cos, sin, backward=True)
+        return dq, dk, None, None
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q and k with the Triton kernel (out of place: q and k are not modified).
+
+    q: [batch, heads, seq, head_dim], k: [batch, kv_heads, seq, head_dim] (any strides with a
+    unit last dim, e.g. the transposed projection views), cos/sin: [batch or 1, seq, head_dim] as
+    transformers' rotary embedding returns them. Returns (q_rot, k_rot) laid out like q and k.
+    """
+    return RoPEFunction.apply(q, k, cos, sin)
+
+
+def reference_apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch rotate_half RoPE, the operations of transformers' apply_rotary_pos_emb."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def _rope_parameters(config, layer_type: str | None) -> dict:
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):
+        raise ValueError(f"{type(config).__name__} has no rope_parameters dict; is it a RoPE model config?")
+    if layer_type is not None:
+        if layer_type not in params:
+            raise ValueError(f"layer_type {layer_type!r} not in rope_parameters (keys: {sorted(params)})")
+        return params[layer_type]
+    if "rope_type" not in params:
+        raise ValueError(
+            f"rope_parameters of {type(config).__name__} is per layer type ({sorted(params)}); pass layer_type="
+        )
+    return params
+
+
+def _default_inv_freq(config, params: dict, device) -> torch.Tensor:
+    # The models' own compute_default_rope_parameters: 1 / theta^(2i / dim) over the rotated dims.
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+
+
+def rope_cos_sin(
+    config,
+    position_ids: torch.Tensor,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    layer_type: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [batch, seq, rotary_dim] for `position_ids: [batch, seq]`, as the model's rotary module.
+
+    The rope type comes from `config.rope_parameters` (transformers 5): "default", "linear",
+    "dynamic", "llama3", "yarn" or "longrope"; inverse frequencies and the attention scaling come
+    from transformers' ROPE_INIT_FUNCTIONS, so every variant follows transformers exactly. Build
+    them once per forward pass and share them across layers. `layer_type` picks the entry of a
+    per-layer-type rope_parameters (Gemma 3: "sliding_attention" / "full_attention").
+
+    Stateless: "dynamic" and "longrope" pick their frequencies from this call's largest position,
+    as a freshly built transformers rotary module would on the same ids (the module also remembers
+    the longest sequence it has seen; this function does not).
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = _rope_parameters(config, layer_type)
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise NotImplementedError(f"rope_type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+    device = torch.device(device) if device is not None else position_ids.device
+    position_ids = position_ids.to(device)
+    kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+    if rope_type == "default":
+        inv_freq, scaling = _default_inv_freq(config, params, device), 1.0
+    else:
+        init = ROPE_INIT_FUNCTIONS[rope_type]
+        inv_freq, scaling = init(config, device, **kwargs)
+        # A tensor, as transformers passes it: the dynamic base is then computed in the same precision.
+        seq_len = torch.max(position_ids) + 1
+        if rope_type == "dynamic" and seq_len > config.max_position_embeddings:
+            inv_freq, scaling = init(config, device, seq_len=seq_len, **kwargs)
+        elif rope_type == "longrope" and seq_len > params["original_max_position_embeddings"]:
+            # Long factors; the attention scaling stays the one computed at init, as in transformers.
+            inv_freq, _ = init(config, device, seq_len=params["original_max_position_embeddings"] + 1, **kwargs)
+    # fp32 whatever the autocast state: positions up to 1e5+ need the mantissa.
+    with torch.autocast(device_type=device.type, enabled=False):
+        freqs = position_ids[..., None].float() * inv_freq.to(device=device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * scaling
+        sin = emb.sin() * scaling
+    return cos.to(dtype), sin.to(dtype)
