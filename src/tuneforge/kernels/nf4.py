@@ -29,7 +29,7 @@ import triton.language as tl
 
 from tuneforge.kernels._utils import check_device
 
-__all__ = ["dequantize_nf4", "get_base_weight", "reference_dequantize_nf4"]
+__all__ = ["base_weight_parts", "dense_weight", "dequantize_nf4", "get_base_weight", "reference_dequantize_nf4"]
 
 
 # Triton's CPU interpreter converts fp32 -> bf16 by truncation, where a GPU rounds to nearest
@@ -176,24 +176,24 @@ def reference_dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype
     return w.to(out_dtype or quant_state.dtype).reshape(tuple(quant_state.shape))
 
 
-def get_base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense [out, in] weight of a Linear, a bitsandbytes Linear4bit, or a peft LoRA layer's base.
+def base_weight_parts(module: nn.Module):
+    """(weight, quant_state, bias) of a Linear, a bitsandbytes Linear4bit or a peft LoRA layer's base.
 
-    dtype: the dtype wanted (default: the weight's own, or quant_state.dtype for 4-bit).
-    A 4-bit weight is dequantised (a new tensor); a dense one is returned as is (cast if asked).
+    Nothing is dequantised: weight is the dense [out, in] Parameter (quant_state None) or the
+    packed 4-bit data with its QuantState. bias: [out] or None.
     """
+    if getattr(module, "fan_in_fan_out", False):
+        raise NotImplementedError(f"{type(module).__name__} stores its weight transposed (fan_in_fan_out)")
     if hasattr(module, "get_base_layer"):  # peft LoraLayer and friends
         module = module.get_base_layer()
     weight = getattr(module, "weight", None)
     if weight is None:
         raise TypeError(f"{type(module).__name__} has no weight; expected a Linear-like layer")
-    if getattr(module, "fan_in_fan_out", False):
-        raise NotImplementedError(f"{type(module).__name__} stores its weight transposed (fan_in_fan_out)")
+    bias = getattr(module, "bias", None)
     if hasattr(weight, "quant_state") or type(weight).__name__ == "Params4bit":
-        qs = weight.quant_state
-        if qs is None:
+        if weight.quant_state is None:
             raise ValueError(f"{type(module).__name__}'s 4-bit weight is not quantised yet (quant_state is None)")
-        return dequantize_nf4(weight, qs, dtype)
+        return weight, weight.quant_state, bias
     if hasattr(weight, "SCB") or type(weight).__name__ == "Int8Params":
         raise NotImplementedError(
             f"{type(module).__name__} holds an 8-bit (LLM.int8) weight; the fused LoRA kernels take "
@@ -201,4 +201,21 @@ def get_base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torc
         )
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{type(module).__name__}'s weight has dtype {weight.dtype}; expected a float weight")
+    return weight, None, bias
+
+
+def dense_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[out, in] in `dtype`: dequantised when quant_state is given, else weight itself (cast if asked)."""
+    if quant_state is not None:
+        return dequantize_nf4(weight, quant_state, dtype)
     return weight if dtype is None or weight.dtype == dtype else weight.to(dtype)
+
+
+def get_base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense [out, in] weight of a Linear, a bitsandbytes Linear4bit, or a peft LoRA layer's base.
+
+    dtype: the dtype wanted (default: the weight's own, or quant_state.dtype for 4-bit).
+    A 4-bit weight is dequantised (a new tensor); a dense one is returned as is (cast if asked).
+    """
+    weight, quant_state, _ = base_weight_parts(module)
+    return dense_weight(weight, quant_state, dtype)

@@ -1,0 +1,387 @@
+"""Fused LoRA projections (O, QKV, gated MLP) with a hand-written backward: dX, dA, dB only.
+
+One LoRA projection, in peft's layout (lora_A.weight A: [r, in], lora_B.weight B: [out, r]):
+
+    y = X @ W^T + bias + s * (X @ A^T) @ B^T          s = alpha / r  (alpha / sqrt(r) for rsLoRA)
+
+The base W ([out, in], dense or bitsandbytes 4-bit) is frozen, so its gradient is never formed.
+What the backward needs is X and the small XA = X @ A^T ([tokens, r]); a 4-bit W is dequantised
+again in the backward instead of keeping the dense copy alive between the passes:
+
+    dB = s * dY^T @ XA            dA = s * (dY @ B)^T @ X            dX = dY @ W + s * (dY @ B) @ A
+
+Q, K and V read the same X: `LoRAQKVFunction` saves it once and sums the three dX. The gated MLP
+`down(act(gate(X)) * up(X))` saves X, the gate and up outputs and the three small products; the
+activation is recomputed in the backward by one Triton kernel that writes act(g)*u, d gate and
+d up in place over the buffers it reads, so the backward holds three [tokens, intermediate]
+tensors, not six.
+
+The LoRA branch runs in X's dtype (A and B are cast to it; their gradients come back in their own
+dtype). peft instead casts X to the adapter's dtype (fp32 adapters under a bf16 model): results
+agree to bf16 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import triton
+import triton.language as tl
+
+from tuneforge.kernels._utils import check_device, elementwise_launch
+from tuneforge.kernels.geglu import _gelu_and_grad, geglu
+from tuneforge.kernels.nf4 import (
+    base_weight_parts,
+    dense_weight,
+    needs_bf16_rounding,
+    reference_dequantize_nf4,
+    round_bf16_rtne,
+)
+from tuneforge.kernels.swiglu import swiglu
+
+__all__ = [
+    "ACTIVATIONS",
+    "LoRALinearFunction",
+    "LoRAMLPFunction",
+    "LoRAProjection",
+    "LoRAQKVFunction",
+    "lora_linear",
+    "lora_mlp",
+    "lora_qkv",
+    "reference_lora_linear",
+    "reference_lora_mlp",
+]
+
+# Gate activations by the family table's names (FamilySpec.activation).
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+_ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+@dataclass
+class LoRAProjection:
+    """One frozen base projection and its (optional) adapter, as tensors.
+
+    weight:      [out, in] dense, or bitsandbytes packed 4-bit data (then quant_state is its QuantState).
+    bias:        [out] or None (frozen unless it requires grad; then its grad is returned too).
+    lora_A:      [r, in] or None (no adapter: the base projection only).
+    lora_B:      [out, r] or None.
+    scaling:     s in y = ... + s * (X A^T) B^T.
+    """
+
+    weight: torch.Tensor
+    quant_state: object = None
+    bias: torch.Tensor | None = None
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+    scaling: float = 1.0
+
+    @classmethod
+    def from_module(cls, layer: nn.Module) -> "LoRAProjection":
+        """From a peft LoRA layer (its one active adapter) or a plain Linear / Linear4bit (no adapter).
+
+        Raises for what the fused kernels do not compute: lora_dropout > 0 while training, DoRA and
+        other variants, several active adapters, an adapter bias (lora_bias), a trainable base weight.
+        """
+        weight, quant_state, bias = base_weight_parts(layer)
+        name = type(layer).__name__
+        if weight.requires_grad:
+            raise ValueError(
+                f"{name}'s base weight requires grad; the fused LoRA kernels keep the base frozen "
+                "(no dW) - freeze it, or leave this layer unpatched"
+            )
+        if not hasattr(layer, "lora_A") or layer.disable_adapters or layer.merged:
+            # As peft: with adapters disabled or merged into W, the layer is its base.
+            return cls(weight, quant_state, bias)
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if not active:
+            return cls(weight, quant_state, bias)
+        if len(active) > 1:
+            raise NotImplementedError(f"{name} has {len(active)} active adapters {active}; the fused path takes one")
+        adapter = active[0]
+        if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
+            raise NotImplementedError(f"{name}: adapter {adapter!r} is a LoRA variant (DoRA, ...); only plain LoRA is fused")
+        dropout = layer.lora_dropout[adapter]
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training:
+            raise ValueError(
+                f"{name}: adapter {adapter!r} has lora_dropout={dropout.p}; the fused LoRA kernels need "
+                "lora_dropout=0 (set it in the LoRA config)"
+            )
+        if not isinstance(dropout, (nn.Identity, nn.Dropout)):
+            raise NotImplementedError(f"{name}: lora_dropout is a {type(dropout).__name__}, expected Identity or Dropout")
+        lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+        if getattr(lora_B, "bias", None) is not None:
+            raise NotImplementedError(f"{name}: adapter {adapter!r} has a lora_B bias (lora_bias=True); not fused")
+        return cls(weight, quant_state, bias, lora_A.weight, lora_B.weight, float(layer.scaling[adapter]))
+
+    def as_args(self) -> tuple:
+        return (self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling)
+
+
+_N_ARGS = 6  # LoRAProjection.as_args() length: how projections travel through Function.apply
+
+
+def _projection_forward(x, weight, quant_state, bias, lora_A, lora_B, scaling):
+    """y [T, out] and XA [T, r] (None without adapter) for x [T, in]; the dense W is dropped at once."""
+    w = dense_weight(weight, quant_state, x.dtype)
+    y = x @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+    del w
+    if lora_A is None:
+        return y, None
+    xa = x @ lora_A.to(x.dtype).t()
+    y.addmm_(xa, lora_B.to(x.dtype).t(), alpha=scaling)
+    return y, xa
+
+
+def _projection_backward(dy, x, xa, weight, quant_state, bias, lora_A, lora_B, scaling, need_dx, dx=None):
+    """(dx, dbias, dA, dB) for one projection; dx accumulates into `dx` when given."""
+    dA = dB = dbias = None
+    if need_dx:
+        w = dense_weight(weight, quant_state, dy.dtype)
+        dx = dy @ w if dx is None else dx.addmm_(dy, w)
+        del w
+    if bias is not None and bias.requires_grad:
+        dbias = dy.sum(0).to(bias.dtype)
+    if lora_A is not None:
+        dB = (dy.t() @ xa).mul_(scaling).to(lora_B.dtype)
+        dyb = dy @ lora_B.to(dy.dtype)  # [T, r]
+        dA = (dyb.t() @ x).mul_(scaling).to(lora_A.dtype)
+        if need_dx:
+            dx.addmm_(dyb, lora_A.to(dy.dtype), alpha=scaling)
+    return dx, dbias, dA, dB
+
+
+def _check_inputs(x: torch.Tensor, projections) -> None:
+    for i in range(0, len(projections), _N_ARGS):
+        weight, quant_state, _, lora_A, lora_B, _ = projections[i : i + _N_ARGS]
+        in_features = quant_state.shape[1] if quant_state is not None else weight.shape[1]
+        if x.shape[-1] != in_features:
+            raise ValueError(f"x has {x.shape[-1]} features but the projection takes {in_features}")
+        if (lora_A is None) != (lora_B is None):
+            raise ValueError("lora_A and lora_B must be given together")
+
+
+class LoRAQKVFunction(torch.autograd.Function):
+    """Several LoRA projections of one input (Q, K, V): X saved once, dX summed.
+
+    apply(X [..., in], *projections) -> tuple of Y_i [..., out_i]; `projections` is the
+    concatenation of `LoRAProjection.as_args()` of each projection.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *projections):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        outs, saved = [], [x2]
+        for i in range(0, len(projections), _N_ARGS):
+            y, xa = _projection_forward(x2, *projections[i : i + _N_ARGS])
+            outs.append(y.view(*shape[:-1], y.shape[-1]))
+            saved.append(xa)
+        ctx.save_for_backward(*saved)
+        ctx.projections = projections
+        ctx.x_shape = shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x2, *xas = ctx.saved_tensors
+        projections = ctx.projections
+        need_dx = ctx.needs_input_grad[0]
+        dx, grads = None, []
+        for k, dy in enumerate(dys):
+            args = projections[k * _N_ARGS : (k + 1) * _N_ARGS]
+            weight, quant_state, bias, lora_A, lora_B, scaling = args
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            dx, dbias, dA, dB = _projection_backward(
+                dy2, x2, xas[k], weight, quant_state, bias, lora_A, lora_B, scaling, need_dx, dx
+            )
+            grads += [None, None, dbias, dA, dB, None]
+        return (dx.view(ctx.x_shape) if need_dx else None, *grads)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """One LoRA projection: apply(X [..., in], *LoRAProjection.as_args()) -> Y [..., out]."""
+
+    @staticmethod
+    def forward(ctx, x, *projection):
+        (y,) = LoRAQKVFunction.forward(ctx, x, *projection)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return LoRAQKVFunction.backward(ctx, dy)
+
+
+@triton.jit
+def _gated_backward_inplace_kernel(
+    DH,  # [n] in: d loss / d h;  out: h = act(g) * u (the down projection's input, recomputed)
+    GATE,  # [n] in: g;  out: d loss / d g
+    UP,  # [n] in: u;  out: d loss / d u
+    n,
+    ACT: tl.constexpr,  # 0 silu, 1 gelu (erf), 2 gelu (tanh)
+    ROUND_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Every element is read before its slots are overwritten, and no other element reads them:
+    # in-place is safe and saves three [tokens, intermediate] buffers.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 0:
+        sig = tl.sigmoid(g)
+        act = g * sig
+        dact = sig * (1.0 + g * (1.0 - sig))
+    else:
+        act, dact = _gelu_and_grad(g, ACT == 2)
+    ty = DH.dtype.element_ty
+    tl.store(DH + offs, round_bf16_rtne(act * u, ROUND_BF16).to(ty), mask=mask)
+    tl.store(GATE + offs, round_bf16_rtne(dh * u * dact, ROUND_BF16).to(ty), mask=mask)
+    tl.store(UP + offs, round_bf16_rtne(dh * act, ROUND_BF16).to(ty), mask=mask)
+
+
+def _gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up by the swiglu / geglu kernels."""
+    if activation == "silu":
+        return swiglu(gate, up)
+    return geglu(gate, up, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS} (the family table's names), got {activation!r}")
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """down(act(gate(X)) * up(X)) with LoRA on all three projections.
+
+    apply(X [..., H], activation, *gate.as_args(), *up.as_args(), *down.as_args()) -> Y [..., H_out].
+    Saves X, g and u ([T, I] each) and the three [T, r] LoRA products; act(g) * u is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, activation, *projections):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        gate, up, down = (projections[i * _N_ARGS : (i + 1) * _N_ARGS] for i in range(3))
+        g, xa_g = _projection_forward(x2, *gate)
+        u, xa_u = _projection_forward(x2, *up)
+        h = _gated(g, u, activation)
+        y, ha_d = _projection_forward(h, *down)
+        del h
+        ctx.save_for_backward(x2, g, u, xa_g, xa_u, ha_d)
+        ctx.projections = (gate, up, down)
+        ctx.activation = activation
+        ctx.x_shape = shape
+        ctx.backward_done = False
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.backward_done:
+            raise RuntimeError("LoRAMLPFunction overwrites its saved tensors in backward: back-propagate it once only")
+        ctx.backward_done = True
+        x2, g, u, xa_g, xa_u, ha_d = ctx.saved_tensors
+        gate, up, down = ctx.projections
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        w_d, qs_d, b_d, a_d, bb_d, s_d = down
+
+        # dh = dY @ W_down + s * (dY @ B_down) @ A_down; the LoRA grads of down need h, made below.
+        dh = dy2 @ dense_weight(w_d, qs_d, dy2.dtype)
+        dyb_d = None
+        if a_d is not None:
+            dyb_d = dy2 @ bb_d.to(dy2.dtype)
+            dh.addmm_(dyb_d, a_d.to(dy2.dtype), alpha=s_d)
+        n = dh.numel()
+        if n:
+            block, num_warps = elementwise_launch(n)
+            _gated_backward_inplace_kernel[(triton.cdiv(n, block),)](
+                dh, g, u, n, ACT=_ACT_CODE[ctx.activation], ROUND_BF16=needs_bf16_rounding(dh.dtype),
+                BLOCK=block, num_warps=num_warps,
+            )
+        h, dg, du = dh, g, u  # renamed: the kernel rewrote the buffers
+        grads_down = [None, None, None, None, None, None]
+        if b_d is not None and b_d.requires_grad:
+            grads_down[2] = dy2.sum(0).to(b_d.dtype)
+        if a_d is not None:
+            grads_down[4] = (dy2.t() @ ha_d).mul_(s_d).to(bb_d.dtype)
+            grads_down[3] = (dyb_d.t() @ h).mul_(s_d).to(a_d.dtype)
+        del h, dh
+
+        need_dx = ctx.needs_input_grad[0]
+        dx, dbias_g, dA_g, dB_g = _projection_backward(dg, x2, xa_g, *gate, need_dx)
+        dx, dbias_u, dA_u, dB_u = _projection_backward(du, x2, xa_u, *up, need_dx, dx)
+        return (
+            dx.view(ctx.x_shape) if need_dx else None, None,
+            None, None, dbias_g, dA_g, dB_g, None,
+            None, None, dbias_u, dA_u, dB_u, None,
+            *grads_down,
+        )
+
+
+def _projection(layer) -> LoRAProjection:
+    return layer if isinstance(layer, LoRAProjection) else LoRAProjection.from_module(layer)
+
+
+def lora_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """y = layer(x) through `LoRALinearFunction`; for O projections.
+
+    x: [..., in]; layer: a peft LoRA layer (one active adapter), a plain Linear / Linear4bit, or a
+    LoRAProjection. Returns [..., out] in x's dtype.
+    """
+    p = _projection(layer)
+    args = p.as_args()
+    _check_inputs(x, args)
+    check_device(x)
+    return LoRALinearFunction.apply(x, *args)
+
+
+def lora_qkv(x: torch.Tensor, q_layer, k_layer, v_layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q_layer(x), k_layer(x), v_layer(x)) in one autograd node that saves x once.
+
+    x: [..., hidden]; each layer as in `lora_linear` (layers without an adapter are allowed, e.g.
+    peft's default targets q_proj and v_proj only). Returns ([..., q_out], [..., kv_out], [..., kv_out]).
+    """
+    args = sum((_projection(layer).as_args() for layer in (q_layer, k_layer, v_layer)), ())
+    _check_inputs(x, args)
+    check_device(x)
+    return LoRAQKVFunction.apply(x, *args)
+
+
+def lora_mlp(x: torch.Tensor, gate_layer, up_layer, down_layer, activation: str = "silu") -> torch.Tensor:
+    """down_layer(act(gate_layer(x)) * up_layer(x)) through `LoRAMLPFunction`.
+
+    x: [..., hidden]; layers as in `lora_linear`; activation: "silu" (SwiGLU: Llama, Mistral, Qwen),
+    "gelu_tanh" (Gemma's gelu_pytorch_tanh) or "gelu" (exact erf). Returns [..., hidden].
+    """
+    _check_activation(activation)
+    gate, up, down = (_projection(layer) for layer in (gate_layer, up_layer, down_layer))
+    _check_inputs(x, gate.as_args() + up.as_args())
+    check_device(x)
+    return LoRAMLPFunction.apply(x, activation, *gate.as_args(), *up.as_args(), *down.as_args())
+
+
+def reference_lora_linear(x: torch.Tensor, projection: LoRAProjection) -> torch.Tensor:
+    """Plain PyTorch (autograd) y = x W^T + bias + s (x A^T) B^T, in x's dtype; x: [..., in] -> [..., out]."""
+    p = projection
+    if p.quant_state is not None:
+        w = reference_dequantize_nf4(p.weight, p.quant_state, x.dtype)
+    else:
+        w = p.weight.to(x.dtype)
+    y = torch.nn.functional.linear(x, w, None if p.bias is None else p.bias.to(x.dtype))
+    if p.lora_A is not None:
+        y = y + p.scaling * ((x @ p.lora_A.to(x.dtype).t()) @ p.lora_B.to(x.dtype).t())
+    return y
+
+
+def reference_lora_mlp(x, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection, activation="silu"):
+    """Plain PyTorch (autograd) down(act(gate(x)) * up(x)); x: [..., H] -> [..., H_out]."""
+    _check_activation(activation)
+    g, u = reference_lora_linear(x, gate), reference_lora_linear(x, up)
+    if activation == "silu":
+        a = torch.nn.functional.silu(g)
+    else:
+        a = torch.nn.functional.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return reference_lora_linear(a * u, down)

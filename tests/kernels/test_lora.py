@@ -1,0 +1,180 @@
+"""The fused LoRA ops give peft's outputs and gradients (dX, dA, dB) on dense and NF4 bases.
+
+peft is the reference: its LoRA layers wrap the same base (a plain Linear, or a bitsandbytes
+Linear4bit NF4 with double quantisation and an fp32 compute dtype, the CPU setting), with
+random A and B (init_lora_weights=False, so dA is not trivially zero).
+
+Tolerances: fp32 agrees to float rounding of differently ordered sums (rtol 1e-4, atol 1e-5).
+bf16: peft runs the adapter in fp32 (its adapters are fp32 under a bf16 model) while the fused op
+runs it in bf16; results agree to 2% in relative norm (a few bf16 roundings, 2^-8 each).
+"""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn as nn
+from peft import LoraConfig, get_peft_model
+
+from tuneforge.kernels.lora import (
+    LoRAProjection,
+    lora_linear,
+    lora_mlp,
+    lora_qkv,
+    reference_lora_linear,
+    reference_lora_mlp,
+)
+from tuneforge.testing import tiny_model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HIDDEN_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
+
+
+def _to_4bit(linear: nn.Linear) -> nn.Module:
+    """A bitsandbytes NF4 (double-quantised) copy of `linear`, fp32 compute."""
+    q = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True,
+    )
+    q.weight = bnb.nn.Params4bit(linear.weight.data.float().cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.float().cpu(), requires_grad=False)
+    return q.to(DEVICE)
+
+
+class _Attention(nn.Module):
+    """Q/K/V/O of odd sizes: hidden 72, q 48, k/v 24 (GQA-like)."""
+
+    def __init__(self, base: str, bias: bool):
+        super().__init__()
+        make = (lambda i, o: _to_4bit(nn.Linear(i, o, bias=bias))) if base == "nf4" else (lambda i, o: nn.Linear(i, o, bias=bias))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = make(72, 48), make(72, 24), make(72, 24), make(48, 72)
+
+
+def _peft(model, targets, r, dtype=torch.float32, rslora=False):
+    model = model.to(DEVICE)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, use_rslora=rslora)
+    return get_peft_model(model, config).base_model.model
+
+
+def _lora_params(*layers):
+    return [p for layer in layers if hasattr(layer, "lora_A") for p in (layer.lora_A.default.weight, layer.lora_B.default.weight)]
+
+
+def _outputs_and_grads(fn, x, params, seed=1):
+    """fn(x) as a tuple, and the grads of x and params for fixed random output grads."""
+    x = x.detach().clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    ys = fn(x)
+    ys = ys if isinstance(ys, tuple) else (ys,)
+    g = torch.Generator().manual_seed(seed)
+    dys = [torch.randn(y.shape, generator=g).to(y.device, y.dtype) for y in ys]
+    torch.autograd.backward(ys, dys)
+    return [y.detach() for y in ys], [x.grad] + [p.grad.clone() for p in params]
+
+
+def _assert_close(got, want, dtype):
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        else:
+            rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+            assert rel < 2e-2, rel
+
+
+@pytest.mark.parametrize(
+    "base,dtype,r,bias",
+    [
+        ("dense", torch.float32, 8, True),
+        ("dense", torch.float32, 16, False),
+        ("dense", torch.bfloat16, 8, True),
+        ("nf4", torch.float32, 8, True),
+        ("nf4", torch.float32, 16, False),
+    ],
+    ids=["dense-fp32-r8-bias", "dense-fp32-r16", "dense-bf16-r8-bias", "nf4-fp32-r8-bias", "nf4-fp32-r16"],
+)
+def test_linear_matches_peft(base, dtype, r, bias):
+    attn = _peft(_Attention(base, bias), ["o_proj"], r, dtype, rslora=(r == 16))
+    x = torch.randn(3, 5, 48, device=DEVICE, dtype=dtype)
+    params = _lora_params(attn.o_proj)
+    got = _outputs_and_grads(lambda t: lora_linear(t, attn.o_proj), x, params)
+    want = _outputs_and_grads(attn.o_proj, x, params)
+    _assert_close(got[0] + got[1], want[0] + want[1], dtype)
+    # The plain-PyTorch reference agrees too.
+    ref = _outputs_and_grads(lambda t: reference_lora_linear(t, LoRAProjection.from_module(attn.o_proj)), x, params)
+    _assert_close(got[0] + got[1], ref[0] + ref[1], dtype)
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_qkv_matches_peft_with_k_not_adapted(base):
+    """peft's default Llama targets are q and v only: K runs through its base alone."""
+    attn = _peft(_Attention(base, bias=True), ["q_proj", "v_proj"], 8)
+    x = torch.randn(2, 7, 72, device=DEVICE)
+    params = _lora_params(attn.q_proj, attn.v_proj)
+    got = _outputs_and_grads(lambda t: lora_qkv(t, attn.q_proj, attn.k_proj, attn.v_proj), x, params)
+    want = _outputs_and_grads(lambda t: (attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)), x, params)
+    _assert_close(got[0] + got[1], want[0] + want[1], torch.float32)
+
+
+def test_qkv_saves_x_once_and_no_dense_weight():
+    attn = _peft(_Attention("nf4", bias=False), ["q_proj", "k_proj", "v_proj"], 8)
+    x = torch.randn(2, 7, 72, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        lora_qkv(x, attn.q_proj, attn.k_proj, attn.v_proj)
+    assert sorted(saved) == sorted([(14, 72), (14, 8), (14, 8), (14, 8)])
+
+
+@pytest.mark.parametrize(
+    "activation,dtype,base",
+    [
+        ("silu", torch.float32, "dense"),
+        ("gelu_tanh", torch.float32, "dense"),
+        ("gelu", torch.float32, "dense"),
+        ("silu", torch.bfloat16, "dense"),
+        ("gelu_tanh", torch.bfloat16, "dense"),
+        ("silu", torch.float32, "nf4"),
+    ],
+)
+def test_mlp_matches_peft_llama_mlp(activation, dtype, base):
+    """lora_mlp on a tiny Llama MLP (hidden 64, intermediate 176) with peft LoRA on gate/up/down."""
+    model = tiny_model("llama", hidden_act=HIDDEN_ACT[activation])
+    mlp = model.model.layers[0].mlp
+    if base == "nf4":
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(mlp, name, _to_4bit(getattr(mlp, name)))
+    r = 16 if dtype == torch.float32 else 8
+    peft_model = _peft(model, ["gate_proj", "up_proj", "down_proj"], r, dtype)
+    mlp = peft_model.model.layers[0].mlp
+    x = torch.randn(2, 9, 64, device=DEVICE, dtype=dtype)
+    params = _lora_params(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    got = _outputs_and_grads(lambda t: lora_mlp(t, *layers, activation=activation), x, params)
+    want = _outputs_and_grads(mlp, x, params)
+    _assert_close(got[0] + got[1], want[0] + want[1], dtype)
+    projections = [LoRAProjection.from_module(layer) for layer in layers]
+    ref = _outputs_and_grads(lambda t: reference_lora_mlp(t, *projections, activation), x, params)
+    _assert_close(got[0] + got[1], ref[0] + ref[1], dtype)
+
+
+def test_unsupported_adapters_raise_clearly():
+    attn = get_peft_model(_Attention("dense", False).to(DEVICE), LoraConfig(r=4, target_modules=["o_proj"], lora_dropout=0.1))
+    attn.train()
+    x = torch.randn(2, 48, device=DEVICE)
+    with pytest.raises(ValueError, match="lora_dropout=0.1"):
+        lora_linear(x, attn.base_model.model.o_proj)
+    attn.eval()  # dropout is the identity in eval mode
+    torch.testing.assert_close(lora_linear(x, attn.base_model.model.o_proj), attn.base_model.model.o_proj(x))
+
+    dora = get_peft_model(_Attention("dense", False).to(DEVICE), LoraConfig(r=4, target_modules=["o_proj"], use_dora=True))
+    with pytest.raises(NotImplementedError, match="variant"):
+        lora_linear(x, dora.base_model.model.o_proj)
+
+    trainable_base = nn.Linear(48, 16).to(DEVICE)
+    with pytest.raises(ValueError, match="requires grad"):
+        lora_linear(x, trainable_base)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        lora_mlp(x, trainable_base, trainable_base, trainable_base, activation="relu")
