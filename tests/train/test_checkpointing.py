@@ -260,3 +260,19 @@ def test_offload_uses_pinned_memory_and_lowers_peak_cuda_memory():
     assert peak_offload < peak_standard - 0.75 * input_bytes, (peak_offload, peak_standard)
     torch.testing.assert_close(loss, loss_standard, rtol=1e-5, atol=0)
     assert_grads_close(grads, grads_standard, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_offload_on_gpu_supports_a_second_backward_through_the_same_graph():
+    """retain_graph=True unpacks every layer input twice: the CPU copy must still be there and be
+    brought back again (the first backward took the GPU copy)."""
+    model = lora_model().cuda()
+    _, once = _peak_cuda_bytes(model, "offload", batch().cuda())[1:]
+    model.zero_grad()
+    ids = batch().cuda()
+    torch.manual_seed(5)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    loss.backward()
+    twice = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert_grads_close(twice, {n: 2 * g for n, g in once.items()}, rtol=1e-5)
