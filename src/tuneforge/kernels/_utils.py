@@ -42,6 +42,22 @@ def row_launch(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
+# A forward norm program should move at least this many elements: with hidden 576 (block 1024)
+# one row per program reaches 2.6 TB/s on an H100, four rows per program 3.5 TB/s.
+TILE_ELEMENTS = 4096
+
+
+def row_tile_launch(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps) for a forward norm that loads a [ROWS, BLOCK] tile of rows at once.
+
+    Long rows (>= TILE_ELEMENTS) go one per program, like `row_launch`; short rows are stacked
+    until the tile holds TILE_ELEMENTS, where 4 warps measured best.
+    """
+    block, num_warps = row_launch(n_cols)
+    rows = max(1, TILE_ELEMENTS // block)
+    return block, rows, (4 if rows > 1 else num_warps)
+
+
 def elementwise_launch(numel: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for a flat elementwise kernel over `numel` elements.
 
@@ -75,16 +91,19 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_programs_for_rows(n_rows: int, device: torch.device) -> int:
+def num_programs_for_rows(n_rows: int, device: torch.device, block: int) -> int:
     """How many programs a row-blocked backward should launch (each accumulates a partial dW).
 
     On a GPU: a few per SM, so every SM is busy while the partial sums stay small
-    ([programs, hidden] fp32). Under the interpreter programs run one after another, so fewer
-    and longer programs only save Python overhead.
+    ([programs, hidden] fp32); short rows (block <= 1024) want more programs in flight (H100,
+    hidden 576: 2.1 TB/s with 8 per SM against 1.6 with 4; hidden >= 4096 is best with 4).
+    Under the interpreter programs run one after another, so fewer and longer programs only
+    save Python overhead.
     """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return max(1, min(n_rows, 4 * _num_sms(index)))
+        per_sm = 8 if block <= 1024 else 4
+        return max(1, min(n_rows, per_sm * _num_sms(index)))
     return max(1, min(n_rows, 4))
 
 

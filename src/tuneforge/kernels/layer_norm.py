@@ -20,6 +20,7 @@ from tuneforge.kernels._utils import (
     param_grad_partials,
     reduce_param_grad,
     row_launch,
+    row_tile_launch,
     rows_view,
 )
 
@@ -27,24 +28,27 @@ from tuneforge.kernels._utils import (
 @triton.jit
 def _layer_norm_fwd_kernel(
     X, W, B, Y, MEAN, RSTD,
-    stride_x, stride_y, n_cols, eps,
-    BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    stride_x, stride_y, n_rows, n_cols, eps,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    # One program per row; the row stays in registers for both moments and the output.
-    row = tl.program_id(0).to(tl.int64)
+    # A [ROWS, BLOCK] tile of whole rows per program, kept in registers for both moments and
+    # the output; short rows are stacked so each program moves a few thousand elements.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / n_cols
-    # Two-pass variance on the register-resident row: no cancellation from E[x^2] - E[x]^2.
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-    y = xc * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / n_cols
+    # Two-pass variance on the register-resident rows: no cancellation from E[x^2] - E[x]^2.
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+    y = xc * rstd[:, None] * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -110,12 +114,12 @@ class LayerNormFunction(torch.autograd.Function):
         y = torch.empty((n_rows, hidden), dtype=x.dtype, device=x.device)
         mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block, num_warps = row_launch(hidden)
+        block, rows, num_warps = row_tile_launch(hidden)
         if n_rows > 0:
-            _layer_norm_fwd_kernel[(n_rows,)](
+            _layer_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
                 x2d, weight, bias_arg, y, mean, rstd,
-                x2d.stride(0), y.stride(0), hidden, float(eps),
-                BLOCK=block, HAS_BIAS=has_bias, num_warps=num_warps,
+                x2d.stride(0), y.stride(0), n_rows, hidden, float(eps),
+                BLOCK=block, ROWS=rows, HAS_BIAS=has_bias, num_warps=num_warps,
             )
         ctx.save_for_backward(x2d, weight, mean, rstd)
         ctx.x_shape = x.shape
@@ -130,11 +134,11 @@ class LayerNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
         compute_dw = ctx.needs_input_grad[1]
         compute_db = ctx.needs_input_grad[2]
-        programs = num_programs_for_rows(n_rows, x2d.device)
+        block, num_warps = row_launch(hidden)
+        programs = num_programs_for_rows(n_rows, x2d.device, block)
         rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
         dw_partial = param_grad_partials(programs, hidden, x2d.device, compute_dw)
         db_partial = param_grad_partials(programs, hidden, x2d.device, compute_db)
-        block, num_warps = row_launch(hidden)
         if n_rows > 0:
             _layer_norm_bwd_kernel[(programs,)](
                 dy2d, x2d, weight, mean, rstd, dx, dw_partial, db_partial,

@@ -27,6 +27,7 @@ from tuneforge.kernels._utils import (
     param_grad_partials,
     reduce_param_grad,
     row_launch,
+    row_tile_launch,
     rows_view,
 )
 
@@ -34,23 +35,26 @@ from tuneforge.kernels._utils import (
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, W, Y, RSTD,
-    stride_x, stride_y, n_cols,
+    stride_x, stride_y, n_rows, n_cols,
     eps, offset,
-    BLOCK: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
 ):
-    # One program per row: the whole row sits in registers, so x is read once.
-    row = tl.program_id(0).to(tl.int64)
+    # A [ROWS, BLOCK] tile of whole rows per program: x is read once from registers; short rows
+    # are stacked so that each program still moves a few thousand elements.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     # Saved for the backward pass: one fp32 per row instead of recomputing the reduction.
-    tl.store(RSTD + row, rstd)
-    x_hat = x * rstd
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+    x_hat = x * rstd[:, None]
     if CAST_BEFORE_WEIGHT:
         x_hat = x_hat.to(Y.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    tl.store(Y + row * stride_y + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], (x_hat * w[None, :]).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -113,13 +117,13 @@ class RMSNormFunction(torch.autograd.Function):
         n_rows = x2d.shape[0]
         y = torch.empty((n_rows, hidden), dtype=x.dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block, num_warps = row_launch(hidden)
+        block, rows, num_warps = row_tile_launch(hidden)
         if n_rows > 0:
-            _rms_norm_fwd_kernel[(n_rows,)](
+            _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
                 x2d, weight, y, rstd,
-                x2d.stride(0), y.stride(0), hidden,
+                x2d.stride(0), y.stride(0), n_rows, hidden,
                 float(eps), float(offset),
-                BLOCK=block, CAST_BEFORE_WEIGHT=cast_before, num_warps=num_warps,
+                BLOCK=block, ROWS=rows, CAST_BEFORE_WEIGHT=cast_before, num_warps=num_warps,
             )
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.offset = float(offset)
@@ -134,11 +138,11 @@ class RMSNormFunction(torch.autograd.Function):
         dy2d = rows_view(dy)
         dx = torch.empty_like(x2d, memory_format=torch.contiguous_format)
         compute_dw = ctx.needs_input_grad[1]
-        programs = num_programs_for_rows(n_rows, x2d.device)
+        block, num_warps = row_launch(hidden)
+        programs = num_programs_for_rows(n_rows, x2d.device, block)
         rows_per_program = triton.cdiv(n_rows, programs) if n_rows else 0
         # Frozen norm weights (the LoRA case) skip the dW partials entirely.
         dw_partial = param_grad_partials(programs, hidden, x2d.device, compute_dw)
-        block, num_warps = row_launch(hidden)
         if n_rows > 0:
             _rms_norm_bwd_kernel[(programs,)](
                 dy2d, x2d, weight, rstd, dx, dw_partial,

@@ -194,11 +194,11 @@ def _rope_parameters(config, layer_type: str | None) -> dict:
     return params
 
 
-def _default_inv_freq(config, params: dict, device) -> torch.Tensor:
+def _default_inv_freq(config, params: dict) -> torch.Tensor:
     # The models' own compute_default_rope_parameters: 1 / theta^(2i / dim) over the rotated dims.
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-    return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+    return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
 
 
 def rope_cos_sin(
@@ -229,11 +229,14 @@ def rope_cos_sin(
     device = torch.device(device) if device is not None else position_ids.device
     position_ids = position_ids.to(device)
     kwargs = {"layer_type": layer_type} if layer_type is not None else {}
+    # The base frequencies are computed with device=None (the CPU), as transformers' rotary module
+    # does at construction; GPU pow/div can differ in the last bit. Updates for long sequences
+    # are computed on the positions' device, as the module's forward does.
     if rope_type == "default":
-        inv_freq, scaling = _default_inv_freq(config, params, device), 1.0
+        inv_freq, scaling = _default_inv_freq(config, params), 1.0
     else:
         init = ROPE_INIT_FUNCTIONS[rope_type]
-        inv_freq, scaling = init(config, device, **kwargs)
+        inv_freq, scaling = init(config, None, **kwargs)
         # A tensor, as transformers passes it: the dynamic base is then computed in the same precision.
         seq_len = torch.max(position_ids) + 1
         if rope_type == "dynamic" and seq_len > config.max_position_embeddings:
