@@ -5,8 +5,8 @@ from the folder `tuneforge.models.shipped` converts once. Every test gets its ow
 get_chat_template changes a tokenizer in place.
 
 spiece: a tiny tokenizer built here with the `tokenizers` library in SentencePiece style: a
-Metaspace pre-tokenizer that prepends "▁" to every call, which is what makes per-piece tokenization
-hard (Llama 2 and Mistral tokenizers behave so).
+Metaspace pre-tokenizer that prepends "▁" at the start of every call, which is what makes per-piece
+tokenization hard (Llama 2 and Mistral tokenizers behave so).
 """
 
 import copy
@@ -33,13 +33,17 @@ def _spiece_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     corpus = [
-        "Hello! Hi, how can I help? What is 2+2? 2+2 equals 4.",
-        "[INST] You are a helpful assistant. [/INST] Sure, here it is. </s>",
-        "the quick brown fox jumps over the lazy dog " * 3,
+        "Hello! Hi, how can I help? What is 2+2? 2+2 equals 4.\n",
+        "[INST] You are a helpful assistant.\n\nHello [/INST] Sure, here it is. </s>",
+        "the quick brown fox jumps over the lazy dog\n" * 3,
     ]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    # "▁" before the start of every call (SentencePiece's dummy prefix); newlines stay single tokens,
+    # as Llama's byte-fallback <0x0A> does.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     backend.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

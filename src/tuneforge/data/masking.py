@@ -242,7 +242,7 @@ def response_mask(
 ) -> list[bool]:
     """True for tokens after a response marker, up to and including the end-of-turn marker.
 
-    Without end markers a response runs until the next instruction marker. `seq_lengths` (packed rows)
+    Without end markers a response runs until the next instruction or response marker. `seq_lengths` (packed rows)
     restart the scan at every sample. Markers are lists of token-id variants (see `_variants`).
     """
     keep = [False] * len(input_ids)
@@ -253,13 +253,14 @@ def response_mask(
     for lo, hi in bounds:
         i, inside = lo, False
         while i < hi:
+            # A response marker (re)opens a reply and is not itself trained.
+            n = _match(input_ids[:hi], i, response_ids)
+            if n:
+                inside = True
+                i += n
+                continue
             if not inside:
-                n = _match(input_ids[:hi], i, response_ids)
-                if n:
-                    inside = True
-                    i += n
-                else:
-                    i += 1
+                i += 1
                 continue
             n = _match(input_ids[:hi], i, end_ids) if end_ids else 0
             if n:
