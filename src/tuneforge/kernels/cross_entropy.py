@@ -173,6 +173,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 gw.addmm_(logits.t(), h)
             if want_gb:
                 gb += logits.sum(0, dtype=torch.float32)
+            # Free this chunk before the next matmul allocates its own: two live chunk buffers
+            # would double the peak.
+            del logits
         loss = loss_rows.sum() * inv_denom[0]
         if gb is not None:
             gb = gb.to(bias.dtype)
@@ -275,7 +278,8 @@ def fused_linear_cross_entropy(
     check_device(hidden, lm_head_weight)
     vocab = lm_head_weight.shape[0]
     counted = labels[labels != ignore_index]
-    if counted.numel() and (counted.min() < 0 or counted.max() >= vocab):
+    # One host sync per call: an out-of-range label would otherwise read outside the logits row.
+    if ((counted < 0) | (counted >= vocab)).any():
         raise ValueError(
             f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; got values in "
             f"[{int(counted.min())}, {int(counted.max())}]"
