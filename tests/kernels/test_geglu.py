@@ -86,7 +86,8 @@ def test_kernel_inside_gemma_mlp_matches_transformers(dtype):
 def test_backward_keeps_only_gate_and_up():
     # gelu(gate) is recomputed in the backward pass: nothing but the two inputs is saved.
     gate, up = gate_up((17, 97), torch.float32)
-    saved = geglu(gate, up, "tanh").grad_fn.saved_tensors
+    y = geglu(gate, up, "tanh")  # keep the output alive: its graph owns the saved tensors
+    saved = y.grad_fn.saved_tensors
     assert [t.data_ptr() for t in saved] == [gate.data_ptr(), up.data_ptr()]
 
 

@@ -79,7 +79,8 @@ def test_backward_keeps_only_gate_and_up():
     # silu(gate) is recomputed in the backward pass: nothing but the two inputs is saved.
     gate = torch.randn(17, 97, device=DEVICE, requires_grad=True)
     up = torch.randn(17, 97, device=DEVICE, requires_grad=True)
-    saved = swiglu(gate, up).grad_fn.saved_tensors
+    y = swiglu(gate, up)  # keep the output alive: its graph owns the saved tensors
+    saved = y.grad_fn.saved_tensors
     assert [t.data_ptr() for t in saved] == [gate.data_ptr(), up.data_ptr()]
 
 
