@@ -136,6 +136,22 @@ def test_softcap_and_scale(dtype, softcap, scale):
     _assert_close(got, _run(model_loss, h, w, labels), dtype, soft=True)
 
 
+def test_autocast_casts_inputs_like_the_lm_head_linear():
+    """fp32 hidden and weight under bf16 autocast: the same as the autocast reference (bf16 logits)."""
+    h, w, labels = _inputs(17, 1000, torch.float32)
+
+    def under_autocast(fn):
+        def run(*args, **kw):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                return fn(*args, **kw)
+        return run
+
+    got = _run(under_autocast(fused_linear_cross_entropy), h, w, labels, chunk_size=5)
+    want = _run(under_autocast(reference_linear_cross_entropy), h, w, labels)
+    assert got[1].dtype == got[2].dtype == torch.float32
+    _assert_close(got, want, torch.bfloat16)
+
+
 def test_all_ignored_chunk_gets_zero_gradient():
     h, w, labels = _inputs(40, 1283, torch.float32, ignore_frac=0.0)
     labels[8:24] = -100  # chunks 1 and 2 (of 8 tokens) are wholly ignored

@@ -160,6 +160,26 @@ def test_mlp_matches_peft_llama_mlp(activation, dtype, base):
     _assert_close(got[0] + got[1], ref[0] + ref[1], dtype)
 
 
+def test_mlp_under_autocast_matches_peft():
+    """An fp32 model trained under bf16 autocast: the fused MLP computes in bf16 like peft's layers."""
+    peft_model = _peft(tiny_model("llama"), ["gate_proj", "up_proj", "down_proj"], 8)
+    mlp = peft_model.model.layers[0].mlp
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    x = torch.randn(2, 9, 64, device=DEVICE)
+    params = _lora_params(*layers)
+
+    def under_autocast(fn):
+        def run(t):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                return fn(t)
+        return run
+
+    got = _outputs_and_grads(under_autocast(lambda t: lora_mlp(t, *layers)), x, params)
+    want = _outputs_and_grads(under_autocast(mlp), x, params)
+    assert got[0][0].dtype == torch.bfloat16 and got[1][0].dtype == torch.float32
+    _assert_close(got[0] + got[1], want[0] + want[1], torch.bfloat16)
+
+
 def test_unsupported_adapters_raise_clearly():
     attn = get_peft_model(_Attention("dense", False).to(DEVICE), LoraConfig(r=4, target_modules=["o_proj"], lora_dropout=0.1))
     attn.train()

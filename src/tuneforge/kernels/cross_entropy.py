@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from tuneforge.kernels._utils import check_device
-from tuneforge.kernels.nf4 import needs_bf16_rounding, round_bf16_rtne
+from tuneforge.kernels.nf4 import autocast_dtype, needs_bf16_rounding, round_bf16_rtne
 
 __all__ = [
     "LinearCrossEntropyFunction",
@@ -273,7 +273,17 @@ def fused_linear_cross_entropy(
                     a GPU (16 MiB on a CPU).
     lm_head_bias:   [V] or None.
     Returns the loss, a fp32 scalar. Labels outside [0, V) other than ignore_index raise.
+    Under torch.autocast, hidden, weight and bias are cast to the autocast dtype first (as the
+    lm_head's F.linear would be).
     """
+    cast = autocast_dtype(hidden.device)
+    if cast is not None:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_cross_entropy(
+                hidden.to(cast), lm_head_weight.to(cast), labels, ignore_index=ignore_index,
+                logit_softcap=logit_softcap, logit_scale=logit_scale, num_items_in_batch=num_items_in_batch,
+                chunk_size=chunk_size, shift=shift, lm_head_bias=None if lm_head_bias is None else lm_head_bias.to(cast),
+            )
     hidden, labels = _prepare(hidden, lm_head_weight, labels, ignore_index, shift, lm_head_bias)
     check_device(hidden, lm_head_weight)
     vocab = lm_head_weight.shape[0]

@@ -17,7 +17,7 @@ d up in place over the buffers it reads, so the backward holds three [tokens, in
 tensors, not six.
 
 The LoRA branch runs in X's dtype (A and B are cast to it; their gradients come back in their own
-dtype). peft instead casts X to the adapter's dtype (fp32 adapters under a bf16 model): results
+dtype); under torch.autocast X is first cast to the autocast dtype. peft instead casts X to the adapter's dtype (fp32 adapters under a bf16 model): results
 agree to bf16 rounding.
 """
 
@@ -33,6 +33,7 @@ import triton.language as tl
 from tuneforge.kernels._utils import check_device, elementwise_launch
 from tuneforge.kernels.geglu import _gelu_and_grad, geglu
 from tuneforge.kernels.nf4 import (
+    autocast_dtype,
     base_weight_parts,
     dense_weight,
     needs_bf16_rounding,
@@ -325,6 +326,16 @@ def _projection(layer) -> LoRAProjection:
     return layer if isinstance(layer, LoRAProjection) else LoRAProjection.from_module(layer)
 
 
+def _apply(function, x, *args):
+    """function.apply(x, *args); under torch.autocast, x is cast to its dtype and autocast is off inside."""
+    check_device(x)
+    cast = autocast_dtype(x.device)
+    if cast is None:
+        return function.apply(x, *args)
+    with torch.autocast(x.device.type, enabled=False):
+        return function.apply(x.to(cast), *args)
+
+
 def lora_linear(x: torch.Tensor, layer) -> torch.Tensor:
     """y = layer(x) through `LoRALinearFunction`; for O projections.
 
@@ -334,8 +345,7 @@ def lora_linear(x: torch.Tensor, layer) -> torch.Tensor:
     p = _projection(layer)
     args = p.as_args()
     _check_inputs(x, args)
-    check_device(x)
-    return LoRALinearFunction.apply(x, *args)
+    return _apply(LoRALinearFunction, x, *args)
 
 
 def lora_qkv(x: torch.Tensor, q_layer, k_layer, v_layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -346,8 +356,7 @@ def lora_qkv(x: torch.Tensor, q_layer, k_layer, v_layer) -> tuple[torch.Tensor, 
     """
     args = sum((_projection(layer).as_args() for layer in (q_layer, k_layer, v_layer)), ())
     _check_inputs(x, args)
-    check_device(x)
-    return LoRAQKVFunction.apply(x, *args)
+    return _apply(LoRAQKVFunction, x, *args)
 
 
 def lora_mlp(x: torch.Tensor, gate_layer, up_layer, down_layer, activation: str = "silu") -> torch.Tensor:
@@ -359,8 +368,7 @@ def lora_mlp(x: torch.Tensor, gate_layer, up_layer, down_layer, activation: str 
     _check_activation(activation)
     gate, up, down = (_projection(layer) for layer in (gate_layer, up_layer, down_layer))
     _check_inputs(x, gate.as_args() + up.as_args())
-    check_device(x)
-    return LoRAMLPFunction.apply(x, activation, *gate.as_args(), *up.as_args(), *down.as_args())
+    return _apply(LoRAMLPFunction, x, activation, *gate.as_args(), *up.as_args(), *down.as_args())
 
 
 def reference_lora_linear(x: torch.Tensor, projection: LoRAProjection) -> torch.Tensor:

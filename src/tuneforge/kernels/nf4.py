@@ -43,6 +43,18 @@ def needs_bf16_rounding(dtype: torch.dtype) -> bool:
     return INTERPRETER_BF16_FIX and dtype == torch.bfloat16
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype torch.autocast computes matmuls in on `device`'s type, or None when it is off.
+
+    The fused ops cast their inputs to it once and run with autocast off, so that every matmul
+    of the forward and the hand-written backward agrees on one dtype (autocast would otherwise
+    recast inside the forward only, leaving the backward with mixed dtypes).
+    """
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 @triton.jit
 def round_bf16_rtne(x, ROUND_BF16: tl.constexpr):
     """fp32 x rounded to the nearest-even bf16 value (still fp32) when ROUND_BF16; else x.
