@@ -1,0 +1,177 @@
+"""Load training data from wherever it is into a datasets.Dataset, remembering where each row came from.
+
+    dataset, locate = load_records("data/train.jsonl")
+    dataset, locate = load_records("data/")                   # every .json/.jsonl/.csv/.parquet inside
+    dataset, locate = load_records("yahma/alpaca-cleaned")    # the Hub, when it is reachable
+    dataset, locate = load_records(my_dataset_dict, split="train")
+
+`locate(i)` -> (source name, row within that source) turns an index of the concatenated dataset
+back into "train-2.jsonl, row 17" for error messages. Rows are numbered from 0.
+
+A string that is not an existing path is taken as a Hub dataset name only when it looks like one
+("owner/name") and the Hub is not switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); otherwise
+the error says the file is missing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from tuneforge.data.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+Locator = Callable[[int], tuple[str, int]]
+
+
+class _Locator:
+    """Maps an index of concatenated parts back to (part name, row in the part)."""
+
+    def __init__(self, names: Sequence[str], lengths: Sequence[int]):
+        self.names = list(names)
+        self.starts = []
+        total = 0
+        for length in lengths:
+            self.starts.append(total)
+            total += length
+
+    def __call__(self, index: int) -> tuple[str, int]:
+        part = bisect.bisect_right(self.starts, index) - 1
+        return self.names[part], index - self.starts[part]
+
+
+def _offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _json_error(path: Path, original: Exception) -> DataError:
+    """Find the row of a JSON/JSONL file that broke the loader, for a message that names it."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        row = 0
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                return DataError(f"invalid JSON on line {line_number}: {error.msg}", source=str(path), row=row)
+            if not isinstance(record, dict):
+                return DataError(f"line {line_number} is a {type(record).__name__}, expected a JSON object",
+                                 source=str(path), row=row)
+            row += 1
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            return DataError(f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}", source=str(path))
+        if not isinstance(records, list):
+            return DataError("expected a JSON list of objects (or JSON Lines)", source=str(path))
+        for row, record in enumerate(records):
+            if not isinstance(record, dict):
+                return DataError(f"is a {type(record).__name__}, expected a JSON object", source=str(path), row=row)
+    return DataError(f"cannot be read: {original}", source=str(path))
+
+
+def _load_file(path: Path):
+    from datasets import load_dataset
+
+    builder = SUFFIXES.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}", source=str(path))
+    if path.stat().st_size == 0:
+        raise DataError("the file is empty", source=str(path))
+    try:
+        dataset = load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps parser errors in several types; we re-locate them
+        if builder == "json":
+            raise _json_error(path, error) from error
+        raise DataError(f"cannot be read as {builder}: {error}", source=str(path)) from error
+    return dataset
+
+
+def _files_in(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"no {'/'.join(SUFFIXES)} files in this folder", source=str(folder))
+    return files
+
+
+def _concatenate(parts, names):
+    from datasets import concatenate_datasets
+
+    columns = [sorted(part.column_names) for part in parts]
+    for name, cols in zip(names[1:], columns[1:]):
+        if cols != columns[0]:
+            raise DataError(f"has columns {cols} but {names[0]} has {columns[0]}; files of one dataset must agree",
+                            source=name)
+    try:
+        return concatenate_datasets(parts)
+    except Exception as error:
+        raise DataError(f"the files cannot be joined into one dataset: {error}", source=", ".join(names)) from error
+
+
+def _looks_like_hub_name(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not Path(text).suffix.lower() in SUFFIXES and not text.startswith((".", "/", "~"))
+
+
+def load_records(source, *, split: str = "train", name: str | None = None):
+    """`source` -> (datasets.Dataset, locate). See the module docstring for what `source` may be.
+
+    split: the split of a DatasetDict or a Hub dataset ("train", "train[:1000]" for the Hub).
+    name: a label for error messages when `source` is an in-memory object.
+    Raises DataError for a missing path, an unsupported or unreadable file, files that disagree on
+    columns, an unknown split, an unreachable Hub, and an empty result.
+    """
+    from datasets import Dataset, DatasetDict
+
+    if isinstance(source, DatasetDict):
+        if split not in source:
+            raise DataError(f"no split {split!r}; the dataset has {sorted(source)}", source=name or "DatasetDict")
+        source = source[split]
+    if isinstance(source, Dataset):
+        label = name or getattr(source.info, "dataset_name", None) or "dataset"
+        return source, _Locator([label], [len(source)])
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(row, Mapping) for row in source):
+            raise DataError("a list source must hold one mapping (dict) per row", source=name or "list")
+        if not source:
+            raise DataError("the dataset is empty (0 rows)", source=name or "list")
+        return Dataset.from_list([dict(row) for row in source]), _Locator([name or "list"], [len(source)])
+    if not isinstance(source, (str, os.PathLike)):
+        raise DataError(f"cannot load data from a {type(source).__name__}; pass a path, a Hub name, a "
+                        "datasets.Dataset/DatasetDict or a list of dicts")
+    path = Path(source).expanduser()
+    if path.is_file():
+        dataset = _load_file(path)
+        logger.info("data: %d rows from %s", len(dataset), path)
+        return dataset, _Locator([str(path)], [len(dataset)])
+    if path.is_dir():
+        files = _files_in(path)
+        parts = [_load_file(file) for file in files]
+        names = [str(file) for file in files]
+        dataset = _concatenate(parts, names) if len(parts) > 1 else parts[0]
+        logger.info("data: %d rows from %d files in %s", len(dataset), len(files), path)
+        return dataset, _Locator(names, [len(part) for part in parts])
+    text = str(source)
+    if not _looks_like_hub_name(text):
+        raise DataError("no such file or folder", source=text)
+    if _offline():
+        raise DataError("is not a local file or folder, and the Hugging Face Hub is switched off "
+                        "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); download it first or pass a local path", source=text)
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(text, split=split)
+    except Exception as error:
+        raise DataError(f"cannot load from the Hub (split {split!r}): {error}", source=text) from error
+    logger.info("data: %d rows from the Hub dataset %s (%s)", len(dataset), text, split)
+    return dataset, _Locator([text], [len(dataset)])
