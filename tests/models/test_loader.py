@@ -112,3 +112,13 @@ def _load_tiny(folder, load_in_4bit, max_seq_length=128, dtype=None):
         AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(folder)
     return FastLanguageModel.from_pretrained(str(folder), max_seq_length=max_seq_length,
                                              load_in_4bit=load_in_4bit, dtype=dtype)
+
+
+def test_folder_without_tokenizer_loads_with_tokenizer_none(tmp_path, caplog):
+    from tuneforge.testing import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=64, load_in_4bit=False)
+    assert tokenizer is None and model is not None
+    assert "no tokenizer files" in caplog.text

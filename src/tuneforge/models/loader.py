@@ -225,17 +225,23 @@ def load_model(
             **hub_kwargs,
             **from_pretrained_kwargs,
         )
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **hub_kwargs)
+        tokenizer = None
+        if source.hub or _has_tokenizer_files(Path(source.path)):
+            tokenizer = AutoTokenizer.from_pretrained(source.path, **hub_kwargs)
+        else:
+            logger.warning("%s has no tokenizer files: returning tokenizer=None (feed token ids yourself)",
+                           source.path)
     except OSError as error:
         if source.hub:
             raise _hub_error(source, error) from None
         raise
 
-    if fix_tokenizer_:
+    if fix_tokenizer_ and tokenizer is not None:
         fix_tokenizer(tokenizer, model)
     model.max_seq_length = max_seq_length
     model.tuneforge_family = spec
-    tokenizer.model_max_length = max_seq_length
+    if tokenizer is not None:
+        tokenizer.model_max_length = max_seq_length
     kind = "nf4" if load_in_4bit else "int8" if load_in_8bit else str(compute_dtype).replace("torch.", "")
     logger.info(
         "loaded %s (%s, family %s) as %s, compute %s, %.1fM parameters",
@@ -247,6 +253,13 @@ def load_model(
 
     patch_model(model, spec, enabled=use_kernels)
     return model, tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def family_of(model) -> FamilySpec | None:

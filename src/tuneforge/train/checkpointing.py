@@ -160,7 +160,14 @@ class LayerInputOffloader:
         self._logged_paths: set[str] = set()
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        return torch.autograd.graph.saved_tensors_hooks(self._pack_real_tensors, self.unpack)
+
+    def _pack_real_tensors(self, tensor: torch.Tensor):
+        # torch 2.11's non-reentrant checkpoint also saves an empty placeholder tensor (2.13's does
+        # not): nothing to offload there, and it must not count as a layer input.
+        if tensor.numel() == 0:
+            return tensor
+        return self.pack(tensor)
 
     def pack(self, tensor: torch.Tensor):
         if tensor.device.type != "cuda":

@@ -58,22 +58,13 @@ class SFTTrainer(trl.SFTTrainer):
             callbacks.append(SummaryCallback(args.output_dir))
         super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
 
-    def create_optimizer(self, model=None):
-        if self.optimizer is not None:
-            return self.optimizer
-        from tuneforge.train.optim import build_optimizer
+    def create_optimizer(self, *args, **kwargs):
+        # Our table (8-bit AdamW, embedding learning rate); names outside it go to transformers.
+        if self.optimizer is None:
+            from tuneforge.train.optim import create_optimizer_for_trainer
 
-        args = self.args
-        self.optimizer = build_optimizer(
-            model if model is not None else self.model,
-            optim=str(getattr(args.optim, "value", args.optim)),
-            learning_rate=args.learning_rate,
-            embedding_learning_rate=getattr(args, "embedding_learning_rate", None),
-            weight_decay=args.weight_decay,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-        )
-        return self.optimizer
+            self.optimizer = create_optimizer_for_trainer(self)
+        return super().create_optimizer(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not _has_fused_loss(model) or return_outputs:
