@@ -43,6 +43,20 @@ def test_formats_become_conversations(rows, expected_format, expected, caplog):
     assert dataset[0]["messages"] == expected
 
 
+@pytest.mark.parametrize("column, keys, expected_format", [
+    ("messages", ("from", "value"), "sharegpt"),
+    ("conversations", ("role", "content"), "messages"),
+    ("conversation", ("role", "content"), "messages"),
+])
+def test_turns_of_either_shape_under_any_usual_column(column, keys, expected_format):
+    role, content = keys
+    names = {"user": "human", "assistant": "gpt"} if role == "from" else {}
+    rows = [{column: [{role: names.get("user", "user"), content: "Q"}, {role: names.get("assistant", "assistant"), content: "A"}]}]
+    dataset, detected = convert(rows)
+    assert detected == expected_format
+    assert dataset[0]["messages"] == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+
+
 def test_raw_text_format():
     dataset, detected = convert([{"text": "Once upon a time."}, {"text": "The end."}])
     assert detected == "text" and dataset["text"] == ["Once upon a time.", "The end."]

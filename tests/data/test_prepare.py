@@ -40,6 +40,12 @@ def test_alpaca_file_to_labelled_tokens(tmp_path, smollm2, caplog):
     assert "detected 'alpaca'" in caplog.text and "data ready: 3 rows" in caplog.text
 
 
+def test_the_package_exports_it():
+    import tuneforge.data
+
+    assert tuneforge.data.prepare_dataset is prepare_dataset
+
+
 def test_the_models_own_template_by_default(smollm2):
     dataset = prepare_dataset(ALPACA[:2], smollm2, max_seq_length=512)
     text = smollm2.decode(dataset[0]["input_ids"])

@@ -472,3 +472,18 @@ def test_custom_template_pair(smollm2):
     jinja = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     get_chat_template(smollm2, (jinja, "<|endoftext|>"))
     assert smollm2.chat_template == jinja and smollm2.eos_token == "<|endoftext|>"
+
+
+def test_system_message_on_a_template_without_a_default_is_refused(smollm2):
+    with pytest.raises(NotImplementedError, match="system_message is not supported"):
+        get_chat_template(smollm2, "qwen-3", system_message="Be brief.")
+
+
+def test_public_names_are_exported_from_the_package():
+    import tuneforge
+    from tuneforge.data.formats import standardize_sharegpt
+    from tuneforge.data.masking import train_on_responses_only
+
+    assert tuneforge.get_chat_template is get_chat_template
+    assert tuneforge.standardize_sharegpt is standardize_sharegpt
+    assert tuneforge.train_on_responses_only is train_on_responses_only

@@ -324,6 +324,13 @@ def to_conversations(
         raise DataError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)} or 'auto'")
     else:
         logger.info("data format: %r (given)", format)
+    if format in ("sharegpt", "messages"):
+        # Turns of either shape are found under any of the usual column names.
+        canonical = "conversations" if format == "sharegpt" else "messages"
+        if canonical not in field_map and canonical not in dataset.column_names:
+            found = next((name for name in _CONVERSATION_COLUMNS if name in dataset.column_names), None)
+            if found is not None:
+                field_map[canonical] = found
     for name in _REQUIRED[format]:
         column = field_map.get(name, name)
         if column not in dataset.column_names:

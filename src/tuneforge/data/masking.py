@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 from tuneforge.data.errors import DataError
 from tuneforge.data.templates import has_generation_tags, resolve_template, template_for_tokenizer
@@ -125,9 +124,8 @@ def assistant_spans(messages, tokenizer, chat_template=None, **template_kwargs) 
     return _spans_by_prefix(template, list(messages), tokenizer, **template_kwargs)
 
 
-@lru_cache(maxsize=64)
-def _newline_ids(tokenizer) -> tuple[int, ...]:
-    return tuple(tokenizer("\n", add_special_tokens=False)["input_ids"])
+def _newline_ids(tokenizer) -> list[int]:
+    return tokenizer("\n", add_special_tokens=False)["input_ids"]
 
 
 def _adds_prefix_space(tokenizer) -> bool:
@@ -135,7 +133,7 @@ def _adds_prefix_space(tokenizer) -> bool:
     cached = getattr(tokenizer, "_tuneforge_prefix_space", None)
     if cached is not None:
         return cached
-    newline = list(_newline_ids(tokenizer))
+    newline = _newline_ids(tokenizer)
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     after = tokenizer("\na", add_special_tokens=False)["input_ids"]
     result = after[: len(newline)] == newline and after[len(newline):] != plain
@@ -152,7 +150,7 @@ def encode_piece(tokenizer, text: str, *, first: bool) -> list[int]:
         return []
     if first or not _adds_prefix_space(tokenizer):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    newline = list(_newline_ids(tokenizer))
+    newline = _newline_ids(tokenizer)
     ids = tokenizer("\n" + text, add_special_tokens=False)["input_ids"]
     if ids[: len(newline)] == newline:
         return ids[len(newline):]
@@ -212,7 +210,7 @@ def _variants(tokenizer, text: str) -> list[list[int]]:
     found = []
     alone = tokenizer(text, add_special_tokens=False)["input_ids"]
     found.append(alone)
-    newline = list(_newline_ids(tokenizer))
+    newline = _newline_ids(tokenizer)
     after = tokenizer("\n" + text, add_special_tokens=False)["input_ids"]
     if after[: len(newline)] == newline and after[len(newline):] and after[len(newline):] != alone:
         found.append(after[len(newline):])

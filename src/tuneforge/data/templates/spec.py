@@ -143,7 +143,8 @@ class ChatTemplate:
         prelude = mapping_prelude(mapping) if mapping else ""
         if self.custom_jinja is not None:
             if self.default_system is not None and "{default_system}" not in self.custom_jinja:
-                raise ValueError(f"{self.name}: this template has no default system message to replace")
+                raise NotImplementedError(f"chat template {self.name}: system_message is not supported; put a "
+                                          "system turn first in each conversation instead")
             body = self.custom_jinja
             if "{default_system}" in body:
                 default = "none" if self.default_system is None else jinja_string(self.default_system)
