@@ -27,6 +27,7 @@ else becomes -100. With no parts given they come from the tokenizer's template.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -128,19 +129,18 @@ def _newline_ids(tokenizer) -> list[int]:
     return tokenizer("\n", add_special_tokens=False)["input_ids"]
 
 
+_PREFIX_SPACE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _adds_prefix_space(tokenizer) -> bool:
     """True for tokenizers (SentencePiece-style) that put a space before the start of every call."""
-    cached = getattr(tokenizer, "_tuneforge_prefix_space", None)
-    if cached is not None:
-        return cached
+    if tokenizer in _PREFIX_SPACE:
+        return _PREFIX_SPACE[tokenizer]
     newline = _newline_ids(tokenizer)
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     after = tokenizer("\na", add_special_tokens=False)["input_ids"]
     result = after[: len(newline)] == newline and after[len(newline):] != plain
-    try:
-        tokenizer._tuneforge_prefix_space = result
-    except AttributeError:
-        pass
+    _PREFIX_SPACE[tokenizer] = result
     return result
 
 
