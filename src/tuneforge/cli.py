@@ -3,6 +3,7 @@
     tuneforge train [config.yaml]        train (no config: the embedded SmolLM2 demo run)
     tuneforge export --adapter OUT ...   adapter / merged 16-bit / merged 4-bit / GGUF
     tuneforge chat --model OUT           chat with a trained adapter or model, tokens streamed
+    tuneforge eval --model OUT           loss, perplexity, exact match on held-out prompt/answer pairs
     tuneforge plot RUN                   loss / learning-rate PNG of a run folder
 """
 
@@ -52,6 +53,32 @@ def _run_chat(args) -> int:
                 load_in_4bit=not args.no_4bit)
 
 
+def _add_eval(subparsers) -> None:
+    from tuneforge.config import DEFAULT_HELDOUT
+
+    parser = subparsers.add_parser("eval", help="loss / perplexity / exact match on held-out prompt/answer pairs")
+    parser.add_argument("--model", required=True, help="run folder, adapter folder, model folder or shipped model name")
+    parser.add_argument("--data", default=DEFAULT_HELDOUT,
+                        help=f"prompt/answer rows (Alpaca, ShareGPT, messages); default {DEFAULT_HELDOUT}: "
+                             "the shipped set's rows that the default run does not train on")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-4bit", action="store_true", help="load the base in 16/32-bit instead of NF4")
+    parser.add_argument("--json", help="also write the scores and every answer to this JSON file")
+    parser.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from tuneforge.train.evaluate import evaluate, write_report
+
+    report = evaluate(args.model, args.data, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      load_in_4bit=not args.no_4bit)
+    print(report.line(), flush=True)
+    if args.json:
+        print(f"answers written to {write_report(report, args.json)}")
+    return 0
+
+
 def _add_plot(subparsers) -> None:
     parser = subparsers.add_parser("plot", help="render a run's loss / learning-rate PNG")
     parser.add_argument("run", help="run folder (holding log.csv) or the log.csv itself")
@@ -90,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_export(subparsers)
     _add_chat(subparsers)
+    _add_eval(subparsers)
     _add_plot(subparsers)
     return parser
 
@@ -99,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from tuneforge.config import ConfigError
+    from tuneforge.data.errors import DataError
     from tuneforge.models.loader import ModelLoadError
+    from tuneforge.train.guards import NonFiniteError
+    from tuneforge.train.resume import ResumeError
 
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, ModelLoadError, FileNotFoundError) as error:
+    except (ConfigError, ModelLoadError, FileNotFoundError, DataError, ResumeError, NonFiniteError) as error:
         return _fail(str(error))
 
 

@@ -18,7 +18,9 @@ from typing import Any, Literal, Union
 import yaml
 
 DEFAULT_MODEL = "tuneforge/smollm2-135m-instruct"
-DEFAULT_DATASET = "tuneforge:default"  # the instruction set shipped in tuneforge/resources
+DEFAULT_DATASET = "tuneforge:default"  # the instruction set shipped in tuneforge/resources, less the held-out rows
+DEFAULT_HELDOUT = "tuneforge:default-heldout"  # its last rows, never trained on: what `tuneforge eval` scores
+REPORT_TARGETS = ("tensorboard", "wandb")
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -79,8 +81,13 @@ class TrainingConfig:
     seed: int = 3407
     logging_steps: int = 1
     save_steps: int = 0  # 0: only at the end
-    eval_steps: int = 0
+    save_total_limit: int = 0  # keep the newest N checkpoints (and the best one); 0: keep all
+    eval_steps: int = 0  # eval loss on data.eval_fraction every N steps; 0: once at the end
+    early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0: off
+    early_stopping_threshold: float = 0.0  # an eval loss must drop by more than this to count
+    load_best_model_at_end: bool = False  # the saved adapter is the checkpoint with the lowest eval loss
     max_grad_norm: float = 1.0
+    report_to: Union[list[str], Literal["auto", "none"]] = "auto"  # auto: TensorBoard / W&B when installed
 
 
 @dataclass
@@ -193,6 +200,39 @@ def _check_ranges(config, where: str) -> None:
         raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got {config.eval_fraction}")
     if isinstance(config, LoraConfig) and not 0.0 <= config.dropout < 1.0:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {config.dropout}")
+    if isinstance(config, TrainingConfig):
+        _check_training(config)
+    if isinstance(config, TrainConfig):
+        _check_evaluation(config)
+
+
+def _check_training(t: TrainingConfig) -> None:
+    for name in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"config key 'training.{name}' must be >= 0, got {getattr(t, name)}")
+    if isinstance(t.report_to, list):
+        for target in t.report_to:
+            if target not in REPORT_TARGETS:
+                raise ConfigError(f"config key 'training.report_to' lists {target!r}; known: "
+                                  f"{', '.join(REPORT_TARGETS)} (or write auto / none)")
+
+
+def _check_evaluation(config: TrainConfig) -> None:
+    """Keys that only work together: evaluation needs an eval split, the best checkpoint needs saves."""
+    t, has_eval = config.training, config.data.eval_fraction > 0
+    for name in ("eval_steps", "early_stopping_patience", "load_best_model_at_end"):
+        if getattr(t, name) and not has_eval:
+            raise ConfigError(f"config key 'training.{name}' needs an evaluation split: "
+                              "set data.eval_fraction (e.g. 0.1)")
+    for name in ("early_stopping_patience", "load_best_model_at_end"):
+        if getattr(t, name) and not t.eval_steps:
+            raise ConfigError(f"config key 'training.{name}' needs evaluations during training: "
+                              "set training.eval_steps (e.g. 20)")
+    if t.load_best_model_at_end and (not t.save_steps or t.save_steps % t.eval_steps):
+        raise ConfigError(
+            "config key 'training.load_best_model_at_end' needs a checkpoint at evaluation steps: "
+            f"set training.save_steps to a multiple of training.eval_steps ({t.eval_steps}), got {t.save_steps}"
+        )
 
 
 def config_from_dict(values: dict | None) -> TrainConfig:

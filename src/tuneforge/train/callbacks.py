@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tuneforge.config import ConfigError
 from tuneforge.device import peak_memory_gib
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,8 @@ class SummaryCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
         self.start_step = state.global_step
+        # A resumed run starts with the killed run's history: count only this session's tokens.
+        self.start_tokens = _tokens_seen(state.log_history)
 
     def on_train_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -107,9 +111,10 @@ class SummaryCallback(TrainerCallback):
         seconds = time.perf_counter() - (self.start or time.perf_counter())
         losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
         eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
-        tokens = max((entry.get("num_tokens", 0) for entry in state.log_history), default=0)
+        tokens = _tokens_seen(state.log_history) - getattr(self, "start_tokens", 0)
         self.summary = {
             "steps": state.global_step,
+            "resumed_at_step": self.start_step or None,
             "seconds": round(seconds, 2),
             "trained_tokens": int(tokens),
             "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
@@ -117,6 +122,8 @@ class SummaryCallback(TrainerCallback):
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
             "final_eval_loss": eval_losses[-1] if eval_losses else None,
+            "best_eval_loss": state.best_metric if eval_losses else None,
+            "best_checkpoint": state.best_model_checkpoint,
             "output_dir": str(self.output_dir),
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +139,59 @@ class SummaryCallback(TrainerCallback):
             f"peak memory {self.summary['peak_memory_gib']:.2f} GiB, output {self.output_dir}"
         )
         print(line, flush=True)
+
+
+def _tokens_seen(log_history) -> int:
+    return int(max((entry.get("num_tokens", 0) for entry in log_history), default=0))
+
+
+def resolve_report_to(report_to, output_dir: str | Path) -> list:
+    """`training.report_to` -> TensorBoard / W&B callbacks for what is installed and asked for.
+
+    "auto": TensorBoard when tensorboard or tensorboardX is installed (events in
+    <output_dir>/tensorboard), W&B when wandb is installed and has credentials or WANDB_MODE set
+    (it would otherwise stop to ask for a login). A target named explicitly must be installed.
+    Each choice is logged; the CSV log is always written.
+    """
+    import importlib.util
+
+    def installed(*names):
+        return any(importlib.util.find_spec(name) is not None for name in names)
+
+    explicit = isinstance(report_to, list)
+    wanted = report_to if explicit else ([] if report_to == "none" else ["tensorboard", "wandb"])
+    callbacks = []
+    if "tensorboard" in wanted:
+        if installed("tensorboard", "tensorboardX"):
+            from transformers.integrations import TensorBoardCallback
+
+            callback = TensorBoardCallback()
+            callback.logging_dir = str(Path(output_dir) / "tensorboard")
+            callbacks.append(callback)
+            logger.info("logging to TensorBoard: %s", callback.logging_dir)
+        elif explicit:
+            raise ConfigError("training.report_to lists tensorboard, which is not installed: pip install tensorboard")
+        else:
+            logger.info("TensorBoard logging off: neither tensorboard nor tensorboardX is installed")
+    if "wandb" in wanted:
+        if not installed("wandb"):
+            if explicit:
+                raise ConfigError("training.report_to lists wandb, which is not installed: pip install wandb")
+            logger.info("Weights & Biases logging off: wandb is not installed")
+        elif explicit or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") or _wandb_logged_in():
+            from transformers.integrations import WandbCallback
+
+            callbacks.append(WandbCallback())
+            logger.info("logging to Weights & Biases (project %s)", os.environ.get("WANDB_PROJECT", "huggingface"))
+        else:
+            logger.info("Weights & Biases logging off: wandb is installed but not logged in "
+                        "(run `wandb login`, or set WANDB_MODE=offline)")
+    return callbacks
+
+
+def _wandb_logged_in() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def _fmt(value) -> str:

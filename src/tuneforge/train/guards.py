@@ -1,0 +1,101 @@
+"""Stop training at the first non-finite loss or gradient, before the optimiser applies it.
+
+A NaN reaches the weights through one optimiser step and then spreads to every later step and
+checkpoint; transformers by default only hides it from the log (`logging_nan_inf_filter`). The
+guard checks each optimiser step just before `optimizer.step()`: the loss of every micro-batch
+that fed it and every trainable parameter's gradient. On the first bad one it raises
+`NonFiniteError` naming the step and the last checkpoint saved, which is finite because no bad
+update was ever applied before it.
+
+Cost: one device-to-host sync per optimiser step (the Trainer syncs on the loss anyway).
+Under fp16 with loss scaling, overflowing gradients are expected (the scaler skips those steps and
+lowers the scale), so only the loss is checked there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a NaN/inf loss or gradient. `.step` is the optimiser step that had it."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+def _describe(values: torch.Tensor) -> str:
+    return "nan" if torch.isnan(values).any() else "inf"
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Raises NonFiniteError at the first optimiser step whose loss or gradients are not finite.
+
+    The loss comes from a forward hook on the model (outputs.loss, training mode only), so the
+    check does not depend on which loss path (transformers, TRL, fused kernel) produced it.
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+        self.losses: list[torch.Tensor] = []
+        self.names: dict[int, str] = {}
+        self.hook = None
+        self.check_gradients = True
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.check_gradients = not args.fp16
+        if not self.check_gradients:
+            logger.info("non-finite guard: fp16 loss scaling skips overflowing steps itself; checking the loss only")
+        if self.hook is None:
+            self.hook = model.register_forward_hook(self._record_loss)
+
+    def _record_loss(self, module, inputs, outputs):
+        loss = getattr(outputs, "loss", None)
+        if module.training and loss is not None:
+            self.losses.append(loss.detach())
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.losses.clear()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        step = state.global_step + 1
+        losses = torch.stack([loss.float().reshape(()) for loss in self.losses]) if self.losses else None
+        grads = [p.grad for p in self.params if p.grad is not None] if self.check_gradients else []
+        flags = [torch.isfinite(losses).all()] if losses is not None else []
+        flags += [torch.isfinite(g).all() for g in grads]
+        if not flags or bool(torch.stack(flags).all()):  # the one sync per step
+            return
+        if losses is not None and not torch.isfinite(losses).all():
+            what = f"the training loss is {_describe(losses)} (micro-batch losses {losses.tolist()})"
+        else:
+            bad = [self.names.get(id(p), "?") for p in self.params if p.grad is not None and not torch.isfinite(p.grad).all()]
+            first = next(p.grad for p in self.params if p.grad is not None and not torch.isfinite(p.grad).all())
+            loss_text = f"; loss {losses.mean().item():.4f}" if losses is not None else ""
+            what = (f"the gradients hold {_describe(first)} in {len(bad)} of {len(self.params)} trainable tensors "
+                    f"(first: {bad[0]}){loss_text}")
+        raise self.error(step, what)
+
+    def error(self, step: int, what: str) -> NonFiniteError:
+        from tuneforge.train.resume import last_complete_checkpoint
+
+        checkpoint = last_complete_checkpoint(self.output_dir)
+        where = (f"the last good checkpoint is {checkpoint} (resume from it with --resume)" if checkpoint
+                 else "no checkpoint was saved before it (set training.save_steps to keep some)")
+        message = (f"training stopped at step {step}: {what}. The update was not applied; {where}. "
+                   "Try a lower learning_rate, max_grad_norm > 0, or check that step's data")
+        return NonFiniteError(message, step, checkpoint)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
