@@ -83,6 +83,7 @@ class NonFiniteGuard(TrainerCallback):
             loss_text = f"; loss {losses.mean().item():.4f}" if losses is not None else ""
             what = (f"the gradients hold {_describe(first)} in {len(bad)} of {len(self.params)} trainable tensors "
                     f"(first: {bad[0]}){loss_text}")
+        self.on_train_end(args, state, control)  # the run ends here: leave the model without our hook
         raise self.error(step, what)
 
     def error(self, step: int, what: str) -> NonFiniteError:
