@@ -1,18 +1,152 @@
-"""Route peft's LoRA layers through the fused LoRA kernels (tuneforge.kernels.lora)."""
+"""Route peft's LoRA layers through the fused LoRA kernels (tuneforge.kernels.lora).
+
+After `peft.get_peft_model`, each targeted projection is a peft `LoraLayer` whose forward runs the
+base layer (a bitsandbytes 4-bit matmul, or a dense one) and then the adapter as separate ops.
+`patch_lora` replaces, on the module INSTANCES (nothing leaks to other models):
+
+  the MLP block      -> `lora_mlp`: gate, up, act * up and down in one autograd Function
+                        (where `models.patch` runs the gated MLP: separate gate/up/down);
+  Q, K, V            -> `lora_qkv`: one Function that saves the input once and sums its gradient
+                        (where `models.patch` runs the attention: separate q/k/v projections);
+  every other LoRA   -> `lora_linear` (O, and Phi-3's qkv_proj / gate_up_proj, StarCoder2's c_fc, ...).
+
+The kernels dequantise NF4 weights on the fly (no dense copy kept between the passes) and never
+form the frozen weight's gradient. They compute plain LoRA with one adapter and no dropout; other
+set-ups (lora_dropout > 0, several adapters, DoRA, lora_bias) keep peft's own forward, with a log
+line saying why.
+"""
 
 from __future__ import annotations
 
 import logging
+import types
+
+from torch import nn
 
 from tuneforge.models.families import FamilySpec
-from tuneforge.models.patch import kernels_enabled
+from tuneforge.models.patch import kernels_can_run, kernels_enabled
 
 logger = logging.getLogger(__name__)
 
 
+def _lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in module.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")]
+
+
+def unfusable_reason(peft_model) -> str | None:
+    """Why peft's adapters cannot go through the fused kernels (None: they can)."""
+    configs = getattr(peft_model, "peft_config", {})
+    if len(configs) != 1:
+        return f"{len(configs)} adapters ({', '.join(configs)}); the fused path takes one"
+    (name, config), = configs.items()
+    if getattr(config, "lora_dropout", 0.0):
+        return f"lora_dropout={config.lora_dropout} (the fused kernels need 0)"
+    if getattr(config, "use_dora", False):
+        return "DoRA adapters (use_dora=True)"
+    if getattr(config, "lora_bias", False):
+        return "lora_bias=True"
+    if type(config).__name__ != "LoraConfig":
+        return f"{type(config).__name__} adapters (only LoRA is fused)"
+    return None
+
+
+def _projections(layers):
+    """`LoRAProjection`s of `layers`, or None (logged once per module) when one cannot be fused now.
+
+    Checked at every call because peft state changes after patching (set_adapter with several
+    adapters, a dropout module put back into training, ...).
+    """
+    from tuneforge.kernels.lora import LoRAProjection
+
+    try:
+        return [LoRAProjection.from_module(layer) for layer in layers]
+    except (NotImplementedError, ValueError) as error:
+        logger.warning("fused LoRA skipped for this call, peft's forward instead: %s", error)
+        return None
+
+
+def fused_qkv(attn: nn.Module, hidden_states):
+    """(q, k, v) of `attn` by `lora_qkv`, or None when peft's forward must run instead."""
+    from tuneforge.kernels.lora import lora_qkv
+
+    projections = _projections((attn.q_proj, attn.k_proj, attn.v_proj))
+    return None if projections is None else lora_qkv(hidden_states, *projections)
+
+
+def fused_mlp(mlp: nn.Module, x):
+    """down(act(gate(x)) * up(x)) of `mlp` by `lora_mlp`, or None when peft's forward must run."""
+    from tuneforge.kernels.lora import lora_mlp
+
+    projections = _projections((mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    return None if projections is None else lora_mlp(x, *projections, activation=mlp._tuneforge_activation)
+
+
+def _fused_linear_forward(self, x, *args, **kwargs):
+    """A peft LoRA Linear's forward by `lora_linear`; x: [..., in] -> [..., out]."""
+    if not args and not kwargs:  # adapter_names=... (mixed-batch inference) is peft's business
+        projections = _projections((self,))
+        if projections is not None:
+            from tuneforge.kernels.lora import lora_linear
+
+            return lora_linear(x, projections[0])
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+# Blocks computed by one fused Function: (the attribute models.patch marks the block with, the
+# projections the Function reads, the flag that routes the block's patched forward to it, name).
+_FUSED_BLOCKS = (
+    ("_tuneforge_activation", ("gate_proj", "up_proj", "down_proj"), "_tuneforge_fused_lora", "lora_mlp"),
+    ("_tuneforge_qk_norm", ("q_proj", "k_proj", "v_proj"), "_tuneforge_fused_qkv", "lora_qkv"),
+)
+
+
 def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None) -> list[str]:
-    """Patch the LoRA-wrapped projections of `peft_model`; returns the names of patches applied."""
-    if not kernels_enabled(enabled) or spec is None or not spec.kernels:
-        logger.info("fused LoRA off for this model: peft's own LoRA forward")
+    """Patch the LoRA-wrapped projections of `peft_model`; returns the names of patches applied.
+
+    Names: "lora_mlp", "lora_qkv", "lora_linear" (also stored in `tuneforge_lora_kernels` on the
+    base model). `enabled` None follows the base model's kernel switch (from `patch_model`).
+    """
+    base = peft_model.get_base_model()
+    base.tuneforge_lora_kernels = []
+    if enabled is None:
+        enabled = getattr(base, "tuneforge_use_kernels", None)
+    if not kernels_enabled(enabled):
+        logger.info("fused LoRA off (kernels switched off): peft's own LoRA forward")
         return []
-    raise NotImplementedError(f"fused LoRA for family {spec.name} is declared but not wired")
+    if spec is None or not spec.kernels:
+        logger.info("fused LoRA off: family %s has no proven kernels; peft's own LoRA forward",
+                    spec.name if spec else base.config.model_type)
+        return []
+    reason = kernels_can_run(base) or unfusable_reason(peft_model)
+    if reason:
+        logger.info("fused LoRA off: %s; peft's own LoRA forward", reason)
+        return []
+
+    applied: list[str] = []
+    claimed: set[int] = set()  # LoRA layers a fused block computes; their own forward is never called
+    for marker, projections, flag, patch_name in _FUSED_BLOCKS:
+        for block in base.modules():
+            if not hasattr(block, marker) or not all(hasattr(block, p) for p in projections):
+                continue  # not a block models.patch runs with these separate projections
+            layers = [getattr(block, p) for p in projections]
+            if any(hasattr(layer, "lora_A") for layer in layers):
+                setattr(block, flag, True)
+                claimed.update(id(layer) for layer in layers)
+                if patch_name not in applied:
+                    applied.append(patch_name)
+    from tuneforge.kernels.nf4 import base_weight_parts
+
+    for name, layer in _lora_layers(base):
+        if id(layer) in claimed:
+            continue
+        try:
+            base_weight_parts(layer)  # raises for bases the kernels do not read (int8, transposed)
+        except (NotImplementedError, TypeError, ValueError) as error:
+            logger.info("LoRA layer %s keeps peft's forward: %s", name, error)
+            continue
+        layer.forward = types.MethodType(_fused_linear_forward, layer)
+        if "lora_linear" not in applied:
+            applied.append("lora_linear")
+    base.tuneforge_lora_kernels = applied
+    logger.info("fused LoRA: %s", ", ".join(applied) or "no LoRA layer fits")
+    return applied

@@ -26,14 +26,58 @@ def tiny_config(family: str = "llama", **overrides):
     values = dict(TINY_DIMENSIONS)
     values.update(spec.tiny_config_overrides)
     values.update(overrides)
-    return spec.config_class()(**values)
+    return spec.new_config(**values)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """A randomly initialised causal LM of `family`, deterministic for a given seed."""
     from transformers import AutoModelForCausalLM
 
+    from tuneforge.models.families import get_family
+
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    attn = get_family(family).attn_implementation
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model.eval()
+
+
+def tiny_batch(batch: int = 2, seq: int = 8, seed: int = 1, vocab: int = TINY_DIMENSIONS["vocab_size"],
+               prompt: int = 2, pad: int = 2):
+    """(input_ids, attention_mask, labels), each [batch, seq], for tests of tiny models.
+
+    Token ids avoid 0-2 (pad/bos/eos in the tiny configs). Labels mask the first `prompt` tokens
+    of every row (a prompt) and, on the last row, `pad` right-padding positions, which the
+    attention mask also hides.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (batch, seq), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[:, :prompt] = -100
+    if pad:
+        attention_mask[-1, seq - pad:] = 0
+        labels[-1, seq - pad:] = -100
+        input_ids[-1, seq - pad:] = 0
+    return input_ids, attention_mask, labels
+
+
+def randomize_lora_b(model, seed: int = 7, std: float = 0.02) -> None:
+    """Give every lora_B weight random values (deterministic by name order).
+
+    peft starts B at zero, which makes every lora_A gradient zero: a gradient comparison on a
+    fresh adapter could not see a wrong dA.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+def lora_grads(model) -> dict:
+    """{parameter name without peft's prefix: gradient} of the trainable (LoRA) parameters."""
+    return {
+        name.replace("base_model.model.", ""): parameter.grad.detach().clone()
+        for name, parameter in model.named_parameters() if parameter.requires_grad
+    }

@@ -1,11 +1,21 @@
 """The family table: what differs between model families, as data (STYLE.md habit 3).
 
 Every supported family has one `FamilySpec` in one module of this package. Code elsewhere asks
-the spec (`spec.norm`, `spec.activation`, ...) instead of branching on family names.
+the spec (`spec.norm`, `spec.attention`, ...) instead of branching on family names; `models.patch`
+turns the layout fields into kernel-backed forwards.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
-from typing import Callable
+
+NORMS = ("rms", "rms_fp32", "rms_offset", "layer")
+ATTENTIONS = (None, "rope")
+QKV_LAYOUTS = ("separate", "fused")
+QK_NORMS = (None, "head", "full")
+MLPS = (None, "gated", "gated_fused")
+
+SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -14,42 +24,98 @@ class FamilySpec:
 
     name:            our name for the family ("llama", "gemma2", ...).
     model_types:     `config.model_type` values that belong to it.
-    config_class:    zero-argument callable returning the transformers config class (lazy import).
+    config_class:    the transformers config class name ("LlamaConfig"), imported lazily.
     chat_template:   name of the default chat template in `tuneforge.data.templates`.
-    norm:            "rms" (x * w), "rms_offset" (x * (1 + w), Gemma) or "layer" (LayerNorm).
-    activation:      MLP gate activation: "silu", "gelu_tanh", "gelu" or None (no gated MLP).
+    norm:            the decoder's norm modules: "rms" (Llama: x_hat cast to the input dtype, then
+                     * w), "rms_fp32" (OLMo 2: x_hat * w in fp32, cast once), "rms_offset" (Gemma:
+                     x_hat * (1 + w) in fp32) or "layer" (LayerNorm, with or without bias).
+    attention:       "rope": the attention is Llama-shaped (projections, optional q/k norm,
+                     rotate-half RoPE on a leading slice of the head, cache, attention interface,
+                     o_proj), so `models.patch` can run it with the RoPE kernel and the fused QKV
+                     LoRA; None: transformers' own attention is kept (Cohere's interleaved RoPE,
+                     Falcon's fused multi-query layout).
+    qkv:             "separate" (q_proj, k_proj, v_proj) or "fused" (one qkv_proj: Phi-3).
+    qk_norm:         None, "head" (a norm over head_dim on each head: Qwen3, Gemma 3) or "full"
+                     (over all heads before the reshape: OLMo 2).
+    attn_softcap:    attention scores are soft-capped by `config.attn_logit_softcapping` (Gemma 2).
+    mlp:             "gated" (down(act(gate(x)) * up(x))), "gated_fused" (gate and up in one
+                     gate_up_proj: Phi-3) or None (a plain two-layer MLP, left as is).
+    activation:      the gated MLP's activation as the family usually configures it ("silu",
+                     "gelu_tanh"); the patch reads the model's own config value.
     lora_targets:    the linear layers LoRA targets by default.
-    kernels:         True when `models.patch` has kernel-backed forwards proven for this family.
-    final_logit_softcap_attr / logit_scale_attr: config attributes read by the fused loss.
-    tiny_config_overrides: extra config values for the tiny test model.
+    kernels:         True when `models.patch` forwards are proven (tests/models/test_patch.py)
+                     for this family; False keeps the plain transformers path with a log line.
+    final_logit_softcap_attr: config attribute of the final-logit soft-cap (Gemma 2), read by the fused loss.
+    logit_scale_attr: config attribute that scales the logits: multiplied (Cohere's `logit_scale`),
+                     or divided when `logit_scale_divides` (Granite's `logits_scaling`).
+    attn_implementation: the attention implementation to load with ("eager" where transformers
+                     has no SDPA path: Gemma 2's soft-capped scores).
+    tiny_config_overrides: config values for the tiny test model (on top of TINY_DIMENSIONS).
+    four_bit:        bitsandbytes NF4 loading is tested for this family's tiny model.
     """
 
     name: str
     model_types: tuple[str, ...]
-    config_class: Callable[[], type]
+    config_class: str
     chat_template: str
     norm: str = "rms"
+    attention: str | None = "rope"
+    qkv: str = "separate"
+    qk_norm: str | None = None
+    attn_softcap: bool = False
+    mlp: str | None = "gated"
     activation: str | None = "silu"
-    lora_targets: tuple[str, ...] = (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    )
-    kernels: bool = False
+    lora_targets: tuple[str, ...] = SEVEN_PROJECTIONS
+    kernels: bool = True
     final_logit_softcap_attr: str | None = None
     logit_scale_attr: str | None = None
+    logit_scale_divides: bool = False
+    attn_implementation: str = "sdpa"
     tiny_config_overrides: dict = field(default_factory=dict)
+    four_bit: bool = True
+
+    def __post_init__(self):
+        # The table is code, but a typo in it should fail at import, naming the family.
+        for attr, allowed in (("norm", NORMS), ("attention", ATTENTIONS), ("qkv", QKV_LAYOUTS),
+                              ("qk_norm", QK_NORMS), ("mlp", MLPS)):
+            if getattr(self, attr) not in allowed:
+                raise ValueError(f"family {self.name}: {attr}={getattr(self, attr)!r}, expected one of {allowed}")
+
+    def new_config(self, **values):
+        """An instance of this family's transformers config class built from `values`."""
+        import transformers
+
+        return getattr(transformers, self.config_class)(**values)
 
 
 _FAMILIES: dict[str, FamilySpec] = {}
 
 
 def register(spec: FamilySpec) -> FamilySpec:
+    if spec.name in _FAMILIES and _FAMILIES[spec.name] is not spec:
+        raise ValueError(f"family {spec.name!r} is registered twice")
     _FAMILIES[spec.name] = spec
     return spec
 
 
 def _load_all() -> None:
     # Importing the modules registers their specs; kept in one place so the table is complete.
-    from tuneforge.models.families import llama  # noqa: F401
+    from tuneforge.models.families import (  # noqa: F401
+        cohere,
+        falcon,
+        gemma,
+        gemma2,
+        gemma3,
+        granite,
+        llama,
+        mistral,
+        olmo2,
+        phi3,
+        qwen2,
+        qwen3,
+        stablelm,
+        starcoder2,
+    )
 
 
 def all_families() -> dict[str, FamilySpec]:
