@@ -127,6 +127,8 @@ def get_peft_model(
 
     from tuneforge.lora.fused import patch_lora
 
+    if use_kernels is None:
+        use_kernels = getattr(model, "tuneforge_use_kernels", None)
     patch_lora(peft_model, spec, enabled=use_kernels)
     try:
         from tuneforge.export import attach_export_methods

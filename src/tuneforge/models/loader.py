@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.device import default_compute_dtype, has_cuda
+from tuneforge.device import default_compute_dtype
 from tuneforge.models import registry, shipped
 from tuneforge.models.families import FamilySpec, family_for_model_type
 
@@ -118,20 +118,28 @@ def apply_rope_scaling(config, max_seq_length: int, rope_scaling: dict | None) -
         config.max_position_embeddings = max_seq_length
 
 
-def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype):
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype,
+                        quant_storage: torch.dtype | None = None):
+    """quant_storage: dtype of the packed NF4 codes; None: uint8, or the compute dtype under FSDP
+    (see tuneforge.train.distributed.quant_storage_dtype)."""
     if not (load_in_4bit or load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
 
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
+    if quant_storage is None:
+        from tuneforge.train.distributed import quant_storage_dtype
+
+        quant_storage = quant_storage_dtype(compute_dtype)
+        if quant_storage != torch.uint8:
+            logger.info("FSDP run: NF4 codes stored as %s so that FSDP2 can shard them", quant_storage)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        # Storage dtype equal to the compute dtype lets FSDP shard the packed weights like others.
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 
@@ -213,7 +221,10 @@ def load_model(
     prequantised = getattr(config, "quantization_config", None) is not None
     quantization = None if prequantised else quantization_config(load_in_4bit, load_in_8bit, compute_dtype)
     if device_map is None:
-        device_map = {"": torch.cuda.current_device()} if has_cuda() else "cpu"
+        from tuneforge.train.distributed import device_map as rank_device_map
+
+        # Under torchrun each rank loads onto its own GPU (LOCAL_RANK).
+        device_map = rank_device_map()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.path,
@@ -251,8 +262,20 @@ def load_model(
 
     from tuneforge.models.patch import patch_model
 
-    patch_model(model, spec, enabled=use_kernels)
+    model.tuneforge_use_kernels = resolve_use_kernels(use_kernels)
+    patch_model(model, spec, enabled=model.tuneforge_use_kernels)
     return model, tokenizer
+
+
+def resolve_use_kernels(use_kernels: bool | None) -> bool | None:
+    """None (auto): kernels on a GPU; off on the CPU, where Triton only has its interpreter, which
+    is orders of magnitude slower than eager PyTorch (kernel tests use it, training must not).
+    True forces them anywhere; False, or TUNEFORGE_DISABLE_KERNELS=1 (checked by the patch), turns
+    them off."""
+    if use_kernels is None and not has_cuda():
+        logger.info("no CUDA device: Triton kernels off (plain PyTorch path); use_kernels=True forces them")
+        return False
+    return use_kernels
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

@@ -1,0 +1,128 @@
+"""Per-kernel GPU timing: our Triton kernel vs the eager PyTorch reference vs torch.compile of it.
+
+For each op, forward and forward+backward, at Llama-3.1-8B sizes (8192 tokens = batch 4 x 2048):
+median time (triton.testing.do_bench), achieved GB/s for the memory-bound ops (bytes = each input
+read once + each output written once, the fewest the op must move) and that as a fraction of the
+card's copy bandwidth, measured in the same run with a large device-to-device copy.
+
+  python bench/kernels.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+TOKENS, HIDDEN, INTERMEDIATE, VOCAB = 8192, 4096, 14336, 128256
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def do_bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a large device-to-device copy (read + write), the practical ceiling."""
+    source = torch.randn(512 * 2**20 // 4, device="cuda")
+    target = torch.empty_like(source)
+    ms = do_bench(lambda: target.copy_(source))
+    return 2 * source.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cases():
+    from tuneforge.kernels import cross_entropy, geglu, nf4, rms_norm, rope, swiglu
+
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(TOKENS, HIDDEN, **bf16, requires_grad=True)
+    w = torch.randn(HIDDEN, **bf16)
+    yield ("rms_norm", lambda: rms_norm.rms_norm(x, w, 1e-5), lambda: rms_norm.reference_rms_norm(x, w, 1e-5),
+           [x], nbytes(x, w) + nbytes(x), nbytes(x) * 2 + nbytes(x) + nbytes(w))
+
+    gate = torch.randn(TOKENS, INTERMEDIATE, **bf16, requires_grad=True)
+    up = torch.randn(TOKENS, INTERMEDIATE, **bf16, requires_grad=True)
+    yield ("swiglu", lambda: swiglu.swiglu(gate, up), lambda: swiglu.reference_swiglu(gate, up), [gate, up],
+           nbytes(gate, up, gate), nbytes(gate, up, gate) + nbytes(gate, up))
+    yield ("geglu_tanh", lambda: geglu.geglu(gate, up, "tanh"), lambda: geglu.reference_geglu(gate, up, "tanh"),
+           [gate, up], nbytes(gate, up, gate), nbytes(gate, up, gate) + nbytes(gate, up))
+
+    q = torch.randn(4, HEADS, 2048, HEAD_DIM, **bf16, requires_grad=True)
+    k = torch.randn(4, KV_HEADS, 2048, HEAD_DIM, **bf16, requires_grad=True)
+    cos = torch.randn(4, 2048, HEAD_DIM, **bf16)
+    sin = torch.randn(4, 2048, HEAD_DIM, **bf16)
+    rope_bytes = 2 * nbytes(q, k) + nbytes(cos, sin)
+    yield ("rope", lambda: rope.apply_rope(q, k, cos, sin), lambda: rope.reference_apply_rope(q, k, cos, sin),
+           [q, k], rope_bytes, 2 * rope_bytes)
+
+    hidden = torch.randn(TOKENS, HIDDEN, **bf16, requires_grad=True)
+    head = torch.randn(VOCAB, HIDDEN, **bf16) * 0.02
+    labels = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
+    yield ("fused_linear_cross_entropy",
+           lambda: cross_entropy.fused_linear_cross_entropy(hidden, head, labels),
+           lambda: cross_entropy.reference_linear_cross_entropy(hidden, head, labels),
+           [hidden], None, None)
+
+    import bitsandbytes as bnb
+
+    dense = torch.randn(INTERMEDIATE, HIDDEN, **bf16)
+    packed, state = bnb.functional.quantize_4bit(dense, quant_type="nf4", compress_statistics=True)
+    yield ("nf4_dequantize", lambda: nf4.dequantize_nf4(packed, state, torch.bfloat16),
+           lambda: bnb.functional.dequantize_4bit(packed, state), [], nbytes(packed) + nbytes(dense), None)
+
+
+def run(out: Path) -> list[dict]:
+    bandwidth = copy_bandwidth()
+    rows = []
+    for name, ours, reference, grads_of, forward_bytes, backward_bytes in cases():
+        compiled = torch.compile(reference)
+        row = {"kernel": name, "copy_gbps": round(bandwidth)}
+        for label, fn in (("ours", ours), ("eager", reference), ("compiled", compiled)):
+            with torch.no_grad():
+                row[f"fwd_ms_{label}"] = round(do_bench(fn), 4)
+            if grads_of:
+                def step(fn=fn):
+                    outputs = fn()
+                    outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
+                    torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+                    for tensor in grads_of:
+                        tensor.grad = None
+                row[f"fwdbwd_ms_{label}"] = round(do_bench(step), 4)
+        if forward_bytes:
+            gbps = forward_bytes / (row["fwd_ms_ours"] * 1e-3) / 1e9
+            row.update(fwd_gbps=round(gbps), fwd_frac_of_copy=round(gbps / bandwidth, 3))
+        if backward_bytes and "fwdbwd_ms_ours" in row:
+            gbps = (forward_bytes + backward_bytes) / (row["fwdbwd_ms_ours"] * 1e-3) / 1e9
+            row.update(fwdbwd_gbps=round(gbps), fwdbwd_frac_of_copy=round(gbps / bandwidth, 3))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = ["| kernel | fwd ours ms | eager | compiled | fwd+bwd ours ms | eager | compiled | GB/s (fwd) | of copy BW |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(
+            f"| {r['kernel']} | {r['fwd_ms_ours']} | {r['fwd_ms_eager']} | {r['fwd_ms_compiled']} | "
+            f"{r.get('fwdbwd_ms_ours', '-')} | {r.get('fwdbwd_ms_eager', '-')} | {r.get('fwdbwd_ms_compiled', '-')} | "
+            f"{r.get('fwd_gbps', '-')} | {r.get('fwd_frac_of_copy', '-')} |"
+        )
+    text = "\n".join(table) + f"\n\ncopy bandwidth measured: {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}\n"
+    (out / "kernels.md").write_text(text)
+    print(text)
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench-out")
+    run(Path(parser.parse_args().out))
