@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tuneforge.device import default_compute_dtype
+from tuneforge.device import default_compute_dtype, has_cuda
 from tuneforge.models import registry, shipped
 from tuneforge.models.families import FamilySpec, family_for_model_type
 
