@@ -7,6 +7,19 @@ import sys
 from pathlib import Path
 
 
+def _sequence_length(folder: Path, fallback: int = 2048) -> int:
+    """The max_seq_length to load with, so that RoPE is set up as in training: an adapter's
+    tokenizer carries the training max_seq_length (the loader sets model_max_length to it); a
+    model folder gets its own max_position_embeddings (a larger value would rescale RoPE)."""
+    for name, key in (("tokenizer_config.json", "model_max_length"), ("config.json", "max_position_embeddings")):
+        file = folder / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get(key)
+            if isinstance(value, int) and 0 < value < 10**7:  # tokenizers without a limit store ~1e30
+                return value
+    return fallback
+
+
 def load_for_chat(model: str, load_in_4bit: bool = True):
     """(model, tokenizer) for a run folder, an adapter folder, a model folder or a shipped name."""
     from tuneforge.models.fast_language_model import FastLanguageModel
@@ -18,14 +31,17 @@ def load_for_chat(model: str, load_in_4bit: bool = True):
         from peft import PeftModel
 
         base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base, tokenizer = FastLanguageModel.from_pretrained(base_name, load_in_4bit=load_in_4bit)
+        length = _sequence_length(path, fallback=_sequence_length(Path(base_name)))
+        base, tokenizer = FastLanguageModel.from_pretrained(base_name, load_in_4bit=load_in_4bit,
+                                                            max_seq_length=length)
         if (path / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(path)
         loaded = PeftModel.from_pretrained(base, path)
         return FastLanguageModel.for_inference(loaded), tokenizer
-    loaded, tokenizer = FastLanguageModel.from_pretrained(model, load_in_4bit=load_in_4bit)
+    loaded, tokenizer = FastLanguageModel.from_pretrained(model, load_in_4bit=load_in_4bit,
+                                                          max_seq_length=_sequence_length(path))
     return FastLanguageModel.for_inference(loaded), tokenizer
 
 
