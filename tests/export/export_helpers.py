@@ -30,10 +30,14 @@ def lora_model(base, seed: int = 1, scale: float = 0.05, **config):
 
 
 def llama_cpp_quiet(path, **kwargs):
-    """A llama-cpp-python model on `path` without its load log."""
+    """A llama-cpp-python model on `path` without its load log.
+
+    One thread: ggml's workers spin while waiting, so on a shared 2-core machine (or beside pytest-xdist
+    workers) two threads run several times slower than one.
+    """
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), verbose=False, **kwargs)
+    return Llama(model_path=str(path), verbose=False, n_threads=1, **kwargs)
 
 
 def set_base(adapter_dir, base_dir) -> None:
