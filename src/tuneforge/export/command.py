@@ -1,0 +1,121 @@
+"""`tuneforge export`: a trained adapter folder -> adapter copy, merged 16/4-bit model, or GGUF (+ Hub).
+
+    tuneforge export --adapter runs/smollm2 --format merged_16bit --output out/merged
+    tuneforge export --adapter runs/smollm2/adapter --format gguf --quantization q4_k_m,q8_0 --output out/gguf
+
+Works from files alone: the base checkpoint (adapter_config.json's base_model_name_or_path, or
+--base) is read one shard at a time, so a model larger than memory exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("adapter", "merged_16bit", "merged_4bit", "gguf")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True,
+                        help="adapter folder (adapter_config.json) or a `tuneforge train` output folder")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--output", required=True, help="folder to write the export into")
+    parser.add_argument("--quantization", default="q8_0",
+                        help="gguf only: f32, f16, bf16, q8_0, q4_0 ... natively; q4_k_m, q5_k_m, q6_k ... via "
+                             "llama.cpp (pip install 'tuneforge[gguf]'); comma-separated for several files")
+    parser.add_argument("--base", help="base model folder or name (default: the adapter's base_model_name_or_path)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                        help="merged weights' type (default: the base's 16-bit type, else bfloat16)")
+    parser.add_argument("--max-shard-size", default="5GB", help="merged formats: largest safetensors shard")
+    parser.add_argument("--no-modelfile", action="store_true", help="gguf only: do not write an Ollama Modelfile")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the export to this Hub model repo")
+    parser.add_argument("--token", help="Hub token (default: $HF_TOKEN or the saved login)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """The folder holding adapter_config.json: `path` itself or its `adapter/` (a train run)."""
+    path = Path(path)
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"--adapter {path}: no adapter_config.json there or in {path / 'adapter'}")
+
+
+def _load_tokenizer(adapter_dir: Path, base_dir: Path):
+    from transformers import AutoTokenizer
+
+    source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def export(adapter: str | Path, fmt: str, output: str | Path, quantization: str | list[str] = "q8_0",
+           base: str | Path | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
+           modelfile: bool = True) -> list[Path]:
+    """The export itself (the CLI's body); returns the files or folder written."""
+    from tuneforge.export.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, copy_tokenizer_files
+    from tuneforge.export.merge import CheckpointSource, copy_side_files, merge_adapter_folder, resolve_base, \
+        resolve_dtype
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+    adapter_dir = adapter_folder(adapter)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    if fmt == "adapter":
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"):
+            if (adapter_dir / name).is_file():
+                shutil.copy2(adapter_dir / name, output / name)
+        copy_tokenizer_files(adapter_dir, output)
+        LoraAdapter.load(output)  # the copy must read back as an adapter
+        return [output]
+    if fmt == "merged_16bit":
+        return [merge_adapter_folder(adapter_dir, output, base=base, dtype=dtype, max_shard_size=max_shard_size)]
+    lora = LoraAdapter.load(adapter_dir)
+    base_dir = resolve_base(lora, base)
+    source = CheckpointSource(base_dir, lora)
+    if fmt == "merged_4bit":
+        from tuneforge.export.merge4bit import write_merged_4bit
+
+        out = write_merged_4bit(source, output, resolve_dtype(dtype, source.config), max_shard_size)
+        copy_side_files(base_dir, adapter_dir, out)
+        return [out]
+    from tuneforge.export.gguf import save_gguf
+    from tuneforge.export.ollama import write_modelfile
+
+    methods = [m.strip() for m in quantization.split(",")] if isinstance(quantization, str) else quantization
+    tokenizer = _load_tokenizer(adapter_dir, base_dir)
+    paths = save_gguf(source, tokenizer, output, methods, basename=output.name or "model")
+    if modelfile:
+        from transformers import GenerationConfig
+
+        generation = GenerationConfig.from_pretrained(str(base_dir)) \
+            if (base_dir / "generation_config.json").is_file() else None
+        context = source.config.get("max_position_embeddings", 4096)
+        paths.append(write_modelfile(paths[0], tokenizer, generation, num_ctx=min(4096, context)))
+    return paths
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    if args.push_to_hub:
+        from tuneforge.export.hub import require_online
+
+        require_online(args.push_to_hub)  # before the export, not after it
+    paths = export(args.adapter, args.format, args.output, args.quantization, base=args.base, dtype=args.dtype,
+                   max_shard_size=args.max_shard_size, modelfile=not args.no_modelfile)
+    from tuneforge.export.merge import peak_rss_bytes
+
+    print(f"exported {args.format} to {args.output} ({', '.join(p.name for p in paths)}) in "
+          f"{time.perf_counter() - started:.1f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB", flush=True)
+    if args.push_to_hub:
+        from tuneforge.export.hub import push_folder
+
+        url = push_folder(args.output, args.push_to_hub, token=args.token, private=args.private)
+        print(f"pushed to {url}", flush=True)
+    return 0

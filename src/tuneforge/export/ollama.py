@@ -1,0 +1,147 @@
+"""An Ollama `Modelfile` next to a GGUF: FROM, TEMPLATE in Ollama's Go syntax, stop tokens, parameters.
+
+The TEMPLATE is generated from the chat format's pieces in `tuneforge.data.templates` (the same
+table the training data is rendered with), so what Ollama sends the model is what it was trained
+on. The format is the table entry whose Jinja the tokenizer carries, else the entry that renders
+a probe conversation exactly as the tokenizer's own template does. The default system prompt a template inserts
+(SmolLM2's, Qwen's) becomes the Modelfile's SYSTEM line: Ollama then passes it as the first
+message when a conversation has none, as the Jinja template does.
+
+BOS is not written into the TEMPLATE: Ollama tokenises with the GGUF's add_bos_token flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_ROLES = ("system", "user", "assistant")
+
+
+_PROBE = [
+    {"role": "system", "content": "S0"},
+    {"role": "user", "content": "U1"},
+    {"role": "assistant", "content": "A1"},
+    {"role": "user", "content": "U2"},
+]
+
+
+def chat_format_for(tokenizer):
+    """The `ChatTemplate` whose rendering equals the tokenizer's own template, or None.
+
+    Compared by output on a probe conversation (with a system turn, so a template's default
+    system prompt does not hide the match), not by Jinja source: SmolLM2's template builds its
+    markers out of the role name, so no marker appears literally in it.
+    """
+    from tuneforge.data.templates import template_for_tokenizer
+    from tuneforge.data.templates.table import CHAT_TEMPLATES
+
+    exact = template_for_tokenizer(tokenizer)
+    if exact is not None:
+        return exact
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+    own = _render(tokenizer, None)
+    if own is None:
+        return None
+    for template in CHAT_TEMPLATES:
+        if template.custom_jinja is None and _render(tokenizer, template.jinja()) == own:
+            return template
+    return None
+
+
+def _render(tokenizer, chat_template: str | None) -> str | None:
+    try:
+        return tokenizer.apply_chat_template(_PROBE, chat_template=chat_template, add_generation_prompt=True,
+                                             tokenize=False)
+    except Exception as error:  # a template may reject the probe (a role it does not know)
+        log.debug("chat template rejected the probe conversation: %s", error)
+        return None
+
+
+def default_system_prompt(tokenizer, template) -> str | None:
+    """The system text the tokenizer's template adds to a conversation that has none."""
+    if template.system is None:
+        return template.default_system or None
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False)
+    before, after = template.system.split("{content}")
+    match = re.search(re.escape(before) + "(.*?)" + re.escape(after), rendered.split("\x00")[0], re.S)
+    return match.group(1) if match else None
+
+
+def _go(piece: str) -> str:
+    """A table piece -> Go template text: {content} is the message, other placeholders literal."""
+    if "{{" in piece or "}}" in piece:
+        raise ValueError(f"chat template piece {piece!r} contains '{{{{' / '}}}}', which Go templates cannot hold")
+    return piece.replace("{content}", "{{ .Content }}")
+
+
+def go_template(template) -> str:
+    """The Ollama TEMPLATE for a table `ChatTemplate` (Ollama's `.Messages` form)."""
+    user = _go(template.user)
+    # A format without a system turn (Gemma) gets the system text as a user turn, as Ollama's own
+    # Gemma templates do; the Jinja merges it into the first user turn instead.
+    system = _go(template.system) if template.system is not None else user
+    assistant = _go(template.assistant_prefix + template.assistant + template.assistant_suffix)
+    if template.system is None:
+        log.info("chat format %s has no system turn: Ollama will send a system message as a user turn",
+                 template.name)
+    if template.trim:
+        log.info("chat format %s strips whitespace around %s text; the Ollama template sends it as is",
+                 template.name, ", ".join(template.trim))
+    # No `{{-` trim markers: they would also eat the newline that ends a turn's text.
+    return (
+        "{{ range .Messages }}"
+        f'{{{{ if eq .Role "system" }}}}{system}'
+        f'{{{{ else if eq .Role "user" }}}}{user}'
+        f'{{{{ else if eq .Role "assistant" }}}}{assistant}'
+        "{{ end }}"
+        "{{ end }}"
+        f"{_go(template.prompt)}"
+    )
+
+
+def _quote(text: str) -> str:
+    if '"""' in text:
+        raise ValueError(f"cannot write {text!r} into a Modelfile: it contains triple quotes")
+    return f'"""{text}"""'
+
+
+def stop_tokens(template) -> list[str]:
+    """End of turn, plus the marker that opens the next user turn (in case the model skips EOT)."""
+    stops = [template.end_of_turn]
+    opener = template.user.split("{content}")[0].strip()
+    if opener and opener not in stops:
+        stops.append(opener)
+    return stops
+
+
+def write_modelfile(gguf_path: str | Path, tokenizer, generation_config=None, num_ctx: int = 4096,
+                    path: str | Path | None = None) -> Path:
+    """Write `Modelfile` beside `gguf_path` (FROM ./<file>); returns its path."""
+    gguf_path = Path(gguf_path)
+    path = Path(path) if path is not None else gguf_path.parent / "Modelfile"
+    lines = [f"FROM ./{gguf_path.name}", ""]
+    template = chat_format_for(tokenizer)
+    if template is None:
+        # Ollama falls back to the GGUF's tokenizer.chat_template when the Modelfile has no TEMPLATE.
+        log.warning("no Ollama TEMPLATE for this tokenizer's chat template; Ollama will read the GGUF's own")
+    else:
+        lines += [f"TEMPLATE {_quote(go_template(template))}", ""]
+        system = default_system_prompt(tokenizer, template)
+        if system:
+            lines += [f"SYSTEM {_quote(system)}", ""]
+        lines += [f'PARAMETER stop "{stop}"' for stop in stop_tokens(template)]
+    temperature = getattr(generation_config, "temperature", None) if generation_config is not None else None
+    top_p = getattr(generation_config, "top_p", None) if generation_config is not None else None
+    lines += [
+        f"PARAMETER temperature {temperature if temperature is not None else 0.7}",
+        f"PARAMETER top_p {top_p if top_p is not None else 0.9}",
+        f"PARAMETER num_ctx {num_ctx}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    log.info("wrote %s (%s)", path, f"chat format {template.name}" if template else "no TEMPLATE")
+    return path

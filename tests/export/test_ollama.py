@@ -1,0 +1,121 @@
+"""Ollama Modelfile: its Go TEMPLATE renders conversations exactly as the model's chat template does."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from tuneforge.export.ollama import chat_format_for, go_template, write_modelfile
+
+CONVERSATION = [
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "Name a colour."},
+]
+
+
+def render_go(template: str, messages: list[dict]) -> str:
+    """Go text/template semantics for the subset the exporter writes: `range .Messages`, `if` /
+    `else if` on `eq .Role "x"`, `.Role` / `.Content`, and `{{-` / `-}}` whitespace trimming."""
+    tokens: list[tuple[str, str]] = []
+    trim_next = False
+    for part in re.split(r"(\{\{.*?\}\})", template):
+        if part.startswith("{{"):
+            if part.startswith("{{-") and tokens and tokens[-1][0] == "text":
+                tokens[-1] = ("text", tokens[-1][1].rstrip())
+            tokens.append(("action", part[2:-2].strip("-").strip()))
+            trim_next = part.endswith("-}}")
+        elif part:
+            tokens.append(("text", part.lstrip() if trim_next else part))
+            trim_next = False
+
+    def parse(position: int) -> tuple[list, int]:
+        """Nodes up to the next `end` / `else ...` action; returns (nodes, index of that action)."""
+        nodes = []
+        while position < len(tokens):
+            kind, value = tokens[position]
+            if kind == "text":
+                nodes.append(("text", value))
+            elif value == "end" or value.startswith("else"):
+                return nodes, position
+            elif value == "range .Messages":
+                body, position = parse(position + 1)
+                nodes.append(("range", body))
+            elif value.startswith("if "):
+                branches = []
+                condition = value
+                while True:
+                    role = re.fullmatch(r'(?:else )?if eq \.Role "(\w+)"', condition).group(1)
+                    body, position = parse(position + 1)
+                    branches.append((role, body))
+                    condition = tokens[position][1]
+                    if condition == "end":
+                        break
+                nodes.append(("if", branches))
+            elif value in (".Role", ".Content"):
+                nodes.append(("field", value[1:].lower()))
+            else:
+                raise AssertionError(f"action outside the exporter's subset: {value!r}")
+            position += 1
+        return nodes, position
+
+    def run(nodes, message=None) -> str:
+        text = ""
+        for kind, value in nodes:
+            if kind == "text":
+                text += value
+            elif kind == "field":
+                text += message[value]
+            elif kind == "range":
+                text += "".join(run(value, m) for m in messages)
+            else:
+                text += next((run(body, message) for role, body in value if message["role"] == role), "")
+        return text
+
+    nodes, _ = parse(0)
+    return run(nodes)
+
+
+def ollama_messages(modelfile: str, messages: list[dict]) -> list[dict]:
+    """What Ollama passes the template: the Modelfile's SYSTEM first when the chat has no system turn."""
+    system = re.search(r'^SYSTEM """(.*?)"""', modelfile, re.S | re.M)
+    if system and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system.group(1)}] + messages
+    return messages
+
+
+def test_smollm2_modelfile_renders_like_the_jinja_template(smollm2_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    gguf = tmp_path / "smollm2.Q8_0.gguf"
+    gguf.write_bytes(b"")
+    text = write_modelfile(gguf, tokenizer, num_ctx=2048).read_text()
+    assert text.startswith("FROM ./smollm2.Q8_0.gguf\n")
+    assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER num_ctx 2048" in text
+    template = re.search(r'^TEMPLATE """(.*?)"""', text, re.S | re.M).group(1)
+    for conversation in (CONVERSATION, [{"role": "system", "content": "Be brief."}] + CONVERSATION):
+        want = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        assert render_go(template, ollama_messages(text, conversation)) == want
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama-3", "qwen-2.5", "phi-3", "gemma"])
+def test_table_formats_render_like_their_jinja(name, smollm2_dir, tmp_path):
+    from tuneforge.data.templates import get_chat_template
+
+    tokenizer = get_chat_template(AutoTokenizer.from_pretrained(smollm2_dir), name)
+    template = chat_format_for(tokenizer)
+    assert template is not None and template.name == name
+    modelfile = write_modelfile(tmp_path / "m.gguf", tokenizer).read_text()
+    assert f'PARAMETER stop "{template.end_of_turn}"' in modelfile
+    want = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    got = render_go(go_template(template), ollama_messages(modelfile, CONVERSATION))
+    # Ollama tokenises with the GGUF's add_bos flag, so the TEMPLATE carries no BOS text.
+    assert got == want.removeprefix(template.bos)
+
+
+def test_unknown_chat_template_leaves_template_to_the_gguf(smollm2_dir, tmp_path, caplog):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.chat_template = "{% for m in messages %}[[{{ m['content'] }}]]{% endfor %}"
+    text = write_modelfile(tmp_path / "m.gguf", tokenizer).read_text()
+    assert "TEMPLATE" not in text and "no Ollama TEMPLATE" in caplog.text
