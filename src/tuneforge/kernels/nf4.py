@@ -132,21 +132,18 @@ def _state_parts(weight_packed: torch.Tensor, quant_state):
     return packed, n, quant_state.code.to(device=packed.device, dtype=torch.float32)
 
 
-def dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense weight of a bitsandbytes 4-bit tensor.
-
-    weight_packed: the `Params4bit` data, [ceil(n / 2), 1] (any quant_storage dtype).
-    quant_state:   its `bitsandbytes.functional.QuantState` (nested or not).
-    out_dtype:     default quant_state.dtype (the dtype the weight had before quantisation).
-    Returns W: quant_state.shape, out_dtype, on weight_packed's device.
-    """
+def _launch_args(weight_packed: torch.Tensor, quant_state):
+    """The kernel's tensor arguments for this weight, checked and converted once, then cached on
+    the QuantState: a training step dequantises every weight three times (forward, recompute,
+    backward), and redoing the checks and small dtype/device conversions each time cost more CPU
+    time than the kernel takes on the GPU (8B shape: 672 calls a step)."""
+    key = (weight_packed.data_ptr(), weight_packed.device)
+    cached = getattr(quant_state, "_tuneforge_launch_args", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     packed, n, code = _state_parts(weight_packed, quant_state)
     check_device(packed)
     device = packed.device
-    out_dtype = out_dtype or quant_state.dtype
-    out = torch.empty(tuple(quant_state.shape), dtype=out_dtype, device=device)
-    if n == 0:
-        return out
     if quant_state.nested:
         s2 = quant_state.state2
         absmax = quant_state.absmax.to(device)
@@ -158,6 +155,25 @@ def dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dt
         absmax = quant_state.absmax.to(device=device, dtype=torch.float32)
         code2 = absmax2 = offset = absmax  # unused placeholders: NESTED=False never reads them
         blocksize2 = 1
+    args = (packed, n, code, absmax, code2, absmax2, offset, blocksize2)
+    quant_state._tuneforge_launch_args = (key, args)
+    return args
+
+
+def dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight of a bitsandbytes 4-bit tensor.
+
+    weight_packed: the `Params4bit` data, [ceil(n / 2), 1] (any quant_storage dtype).
+    quant_state:   its `bitsandbytes.functional.QuantState` (nested or not).
+    out_dtype:     default quant_state.dtype (the dtype the weight had before quantisation).
+    Returns W: quant_state.shape, out_dtype, on weight_packed's device.
+    """
+    packed, n, code, absmax, code2, absmax2, offset, blocksize2 = _launch_args(weight_packed, quant_state)
+    device = packed.device
+    out_dtype = out_dtype or quant_state.dtype
+    out = torch.empty(tuple(quant_state.shape), dtype=out_dtype, device=device)
+    if n == 0:
+        return out
     block = 2048 if device.type == "cuda" else 4096
     grid = (triton.cdiv(packed.numel(), block),)
     # No fused multiply-add on the GPU: bitsandbytes rounds the product before adding the offset.
