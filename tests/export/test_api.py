@@ -1,0 +1,64 @@
+"""The Unsloth-named export methods bound onto a model: save_pretrained_merged / _gguf, push_to_hub_*."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from export_helpers import lora_model
+from transformers import AutoModelForCausalLM
+
+from tuneforge.export import attach_export_methods
+from tuneforge.testing import tiny_model
+
+IDS = torch.tensor([[5, 17, 42, 101, 7, 250, 3, 99]])
+
+
+@pytest.fixture
+def model():
+    return attach_export_methods(lora_model(tiny_model("llama", seed=0)))
+
+
+@pytest.mark.parametrize("save_method", ["lora", "merged_16bit", "merged_4bit"])
+def test_save_pretrained_merged_methods(model, tmp_path, save_method):
+    out = model.save_pretrained_merged(tmp_path / save_method, None, save_method=save_method)
+    if save_method == "lora":
+        assert (out / "adapter_config.json").is_file()
+        return
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        got, want = reloaded(IDS).logits.float(), model(IDS).logits
+    # bfloat16 (the default for an fp32 model) or NF4 rounding away from the unmerged forward.
+    tolerance = 0.02 if save_method == "merged_16bit" else 0.2
+    assert (got - want).abs().max() < tolerance * want.abs().max()
+
+
+def test_unknown_and_unsupported_arguments_are_errors(model, tmp_path):
+    with pytest.raises(ValueError, match="save_method"):
+        model.save_pretrained_merged(tmp_path, None, save_method="merged_8bit")
+    with pytest.raises(NotImplementedError, match="maximum_memory_usage"):
+        model.save_pretrained_merged(tmp_path, None, maximum_memory_usage=0.5)
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        model.save_pretrained_gguf(tmp_path, None)
+
+
+def test_save_pretrained_gguf_writes_file_and_modelfile(smollm2_dir, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from export_helpers import llama_cpp_quiet
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = attach_export_methods(lora_model(tiny_model("llama", seed=0, vocab_size=49152)))
+    paths = model.save_pretrained_gguf(tmp_path / "tiny", tokenizer, quantization_method="not_quantized")
+    assert [p.name for p in paths] == ["tiny.F16.gguf"]
+    assert (tmp_path / "tiny" / "Modelfile").is_file()
+    llm = llama_cpp_quiet(paths[0], n_ctx=64, logits_all=True)
+    try:
+        llm.eval([5, 17, 42])
+        import numpy as np
+
+        got = np.array(llm.scores[2])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        want = model(torch.tensor([[5, 17, 42]])).logits[0, -1].numpy()
+    assert abs(got - want).max() < 0.02 * abs(want).max() + 1e-3
