@@ -88,7 +88,11 @@ def _fused_linear_forward(self, x, *args, **kwargs):
         if projections is not None:
             from tuneforge.kernels.lora import lora_linear
 
-            return lora_linear(x, projections[0])
+            out = lora_linear(x, projections[0])
+            # kernels.lora returns a view made inside its autograd Function, which autograd forbids
+            # modifying in place; Falcon adds into its MLP output in place. Clone only while the
+            # kernel returns such a view (reported; a reshape outside the Function would fix it).
+            return out.clone() if out._base is not None else out
     return type(self).forward(self, x, *args, **kwargs)
 
 

@@ -51,7 +51,10 @@ class FamilySpec:
     attn_implementation: the attention implementation to load with ("eager" where transformers
                      has no SDPA path: Gemma 2's soft-capped scores).
     tiny_config_overrides: config values for the tiny test model (on top of TINY_DIMENSIONS).
-    four_bit:        bitsandbytes NF4 loading is tested for this family's tiny model.
+    four_bit:        transformers quantises this family's projections with bitsandbytes (NF4),
+                     tested on the tiny model.
+    packing:         padding-free packing keeps samples apart: transformers builds the mask from
+                     restarting position_ids (tested: packed loss equals the samples one by one).
     """
 
     name: str
@@ -73,6 +76,7 @@ class FamilySpec:
     attn_implementation: str = "sdpa"
     tiny_config_overrides: dict = field(default_factory=dict)
     four_bit: bool = True
+    packing: bool = True
 
     def __post_init__(self):
         # The table is code, but a typo in it should fail at import, naming the family.
