@@ -1,0 +1,72 @@
+"""The GGUF vocabulary tokenises in llama.cpp exactly as the Hugging Face tokenizer it came from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from export_helpers import llama_cpp_quiet
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from tuneforge.export.gguf import write_gguf
+from tuneforge.export.gguf_tokenizer import UnsupportedTokenizer, vocab_from_tokenizer
+from tuneforge.export.merge import ModuleSource
+from tuneforge.testing import tiny_model
+
+pytest.importorskip("llama_cpp")
+
+TEXTS = ["Hello world! 123 4567 and 89.", "  multiple   spaces\n\n\ttabs\r\n", "Café déjà vu — naïve ☕ 漢字",
+         "I'm you'll WE'RE they'd", "x=1+2*3; print(x)\n", "<|im_start|>user\nHi<|im_end|>\n"]
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+_QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3 = _QWEN2.replace(r"\p{N}|", r"\p{N}{1,3}|")
+PRE_TOKENIZERS = {
+    "gpt-2": dict(_BYTE_LEVEL, use_regex=True),
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                     dict(_BYTE_LEVEL, use_regex=True)]},
+    "qwen2": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _QWEN2}, "behavior": "Isolated", "invert": False}, _BYTE_LEVEL]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3}, "behavior": "Isolated", "invert": False}, _BYTE_LEVEL]},
+}
+
+
+def with_pre_tokenizer(tokenizer, pre: dict):
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = pre
+    rebuilt = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                      bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                                      unk_token=tokenizer.unk_token, pad_token=tokenizer.pad_token)
+    rebuilt.chat_template = tokenizer.chat_template
+    return rebuilt
+
+
+@pytest.mark.parametrize("pre", list(PRE_TOKENIZERS))
+def test_byte_level_pre_tokenizers_match_llama_cpp(pre, smollm2_dir, tmp_path):
+    tokenizer = with_pre_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir), PRE_TOKENIZERS[pre])
+    assert vocab_from_tokenizer(tokenizer, 49152).pre == pre
+    model = tiny_model("llama", vocab_size=49152, num_hidden_layers=1)
+    path = write_gguf(ModuleSource(model), tokenizer, tmp_path / "vocab.gguf", "f16", progress=False)
+    llm = llama_cpp_quiet(path, vocab_only=True)
+    try:
+        for text in TEXTS:
+            want = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+            assert llm.detokenize(want, special=True).decode() == text
+    finally:
+        llm.close()
+
+
+def test_unknown_pre_tokenizer_is_refused(smollm2_dir):
+    odd = {"type": "Sequence", "pretokenizers": [{"type": "Punctuation", "behavior": "Isolated"},
+                                                 dict(_BYTE_LEVEL, use_regex=True)]}
+    tokenizer = with_pre_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir), odd)
+    with pytest.raises(UnsupportedTokenizer, match="no llama.cpp pre-tokenizer"):
+        vocab_from_tokenizer(tokenizer, 49152)
+
+
+def test_vocab_larger_than_the_embedding_is_refused(smollm2_dir):
+    with pytest.raises(UnsupportedTokenizer, match="resize the embeddings"):
+        vocab_from_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir), 1000)
