@@ -73,6 +73,14 @@ def cases():
            lambda: cross_entropy.reference_linear_cross_entropy(hidden, head, labels),
            [hidden], None, None)
 
+    from tuneforge.kernels.lora import launch_rank_update_
+
+    y = torch.randn(TOKENS, INTERMEDIATE, **bf16)
+    xa = torch.randn(TOKENS, 16, **bf16)
+    lora_b = torch.randn(INTERMEDIATE, 16, **bf16)
+    yield ("lora_rank_update (y += s*XA@B^T)", lambda: launch_rank_update_(y, xa, lora_b, 0.5),
+           lambda: y.addmm_(xa, lora_b.t(), alpha=0.5), [], 2 * nbytes(y), None)
+
     import bitsandbytes as bnb
 
     dense = torch.randn(INTERMEDIATE, HIDDEN, **bf16)

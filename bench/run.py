@@ -22,19 +22,33 @@ sys.path.insert(0, str(HERE))
 from shapes import make_shape  # noqa: E402
 
 
-def run_stack(stack: str, model_dir: Path, batch: int, seq: int, steps: int, warmup: int, timeout: int,
-              extra: list[str] = ()) -> dict:
+def run_stack(spec: str, model_dir: Path, batch: int, seq: int, steps: int, warmup: int, timeout: int) -> dict:
+    """spec: a stack name, optionally `@optimizer` and/or `#checkpointing` (tuneforge variants),
+    e.g. `tuneforge@adamw_torch_fused#standard`."""
+    import os
+
+    spec, _, extra_env = spec.partition("%")  # e.g. tuneforge%TUNEFORGE_BENCH_ADDMM=1
+    stack, _, checkpointing = spec.partition("#")
+    stack, _, optim = stack.partition("@")
     command = [sys.executable, str(HERE / "throughput.py"), "--stack", stack, "--model", str(model_dir),
-               "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), *extra]
+               "--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup),
+               "--label", spec[len(stack):]]
+    if checkpointing:
+        command += ["--checkpointing", checkpointing]
+    env = dict(os.environ, **({"TUNEFORGE_BENCH_OPTIM": optim} if optim else {}))
+    if extra_env:
+        key, _, value = extra_env.partition("=")
+        env[key] = value
+        command[-1] += f" {extra_env}"
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"stack": stack, "batch": batch, "seq": seq, "error": f"timeout after {timeout} s"}
+        return {"stack": spec, "batch": batch, "seq": seq, "error": f"timeout after {timeout} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
-        return {"stack": stack, "batch": batch, "seq": seq, "error": " | ".join(tail)[-600:]}
+        return {"stack": spec, "batch": batch, "seq": seq, "error": " | ".join(tail)[-600:]}
     result = json.loads(lines[-1][len("RESULT "):])
     result["wall_s"] = round(time.perf_counter() - start, 1)
     return result
@@ -47,7 +61,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         speed = r.get("tokens_per_s")
         ratio = f"{speed / base['tokens_per_s']:.2f}x" if speed and base else "-"
-        name = r["stack"] + (" " + r["label"] if r.get("label") else "")
+        name = r["stack"] + (r["label"] if r.get("label") else "")
         shown_speed = f"{speed:,.0f}" if speed else r.get("error", "-")
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         loss = f"{r['loss_step1']:.4f}" if r.get("loss_step1") is not None else "-"
@@ -68,7 +82,7 @@ def chart(results: list[dict], path: Path) -> None:
     if not done:
         return
     figure, (speed_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    labels = [f"{r['stack']}\n{r['model']}\n{r['batch']}x{r['seq']}" for r in done]
+    labels = [f"{r['stack']}{r.get('label') or ''}\n{r['model']}\n{r['batch']}x{r['seq']}" for r in done]
     speed_axis.bar(labels, [r["tokens_per_s"] for r in done], color="tab:blue")
     speed_axis.set_title("trained tokens / s")
     memory_axis.bar(labels, [r["peak_alloc_gib"] for r in done], color="tab:orange")
@@ -89,6 +103,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--longest", action="store_true", help="batch 1: double seq until OOM, per stack")
     parser.add_argument("--max-seq", type=int, default=131072)
+    parser.add_argument("--start-seq", type=int, default=8192)
     parser.add_argument("--shape-dir", default="/dev/shm")
     parser.add_argument("--timeout", type=int, default=420)
     parser.add_argument("--out", default="bench-out")
@@ -100,10 +115,11 @@ def main() -> None:
     results = []
     for stack in args.stacks.split(","):
         if args.longest:
-            seq = 8192
+            seq = args.start_seq
             while seq <= args.max_seq:
-                result = run_stack(stack, model_dir, 1, seq, steps=1, warmup=1, timeout=args.timeout)
-                result["label"] = "longest"
+                # One step: it proves the length trains and gives its peak memory (and a time).
+                result = run_stack(stack, model_dir, 1, seq, steps=1, warmup=0, timeout=args.timeout)
+                result["label"] = " (longest)"
                 results.append(result)
                 print(json.dumps(result), flush=True)
                 if not result.get("tokens_per_s"):

@@ -45,6 +45,11 @@ def load_stack(stack: str, model_dir: str, seq: int, checkpointing: str):
         from tuneforge import FastLanguageModel
         from tuneforge.train.optim import build_optimizer
 
+        if os.environ.get("TUNEFORGE_BENCH_ADDMM") == "1":  # A/B: cuBLAS addmm_ for the rank-r updates
+            import tuneforge.kernels.lora as lora_kernels
+
+            lora_kernels.rank_update_ = lambda y, xa, b_t, scale: y.addmm_(xa, b_t.t(), alpha=scale)
+
         model, _ = FastLanguageModel.from_pretrained(model_dir, max_seq_length=seq, load_in_4bit=True,
                                                      dtype=torch.bfloat16)
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, target_modules=SEVEN,

@@ -17,6 +17,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 @pytest.mark.parametrize("rows, cols, r", [(1, 97, 8), (17, 176, 16), (70, 300, 32)])
 @pytest.mark.parametrize("transposed", [False, True], ids=["B", "A.t()"])
 def test_rank_update_matches_addmm(dtype, rows, cols, r, transposed):
+    if dtype == torch.float32 and DEVICE == "cuda":
+        pytest.skip("fp32 dots round through tf32 on the GPU; rank_update_ uses addmm_ for fp32 there")
     y = torch.randn(rows, cols, device=DEVICE).to(dtype)
     xa = torch.randn(rows, r, device=DEVICE).to(dtype)
     # The forward passes lora_B [out, r]; dX passes lora_A [r, in] transposed (strided).
