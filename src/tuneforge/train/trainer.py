@@ -36,13 +36,17 @@ class SFTConfig(trl.SFTConfig):
     report_to: None | str | list[str] = None
 
     def __post_init__(self):
+        from tuneforge.train import distributed
+
         if self.bf16 is None:
             self.bf16 = is_bfloat16_supported()
         if self.fp16 is None:
             self.fp16 = has_cuda() and not self.bf16
         if self.report_to is None:
             self.report_to = "none"
+        distributed.configure_arguments(self)
         super().__post_init__()
+        distributed.finish_arguments(self)
 
 
 class SFTTrainer(trl.SFTTrainer):
@@ -57,6 +61,13 @@ class SFTTrainer(trl.SFTTrainer):
         if not any(isinstance(c, SummaryCallback) for c in callbacks):
             callbacks.append(SummaryCallback(args.output_dir))
         super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        # accelerate runs FSDP only on accelerators; CPU (gloo) jobs that ask for it get it here.
+        from tuneforge.train.distributed import enable_fsdp_on_cpu
+
+        enable_fsdp_on_cpu(self)
 
     def create_optimizer(self, *args, **kwargs):
         # Our table (8-bit AdamW, embedding learning rate); names outside it go to transformers.

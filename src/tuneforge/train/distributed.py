@@ -1,0 +1,290 @@
+"""Training on several GPUs (or CPU processes): DDP and FSDP2 on torch.distributed, through accelerate.
+
+tuneforge has no scheme of its own. `torchrun` (or `accelerate launch`) starts one process per
+device; TRL's SFTTrainer, i.e. transformers' Trainer on accelerate, then wraps the model:
+
+    ddp   every rank holds the whole model (4-bit base included) and a 1/N slice of each global
+          batch; LoRA gradients are all-reduced after backward. For models that fit on one device.
+    fsdp  FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer, the input embedding and
+          the [final norm, lm_head] tail become one shard group; every parameter is split in N
+          along dim 0 and all-gathered just before its group runs, freed right after. For models
+          whose weights do not fit on one device.
+
+What this module adds on top:
+  - rank / world / device helpers that read the launcher's environment (LOCAL_RANK, ...), so each
+    rank loads onto its own GPU (`device_map`);
+  - the FSDP2 settings for SFTConfig (`fsdp_arguments`): wrap the family's decoder layers,
+    FULL_STATE_DICT saving (the adapter is written once, by rank 0, whole), and a mixed-precision
+    policy that all-gathers in the compute dtype but reduces gradients in fp32;
+  - QLoRA under FSDP2: bitsandbytes stores NF4 codes in a uint8 tensor by default, and FSDP2 can
+    only shard floating parameters (accelerate leaves uint8 ones whole on every rank, defeating the
+    point). With `bnb_4bit_quant_storage` equal to the compute dtype, the same packed bytes are
+    typed bf16 and shard like any other weight (`quant_storage_dtype`);
+  - `torchrun_command` / `relaunch`, behind `tuneforge train --nproc N`;
+  - CPU runs with the gloo backend (what CI tests): accelerate only enables FSDP for accelerator
+    devices, so `enable_fsdp_on_cpu` switches its state over, and the very same fully_shard path
+    runs on gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from typing import Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Strategy = Literal["ddp", "fsdp"]
+STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
+
+# Set by `tuneforge train --fsdp` (and by `accelerate launch --use_fsdp`) before the model loads:
+# the loader reads it to pick the 4-bit storage dtype that FSDP2 can shard.
+FSDP_ENV = "ACCELERATE_USE_FSDP"
+
+
+class DistributedConfigError(ValueError):
+    """A distributed setting is wrong or impossible here; the message says what to do instead."""
+
+
+# ---------------------------------------------------------------- where this process stands
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def world_size() -> int:
+    """Processes in this job (1 without a launcher). torchrun and accelerate set WORLD_SIZE."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def rank() -> int:
+    """This process's global index, 0 .. world_size-1."""
+    return _env_int("RANK", 0)
+
+
+def local_rank() -> int:
+    """This process's index on its machine: the GPU it owns."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_distributed() -> bool:
+    """True under torchrun / accelerate launch with more than one process."""
+    return world_size() > 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """The device this rank trains on: cuda:LOCAL_RANK, or the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = local_rank() if is_distributed() else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise DistributedConfigError(
+            f"LOCAL_RANK {index} but only {torch.cuda.device_count()} CUDA devices are visible: "
+            "start at most one process per GPU (torchrun --nproc_per_node <= GPU count)"
+        )
+    return torch.device("cuda", index)
+
+
+def device_map():
+    """`device_map` for from_pretrained: the whole model on this rank's device.
+
+    Every rank must load onto its own GPU; `torch.cuda.current_device()` is 0 in every fresh
+    process, which would put all ranks' copies on GPU 0.
+    """
+    where = device()
+    return {"": where.index} if where.type == "cuda" else "cpu"
+
+
+def fsdp_requested() -> bool:
+    """True when this process will shard its model with FSDP (see FSDP_ENV)."""
+    return os.environ.get(FSDP_ENV, "false").lower() in ("1", "true", "yes")
+
+
+def quant_storage_dtype(compute_dtype: torch.dtype, fsdp: bool | None = None) -> torch.dtype:
+    """The dtype bitsandbytes stores packed NF4 codes in.
+
+    uint8 normally. Under FSDP the compute dtype: the bytes are the same, but FSDP2 shards only
+    floating parameters, and one dtype for all base weights keeps each shard group's all-gather a
+    single flat buffer.
+    """
+    if fsdp is None:
+        fsdp = fsdp_requested()
+    return compute_dtype if fsdp else torch.uint8
+
+
+# ---------------------------------------------------------------- FSDP2 settings
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> list[str]:
+    """Class names of `model`'s decoder layers (one FSDP2 shard group each), in model order.
+
+    transformers marks them as GradientCheckpointingLayer; older models without that mark list
+    them in `_no_split_modules`.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    names: list[str] = []
+    for module in model.modules():
+        name = type(module).__name__
+        if isinstance(module, GradientCheckpointingLayer) and name not in names:
+            names.append(name)
+    if names:
+        return names
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    present = {type(m).__name__ for m in model.modules()}
+    names = [n for n in (getattr(base, "_no_split_modules", None) or []) if n in present]
+    if not names:
+        raise DistributedConfigError(
+            f"{type(base).__name__}: no decoder layer class found (no GradientCheckpointingLayer, no "
+            "_no_split_modules); FSDP needs to know which modules to shard one by one"
+        )
+    return names
+
+
+def mixed_precision_policy(compute_dtype: torch.dtype) -> dict[str, torch.dtype] | None:
+    """FSDP2 MixedPrecisionPolicy fields for training in `compute_dtype` (None for fp32: no casts).
+
+    param_dtype: parameters are all-gathered and used in the compute dtype (LoRA's fp32 master
+      weights included, as under autocast on one GPU);
+    reduce_dtype fp32: gradients are averaged across ranks in fp32. accelerate's default
+      reduces in bf16, which rounds every LoRA gradient to 8 bits of mantissa before averaging.
+    output_dtype: module outputs in the compute dtype, as without FSDP.
+    """
+    if compute_dtype == torch.float32:
+        return None
+    return {"param_dtype": compute_dtype, "reduce_dtype": torch.float32, "output_dtype": compute_dtype}
+
+
+def fsdp_arguments(model: torch.nn.Module, *, reshard_after_forward: bool = True,
+                   cpu_offload: bool = False) -> dict:
+    """SFTConfig keyword arguments that train `model` with FSDP2.
+
+    reshard_after_forward: free each layer's gathered weights after its forward and gather them
+      again in backward (ZeRO-3, least memory); False keeps them until backward (ZeRO-2-like).
+    cpu_offload: keep the shards in CPU memory between uses (slow; for models far beyond the GPUs).
+    """
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "cpu_offload": cpu_offload,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": decoder_layer_classes(model),
+            "reshard_after_forward": reshard_after_forward,
+            # The adapter is saved whole by rank 0, so it is the same file whatever the rank count.
+            "state_dict_type": "FULL_STATE_DICT",
+            # Every rank loads the (4-bit) model itself; rank-0-only loading cannot carry Params4bit.
+            "cpu_ram_efficient_loading": False,
+        },
+    }
+
+
+def configure_arguments(args) -> None:
+    """Adjust a TrainingArguments/SFTConfig in place before its __post_init__ runs.
+
+    On a machine without CUDA, a launched job must ask accelerate for its CPU (gloo) mode: left
+    alone, accelerate sees no GPU backend and each rank would train alone on the full dataset.
+    """
+    if is_distributed() and not torch.cuda.is_available() and not args.use_cpu:
+        logger.info("distributed run without CUDA: %d CPU processes, gloo backend", world_size())
+        args.use_cpu = True
+
+
+def finish_arguments(args) -> None:
+    """After TrainingArguments.__post_init__: our FSDP2 mixed-precision policy (see above)."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if plugin_args is None:
+        return
+    compute = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    policy = mixed_precision_policy(compute)
+    if policy is not None:
+        plugin_args.setdefault("mixed_precision_policy", policy)
+
+
+def enable_fsdp_on_cpu(trainer) -> bool:
+    """Switch accelerate to FSDP for a CPU (gloo) job that asked for it; True if switched.
+
+    accelerate turns an FSDP plugin on only for accelerator device types and otherwise runs
+    plain DDP without a word. Both the AcceleratorState and the PartialState it is re-read from
+    must say FSDP; fully_shard itself supports the CPU.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    args = trainer.args
+    state = trainer.accelerator.state
+    if args.fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state = AcceleratorState()
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+    logger.info("FSDP2 on %d CPU processes (gloo)", world_size())
+    return True
+
+
+def check_strategy(trainer, strategy: Strategy | None) -> None:
+    """Fail loudly if the wrapper that runs is not the one asked for."""
+    if strategy is None or not is_distributed():
+        return
+    fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
+    if (strategy == "fsdp") != fsdp:
+        raise DistributedConfigError(
+            f"asked for {strategy} but accelerate set up {'fsdp' if fsdp else 'ddp'}; "
+            "check the launcher's accelerate config (accelerate launch --use_fsdp / FSDP settings)"
+        )
+
+
+# ---------------------------------------------------------------- launching
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for the rendezvous of a single-machine job."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(nproc: int, program: list[str], *, port: int | None = None) -> list[str]:
+    """`python -m torch.distributed.run <options> <program>`: nproc processes on this machine.
+
+    program: what torchrun runs in each process: a script and its arguments, or
+      ["-m", module, args...].
+    port: the rendezvous port; None lets torchrun pick one (--standalone).
+    """
+    if nproc < 1:
+        raise DistributedConfigError(f"--nproc must be >= 1, got {nproc}")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise DistributedConfigError(
+            f"--nproc {nproc} but only {torch.cuda.device_count()} GPUs are visible; one process per GPU"
+        )
+    rendezvous = ["--standalone"] if port is None else ["--master-addr=127.0.0.1", f"--master-port={port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}", *program]
+
+
+def relaunch(nproc: int, cli_args: list[str]) -> int:
+    """Run `tuneforge <cli_args>` in nproc processes under torchrun; returns its exit code."""
+    import subprocess
+
+    command = torchrun_command(nproc, ["-m", "tuneforge.cli", *cli_args], port=free_port())
+    logger.info("launching %d processes: %s", nproc, " ".join(command))
+    return subprocess.call(command)

@@ -1,0 +1,343 @@
+"""DDP and FSDP2 on 2 CPU processes (gloo) train exactly like one process on the same global batch.
+
+The reference is one process with batch 4; the distributed runs are 2 ranks x batch 2, launched
+by torchrun (this file is also the worker script). Data order is the same by construction:
+sequential sampling, and accelerate hands rank r the r-th half of each global batch of 4.
+
+Plain SGD on purpose: Adam's update does not depend on the gradient's scale, so it would hide
+a gradient summed instead of averaged over ranks; with SGD every error shows, linearly.
+Gradient clipping is on and binds (max_grad_norm below every measured norm), so FSDP's norm
+over sharded gradients must be the global one, and the grad norms are compared too.
+
+Tolerances, all float32 (the adapters stay fp32 on the CPU):
+  loss, grad norm   rtol 1e-5: the same sums, split in two and added by an all-reduce (float32
+                    reassociation: ~1e-7)
+  adapter weights   atol 1e-6, i.e. 1e-3 of one step's largest update (each step moves some
+                    weight by > 1e-3); a wrong batch, scale or shard fails by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tuneforge.train import distributed
+from tuneforge.train.distributed import DistributedConfigError
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[2]
+STEPS, GLOBAL_BATCH, RANKS = 3, 4, 2
+LEARNING_RATE, MAX_GRAD_NORM = 1.0, 0.5
+LOSS_RTOL, ADAPTER_ATOL = 1e-5, 1e-6
+
+
+# ---------------------------------------------------------------- the worker (run by torchrun)
+
+
+def synthetic_rows(count: int = 32, seed: int = 0) -> list[dict]:
+    """Token rows of uneven length (4..10), so per-rank padding differs from the single batch's."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        length = int(torch.randint(4, 11, (1,), generator=generator))
+        rows.append({"input_ids": torch.randint(20, 317, (length,), generator=generator).tolist()})
+    return rows
+
+
+def run_worker(spec: dict) -> dict:
+    """Train the tiny model as `spec` says; rank 0 writes result.json and the adapter to spec['out']."""
+    from datasets import Dataset
+
+    from tuneforge import FastLanguageModel
+    from tuneforge.train.trainer import SFTConfig, SFTTrainer
+
+    strategy = spec["strategy"]
+    if strategy == "fsdp":
+        os.environ[distributed.FSDP_ENV] = "true"  # before loading: the NF4 storage dtype depends on it
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        spec["model_dir"], max_seq_length=64, dtype="float32", load_in_4bit=spec["load_in_4bit"],
+        use_kernels=spec["use_kernels"],
+    )
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=1,
+                                             use_gradient_checkpointing=spec["checkpointing"],
+                                             use_kernels=spec["use_kernels"])
+    extra = distributed.fsdp_arguments(model) if strategy == "fsdp" else {}
+    args = SFTConfig(
+        output_dir=spec["out"], max_steps=STEPS, per_device_train_batch_size=spec["batch"],
+        learning_rate=LEARNING_RATE, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=MAX_GRAD_NORM, logging_steps=1, save_strategy="no", train_sampling_strategy="sequential",
+        seed=0, max_length=64, dataloader_num_workers=0, disable_tqdm=True, **extra,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(synthetic_rows()),
+                         processing_class=tokenizer)
+    # TRL casts a quantised model's adapters to bf16; tuneforge keeps them fp32 (lora/inject.py), and
+    # bf16 adapters would bury a 1e-7 reduction-order difference under 4e-3 roundings.
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    distributed.check_strategy(trainer, None if strategy == "single" else strategy)
+    trainer.train()
+    trainer.save_model(str(Path(spec["out"]) / "adapter"))
+
+    wrapped = trainer.model_wrapped
+    parameters = dict(wrapped.named_parameters())
+    lora = next(p for n, p in parameters.items() if "lora_A" in n)
+    base = next(p for n, p in parameters.items() if n.endswith("q_proj.base_layer.weight"))
+    local = lambda p: tuple(getattr(p, "_local_tensor", p).shape)  # noqa: E731
+    result = {
+        "world_size": trainer.args.world_size,
+        "wrapper": type(wrapped).__name__,
+        "fsdp": bool(trainer.is_fsdp_enabled),
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "grad_norms": [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],
+        "lora_shape": [list(lora.shape), list(local(lora))],
+        "base_shape": [list(base.shape), list(local(base))],
+        "base_dtype": str(getattr(base, "_local_tensor", base).dtype),
+        "base_is_4bit": hasattr(getattr(model.get_base_model().model.layers[0].self_attn.q_proj, "base_layer"),
+                                "quant_state"),
+        "kernels": list(getattr(model.get_base_model(), "tuneforge_kernels", []))
+        + list(getattr(model.get_base_model(), "tuneforge_lora_kernels", [])),
+    }
+    if trainer.args.process_index == 0:
+        (Path(spec["out"]) / "result.json").write_text(json.dumps(result))
+    return result
+
+
+# ---------------------------------------------------------------- helpers of the tests
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llama_dir, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    if not (tiny_llama_dir / "tokenizer.json").exists():
+        AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tiny_llama_dir)
+    return str(tiny_llama_dir)
+
+
+def launch(spec: dict, nproc: int) -> dict:
+    """Run the worker in `nproc` processes through torchrun; rank 0's result."""
+    Path(spec["out"]).mkdir(parents=True, exist_ok=True)
+    command = distributed.torchrun_command(nproc, [str(HERE), json.dumps(spec)], port=distributed.free_port())
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    if done.returncode != 0:
+        raise AssertionError(f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return json.loads((Path(spec["out"]) / "result.json").read_text())
+
+
+def read_adapter(out: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_training(result: dict, reference: dict, out: str, reference_out: str) -> None:
+    assert result["world_size"] == RANKS and reference["world_size"] == 1
+    assert len(result["losses"]) == STEPS
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
+                               rtol=LOSS_RTOL, atol=0)
+    torch.testing.assert_close(torch.tensor(result["grad_norms"]), torch.tensor(reference["grad_norms"]),
+                               rtol=LOSS_RTOL, atol=0)
+    assert min(reference["grad_norms"]) > MAX_GRAD_NORM, "clipping must bind for the test to cover it"
+    adapter, expected = read_adapter(out), read_adapter(reference_out)
+    assert adapter.keys() == expected.keys() and len(expected) == 28  # 7 projections x 2 layers x A, B
+    moved = max(t.abs().max().item() for name, t in expected.items() if "lora_B" in name)
+    assert moved > 1e-3 * STEPS, "B starts at zero: the adapter must have moved for the comparison to mean anything"
+    for name, tensor in expected.items():
+        torch.testing.assert_close(adapter[name], tensor, rtol=0, atol=ADAPTER_ATOL, msg=name)
+
+
+# ---------------------------------------------------------------- distributed runs
+
+
+@pytest.fixture(scope="module")
+def single_runs(model_dir, tmp_path_factory):
+    """The 1-process reference (batch 4), computed once per configuration, in this process."""
+    cache = {}
+
+    def get(load_in_4bit: bool, use_kernels: bool):
+        key = (load_in_4bit, use_kernels)
+        if key not in cache:
+            out = str(tmp_path_factory.mktemp("single"))
+            spec = dict(strategy="single", model_dir=model_dir, out=out, batch=GLOBAL_BATCH,
+                        load_in_4bit=load_in_4bit, checkpointing="unsloth", use_kernels=use_kernels)
+            cache[key] = (run_worker(spec), out)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "strategy, load_in_4bit, use_kernels",
+    [
+        ("ddp", False, True),
+        ("fsdp", False, True),
+        # QLoRA: the NF4 base sharded by FSDP2. Kernels off until kernels/nf4.base_weight_parts reads
+        # the quant_state that bitsandbytes keeps on the module (FSDP2 gathers the weight without it).
+        ("fsdp", True, False),
+    ],
+)
+def test_two_ranks_train_like_one(strategy, load_in_4bit, use_kernels, model_dir, single_runs, tmp_path):
+    """Offloaded gradient checkpointing ("unsloth") on throughout."""
+    reference, reference_out = single_runs(load_in_4bit, use_kernels)
+    out = str(tmp_path / strategy)
+    spec = dict(strategy=strategy, model_dir=model_dir, out=out, batch=GLOBAL_BATCH // RANKS,
+                load_in_4bit=load_in_4bit, checkpointing="unsloth", use_kernels=use_kernels)
+    result = launch(spec, RANKS)
+
+    if strategy == "ddp":
+        assert result["wrapper"] == "DistributedDataParallel" and not result["fsdp"]
+    else:
+        # FSDP2: every parameter is a DTensor holding half of dim 0 on this rank.
+        assert result["fsdp"] and result["wrapper"].startswith("FSDP")
+        (full, local) = result["lora_shape"]
+        assert local[0] * RANKS == full[0] and local[1:] == full[1:]
+        (full, local) = result["base_shape"]
+        assert local[0] * RANKS == full[0], "the (4-bit) base weight must be sharded too"
+        if load_in_4bit:
+            assert result["base_is_4bit"] and result["base_dtype"] == "torch.float32"
+    assert result["kernels"] == reference["kernels"]
+    if use_kernels:  # the patch layer is live: norms, RoPE, MLP, loss and the fused LoRA ops
+        assert {"rope", "fused_cross_entropy", "lora_mlp"} <= set(result["kernels"]), result["kernels"]
+    assert_same_training(result, reference, out, reference_out)
+
+
+# ---------------------------------------------------------------- the pieces, one by one
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, (1, 0, 0, False)),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, (2, 1, 1, True)),
+    ({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1"}, (8, 5, 1, True)),
+])
+def test_rank_and_world_come_from_the_launcher(monkeypatch, env, expected):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    got = (distributed.world_size(), distributed.rank(), distributed.local_rank(), distributed.is_distributed())
+    assert got == expected
+    assert distributed.is_main_process() == (expected[1] == 0)
+
+
+def test_bad_launcher_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(DistributedConfigError, match="WORLD_SIZE='two'"):
+        distributed.world_size()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU placement")
+def test_without_cuda_every_rank_loads_on_the_cpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.device_map() == "cpu"
+
+
+@pytest.mark.parametrize("fsdp, compute, expected", [
+    (False, torch.bfloat16, torch.uint8),
+    (True, torch.bfloat16, torch.bfloat16),
+    (True, torch.float16, torch.float16),
+    (True, torch.float32, torch.float32),
+])
+def test_nf4_storage_is_floating_only_under_fsdp(monkeypatch, fsdp, compute, expected):
+    monkeypatch.setenv(distributed.FSDP_ENV, "true" if fsdp else "false")
+    assert distributed.quant_storage_dtype(compute) == expected
+    from tuneforge.models.loader import quantization_config
+
+    assert quantization_config(True, False, compute).bnb_4bit_quant_storage == expected
+
+
+def test_nf4_storage_dtype_does_not_change_the_model(model_dir, monkeypatch):
+    """The same packed bytes, typed uint8 or float32: identical logits."""
+    from tuneforge import FastLanguageModel
+
+    ids = torch.randint(20, 317, (2, 12), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for fsdp in (False, True):
+        monkeypatch.setenv(distributed.FSDP_ENV, str(fsdp).lower())
+        model, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=True, dtype="float32", use_kernels=False)
+        weight = model.model.layers[0].mlp.down_proj.weight
+        assert type(weight).__name__ == "Params4bit"
+        assert weight.dtype == (torch.float32 if fsdp else torch.uint8)
+        with torch.no_grad():
+            logits[fsdp] = model(input_ids=ids).logits
+    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3"])
+def test_fsdp_wraps_each_decoder_layer_class(family):
+    """The class FSDP shards one by one is the model's decoder layer (peft wrapper or not)."""
+    import peft
+
+    from tuneforge.testing import tiny_model
+
+    model = tiny_model(family)
+    expected = [type(model.model.layers[0]).__name__]
+    assert distributed.decoder_layer_classes(model) == expected
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["o_proj"]))
+    arguments = distributed.fsdp_arguments(wrapped)
+    assert arguments["fsdp_config"]["transformer_layer_cls_to_wrap"] == expected
+
+
+def test_a_model_without_decoder_layers_is_refused():
+    with pytest.raises(DistributedConfigError, match="no decoder layer class"):
+        distributed.decoder_layer_classes(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_fsdp_arguments_reach_accelerate_with_our_policy(tmp_path):
+    """SFTConfig turns our fsdp arguments into accelerate's FSDP2 plugin settings."""
+    from tuneforge.testing import tiny_model
+    from tuneforge.train.trainer import SFTConfig
+
+    args = SFTConfig(output_dir=str(tmp_path), **distributed.fsdp_arguments(tiny_model("llama")))
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2
+    assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
+    assert plugin["reshard_after_forward"] is True and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    # fp32 on the CPU: nothing to cast, accelerate's default (no policy) is right.
+    assert "mixed_precision_policy" not in plugin
+
+    class Bf16Args:  # what finish_arguments reads of a bf16 run's TrainingArguments
+        bf16, fp16 = True, False
+        fsdp_plugin_args = {"fsdp_version": 2}
+
+    distributed.finish_arguments(Bf16Args)
+    assert Bf16Args.fsdp_plugin_args["mixed_precision_policy"] == {
+        "param_dtype": torch.bfloat16, "reduce_dtype": torch.float32, "output_dtype": torch.bfloat16}
+
+
+def test_mixed_precision_policy_reduces_in_fp32():
+    assert distributed.mixed_precision_policy(torch.float32) is None
+    for compute in (torch.bfloat16, torch.float16):
+        policy = distributed.mixed_precision_policy(compute)
+        assert policy["reduce_dtype"] == torch.float32 and policy["param_dtype"] == compute
+        # accelerate accepts it as the plugin's mixed_precision_policy
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=dict(policy))
+        assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
+
+
+@pytest.mark.parametrize("nproc", [0, -1])
+def test_nproc_below_one_is_refused(nproc):
+    with pytest.raises(DistributedConfigError, match="--nproc must be >= 1"):
+        distributed.torchrun_command(nproc, ["train"])
+
+
+def test_torchrun_command_runs_the_cli_in_n_processes():
+    command = distributed.torchrun_command(2, ["-m", "tuneforge.cli", "train", "cfg.yaml"], port=29999)
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=2" in command and "--master-port=29999" in command
+    assert command[-4:] == ["-m", "tuneforge.cli", "train", "cfg.yaml"]
+    assert "--standalone" in distributed.torchrun_command(1, ["x.py"])
+
+
+if __name__ == "__main__":
+    run_worker(json.loads(sys.argv[1]))
