@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from tuneforge.lora.fused import patch_lora
 from tuneforge.models.families import get_family
 from tuneforge.models.patch import patch_model
-from tuneforge.testing.tiny import lora_grads, randomize_lora_b, tiny_batch, tiny_model
+from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, lora_grads, randomize_lora_b, tiny_batch, tiny_model
 
 
 def _lora(model, family, **config):
@@ -40,7 +40,7 @@ def _fused(model, family, **config):
 
 
 def _step(model, seed=1):
-    ids, mask, labels = tiny_batch(seed=seed)
+    ids, mask, labels = tiny_batch(seed=seed, device=DEVICE)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
     return loss.detach(), lora_grads(model)
@@ -67,19 +67,19 @@ def _assert_same_step(ours, reference):
     ],
 )
 def test_fused_lora_step_equals_peft(family, expected):
-    ours, applied = _fused(tiny_model(family), family)
+    ours, applied = _fused(tiny_model(family, device=DEVICE), family)
     assert applied == expected
-    _assert_same_step(ours, _lora(tiny_model(family), family))
+    _assert_same_step(ours, _lora(tiny_model(family, device=DEVICE), family))
 
 
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
 def test_fused_lora_on_nf4_base_equals_peft_and_bitsandbytes(family, tmp_path):
-    tiny_model(family).save_pretrained(tmp_path)
+    tiny_model(family, device=DEVICE).save_pretrained(tmp_path)
 
     def load():
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.float32)
-        return AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu", dtype=torch.float32,
+        return AutoModelForCausalLM.from_pretrained(tmp_path, device_map=DEVICE, dtype=torch.float32,
                                                     quantization_config=quantization)
 
     ours, applied = _fused(load(), family)
@@ -93,13 +93,13 @@ def test_fused_lora_on_nf4_base_equals_peft_and_bitsandbytes(family, tmp_path):
 )
 def test_unfusable_adapters_keep_peft_forward_with_a_log_line(config, reason, caplog):
     with caplog.at_level(logging.INFO, logger="tuneforge.lora.fused"):
-        ours, applied = _fused(tiny_model("llama"), "llama", **config)
+        ours, applied = _fused(tiny_model("llama", device=DEVICE), "llama", **config)
     assert applied == [] and reason in caplog.text
     assert not any("forward" in vars(m) for m in ours.modules() if hasattr(m, "lora_A"))
 
 
 def test_second_adapter_keeps_peft_forward(caplog):
-    model = _lora(tiny_model("llama"), "llama")
+    model = _lora(tiny_model("llama", device=DEVICE), "llama")
     model.add_adapter("other", peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     with caplog.at_level(logging.INFO, logger="tuneforge.lora.fused"):
         assert patch_lora(model, get_family("llama"), enabled=True) == []
@@ -107,16 +107,16 @@ def test_second_adapter_keeps_peft_forward(caplog):
 
 
 def test_switch_off_follows_the_base_model():
-    model = tiny_model("llama")
+    model = tiny_model("llama", device=DEVICE)
     patch_model(model, get_family("llama"), enabled=False)
     model = _lora(model, "llama")
     assert patch_lora(model, get_family("llama"), enabled=None) == []
 
 
 def test_disabled_adapter_merge_and_generation_agree_with_peft():
-    ours, _ = _fused(tiny_model("llama"), "llama")
-    reference = _lora(tiny_model("llama"), "llama")
-    ids, mask, _ = tiny_batch()
+    ours, _ = _fused(tiny_model("llama", device=DEVICE), "llama")
+    reference = _lora(tiny_model("llama", device=DEVICE), "llama")
+    ids, mask, _ = tiny_batch(device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
                                    reference(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)

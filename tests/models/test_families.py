@@ -33,7 +33,7 @@ from tuneforge import FastLanguageModel
 from tuneforge.data.templates import list_chat_templates
 from tuneforge.models import registry
 from tuneforge.models.families import all_families, family_for_model_type, get_family
-from tuneforge.testing.tiny import lora_grads, randomize_lora_b, tiny_batch, tiny_config, tiny_model
+from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, lora_grads, randomize_lora_b, tiny_batch, tiny_config, tiny_model
 
 FAMILIES = sorted(all_families())
 RESULTS = Path(os.environ.get("TUNEFORGE_FAMILY_RESULTS", Path(__file__).resolve().parents[2] / "build" / "family_results"))
@@ -62,7 +62,7 @@ def folders(tmp_path_factory):
     def folder(family):
         if family not in made:
             made[family] = tmp_path_factory.mktemp(family)
-            tiny_model(family).save_pretrained(made[family])
+            tiny_model(family, device=DEVICE).save_pretrained(made[family])
         return made[family]
 
     return folder
@@ -77,7 +77,7 @@ def _load_ours(folder, family, **kwargs):
 
 
 def _load_reference(folder, **kwargs):
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu", **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map=DEVICE, **kwargs).eval()
 
 
 def _nf4():
@@ -86,7 +86,7 @@ def _nf4():
 
 
 def _logits(model, **kwargs):
-    ids, mask, _ = tiny_batch()
+    ids, mask, _ = tiny_batch(device=DEVICE)
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, **kwargs).logits
 
@@ -107,7 +107,7 @@ def test_spec_is_consistent_with_transformers(family):
     config = tiny_config(family)
     assert config.model_type in spec.model_types and family_for_model_type(config.model_type) is spec
     assert spec.chat_template in list_chat_templates(), spec.chat_template
-    names = {name.rsplit(".", 1)[-1] for name, _ in tiny_model(family).named_modules()}
+    names = {name.rsplit(".", 1)[-1] for name, _ in tiny_model(family, device=DEVICE).named_modules()}
     assert set(spec.lora_targets) <= names, f"LoRA targets {set(spec.lora_targets) - names} are not modules"
 
 
@@ -147,7 +147,7 @@ def test_4bit_load_equals_transformers_and_bitsandbytes(family, folders):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_step_equals_peft_and_adapter_reloads_with_plain_peft(family, folders, tmp_path):
     spec = get_family(family)
-    ids, mask, labels = tiny_batch(seed=2)
+    ids, mask, labels = tiny_batch(seed=2, device=DEVICE)
     with recorded(family, "lora_step") as record:
         ours = FastLanguageModel.get_peft_model(_load_ours(folders(family), family), r=8, lora_alpha=16,
                                                 use_gradient_checkpointing=False, random_state=3407,
@@ -179,7 +179,7 @@ def test_lora_step_equals_peft_and_adapter_reloads_with_plain_peft(family, folde
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_equals_transformers(family, folders):
-    prompt = tiny_batch(batch=1, seq=5, pad=0)[0]
+    prompt = tiny_batch(batch=1, seq=5, pad=0, device=DEVICE)[0]
     with recorded(family, "generate"):
         ours = FastLanguageModel.for_inference(_load_ours(folders(family), family))
         got = ours.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
@@ -189,11 +189,11 @@ def test_generation_equals_transformers(family, folders):
 
 def _packed_and_alone(ours, reference):
     """(loss of two samples packed in one row, mean of their losses run one by one)."""
-    ids, _, _ = tiny_batch(batch=2, seq=6, pad=0, seed=5)
+    ids, _, _ = tiny_batch(batch=2, seq=6, pad=0, seed=5, device=DEVICE)
     packed_labels = ids.clone()
     packed_labels[:, 0] = -100  # a sample's first label would be predicted from the previous sample
     packed = ours(input_ids=ids.reshape(1, -1), labels=packed_labels.reshape(1, -1),
-                  position_ids=torch.arange(6).repeat(2)[None], use_cache=False).loss
+                  position_ids=torch.arange(6, device=DEVICE).repeat(2)[None], use_cache=False).loss
     # Each sample alone has 5 predicted tokens: the packed mean is the mean of the two means.
     alone = [reference(input_ids=row[None], labels=row[None]).loss for row in ids]
     return packed, sum(alone) / 2
@@ -211,7 +211,7 @@ def test_packed_row_loss_equals_samples_one_by_one(family, folders):
 @pytest.mark.parametrize("family", [f for f in FAMILIES if not get_family(f).packing])
 def test_packing_off_where_samples_would_see_each_other(family):
     # The table's packing=False is not caution: the unpatched transformers model mixes the samples.
-    packed, alone = _packed_and_alone(tiny_model(family), tiny_model(family))
+    packed, alone = _packed_and_alone(tiny_model(family, device=DEVICE), tiny_model(family, device=DEVICE))
     assert (packed - alone).abs() > 1e-3
 
 

@@ -18,7 +18,7 @@ import torch
 
 from tuneforge.models.families import all_families, get_family
 from tuneforge.models.patch import DISABLE_ENV, patch_model
-from tuneforge.testing.tiny import tiny_batch, tiny_model
+from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, tiny_batch, tiny_model
 from tuneforge.train.trainer import _has_fused_loss
 
 KERNEL_FAMILIES = sorted(name for name, spec in all_families().items() if spec.kernels)
@@ -35,8 +35,8 @@ def expected_patches(spec) -> list[str]:
 
 
 def _patched_pair(family, dtype=torch.float32):
-    reference = tiny_model(family, dtype=dtype)
-    ours = tiny_model(family, dtype=dtype)
+    reference = tiny_model(family, dtype=dtype, device=DEVICE)
+    ours = tiny_model(family, dtype=dtype, device=DEVICE)
     applied = patch_model(ours, get_family(family), enabled=True)
     return reference, ours, applied
 
@@ -50,7 +50,7 @@ def test_patched_forward_loss_and_gradients_equal_transformers_fp32(family):
     reference, ours, applied = _patched_pair(family)
     assert applied == expected_patches(get_family(family))
     assert ours.tuneforge_kernels == applied and _has_fused_loss(ours)
-    ids, mask, labels = tiny_batch()
+    ids, mask, labels = tiny_batch(device=DEVICE)
 
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
@@ -72,7 +72,7 @@ def test_num_items_in_batch_sums_the_loss_as_transformers(family):
     # Gradient accumulation: the trainer passes the token count of the whole accumulated batch.
     # Gemma 2 soft-caps the logits, Granite divides them, Cohere multiplies them.
     reference, ours, _ = _patched_pair(family)
-    ids, mask, labels = tiny_batch(seed=3)
+    ids, mask, labels = tiny_batch(seed=3, device=DEVICE)
     for n in (5, torch.tensor(37)):
         torch.testing.assert_close(
             ours(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n).loss,
@@ -84,7 +84,7 @@ def test_num_items_in_batch_sums_the_loss_as_transformers(family):
 @pytest.mark.parametrize("family", ["llama", "gemma3", "phi3"])
 def test_bf16_patched_model_is_close_to_transformers(family):
     reference, ours, _ = _patched_pair(family, dtype=torch.bfloat16)
-    ids, mask, labels = tiny_batch(seed=4)
+    ids, mask, labels = tiny_batch(seed=4, device=DEVICE)
     with torch.no_grad():
         want = reference(input_ids=ids, attention_mask=mask).logits.float()
         got = ours(input_ids=ids, attention_mask=mask).logits.float()
@@ -102,7 +102,7 @@ def test_bf16_patched_model_is_close_to_transformers(family):
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
 def test_generation_is_unchanged(family):
     reference, ours, _ = _patched_pair(family)
-    prompt = tiny_batch(batch=1, seq=5, pad=0)[0]
+    prompt = tiny_batch(batch=1, seq=5, pad=0, device=DEVICE)[0]
     want = reference.generate(prompt, max_new_tokens=4, do_sample=False)
     got = ours.generate(prompt, max_new_tokens=4, do_sample=False)
     assert got.shape == (1, 9) and torch.equal(got, want)
@@ -112,7 +112,7 @@ def test_patches_stay_on_the_patched_instance():
     # The tests above compare patched and unpatched models in one process: a class-level or
     # module-global patch would silently turn every later reference into a patched model.
     _, ours, _ = _patched_pair("llama")
-    later = tiny_model("llama")
+    later = tiny_model("llama", device=DEVICE)
     assert _instance_forwards(later) == [] and not hasattr(later, "tuneforge_kernels")
     patched = set(_instance_forwards(ours))
     assert {"model.layers.0.self_attn", "model.layers.1.mlp", "model.norm"} <= patched
@@ -124,7 +124,7 @@ def test_patches_stay_on_the_patched_instance():
 
 @pytest.mark.parametrize("how", ["argument", "environment"])
 def test_switch_turns_every_patch_off(how, monkeypatch, caplog):
-    model = tiny_model("llama")
+    model = tiny_model("llama", device=DEVICE)
     if how == "environment":
         monkeypatch.setenv(DISABLE_ENV, "1")
     with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
@@ -132,12 +132,12 @@ def test_switch_turns_every_patch_off(how, monkeypatch, caplog):
     assert applied == [] and model.tuneforge_kernels == [] and _instance_forwards(model) == []
     assert "kernels off" in caplog.text
     # An explicit use_kernels=True wins over the environment.
-    assert patch_model(tiny_model("llama"), get_family("llama"), enabled=True)
+    assert patch_model(tiny_model("llama", device=DEVICE), get_family("llama"), enabled=True)
 
 
 def test_cpu_without_triton_interpreter_keeps_the_plain_path(monkeypatch, caplog):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    model = tiny_model("llama")
+    model = tiny_model("llama", device="cpu")
     with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
         assert patch_model(model, get_family("llama"), enabled=True) == []
     assert "need a CUDA device" in caplog.text and _instance_forwards(model) == []
@@ -146,7 +146,7 @@ def test_cpu_without_triton_interpreter_keeps_the_plain_path(monkeypatch, caplog
 def test_family_without_kernels_logs_and_keeps_the_plain_path(caplog):
     spec = get_family("llama")
     plain = type(spec)(**{**vars(spec), "name": "plain-llama", "kernels": False})
-    model = tiny_model("llama")
+    model = tiny_model("llama", device=DEVICE)
     with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
         assert patch_model(model, plain, enabled=True) == []
     assert "plain-llama has no proven kernel patches" in caplog.text
@@ -155,12 +155,12 @@ def test_family_without_kernels_logs_and_keeps_the_plain_path(caplog):
 def test_attention_with_an_undescribed_qk_norm_is_left_alone(caplog):
     # StableLM's optional per-head q/k LayerNorm is not in the family layout: its attention must
     # stay transformers' (the norms, MLP and loss are still patched), and the model stays exact.
-    reference = tiny_model("stablelm", qk_layernorm=True)
-    ours = tiny_model("stablelm", qk_layernorm=True)
+    reference = tiny_model("stablelm", qk_layernorm=True, device=DEVICE)
+    ours = tiny_model("stablelm", qk_layernorm=True, device=DEVICE)
     with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
         applied = patch_model(ours, get_family("stablelm"), enabled=True)
     assert "rope" not in applied and "qk_layernorm" in caplog.text
-    ids, mask, _ = tiny_batch()
+    ids, mask, _ = tiny_batch(device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
                                    reference(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)

@@ -29,8 +29,13 @@ def tiny_config(family: str = "llama", **overrides):
     return spec.new_config(**values)
 
 
-def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A randomly initialised causal LM of `family`, deterministic for a given seed."""
+# Where tests that run on either machine put tiny models: the GPU when there is one (the kernels
+# then run compiled), else the CPU (the kernels then run under TRITON_INTERPRET=1).
+TEST_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu", **overrides):
+    """A randomly initialised causal LM of `family` on `device`, deterministic for a given seed."""
     from transformers import AutoModelForCausalLM
 
     from tuneforge.models.families import get_family
@@ -39,11 +44,11 @@ def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
     torch.manual_seed(seed)
     attn = get_family(family).attn_implementation
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def tiny_batch(batch: int = 2, seq: int = 8, seed: int = 1, vocab: int = TINY_DIMENSIONS["vocab_size"],
-               prompt: int = 2, pad: int = 2):
+               prompt: int = 2, pad: int = 2, device="cpu"):
     """(input_ids, attention_mask, labels), each [batch, seq], for tests of tiny models.
 
     Token ids avoid 0-2 (pad/bos/eos in the tiny configs). Labels mask the first `prompt` tokens
@@ -59,7 +64,7 @@ def tiny_batch(batch: int = 2, seq: int = 8, seed: int = 1, vocab: int = TINY_DI
         attention_mask[-1, seq - pad:] = 0
         labels[-1, seq - pad:] = -100
         input_ids[-1, seq - pad:] = 0
-    return input_ids, attention_mask, labels
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
 def randomize_lora_b(model, seed: int = 7, std: float = 0.02) -> None:
