@@ -101,7 +101,7 @@ def test_the_cli_reports_the_stop_without_a_traceback(model_dir, tmp_path, monke
     from tuneforge import cli
     from tuneforge.train import run
 
-    def stopped(config, resume=False):
+    def stopped(config, **options):
         raise NonFiniteError("training stopped at step 5: the training loss is nan", 5, None)
 
     monkeypatch.setattr(run, "train", stopped)
