@@ -129,3 +129,21 @@ def test_disabled_adapter_merge_and_generation_agree_with_peft():
         adapted = ours(input_ids=ids, attention_mask=mask).logits
         merged = ours.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_two_adapters_activated_after_patching_fall_back_to_peft(caplog):
+    # peft state can change after patch_lora: every fused call re-reads it and hands anything
+    # it does not compute (here two active adapters) back to peft's forward, with a warning.
+    ours, _ = _fused(tiny_model("llama", device=DEVICE), "llama")
+    reference = _lora(tiny_model("llama", device=DEVICE), "llama")
+    for model in (ours, reference):
+        torch.manual_seed(11)
+        model.add_adapter("other", peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                   init_lora_weights=False, task_type="CAUSAL_LM"))
+        model.base_model.set_adapter(["default", "other"])
+    ids, mask, _ = tiny_batch(device=DEVICE)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="tuneforge.lora.fused"):
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    assert "2 active adapters" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(got, reference(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)

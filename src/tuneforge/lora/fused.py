@@ -50,6 +50,9 @@ def unfusable_reason(peft_model) -> str | None:
     return None
 
 
+_WARNED: set[str] = set()
+
+
 def _projections(layers):
     """`LoRAProjection`s of `layers`, or None (logged once per module) when one cannot be fused now.
 
@@ -61,7 +64,9 @@ def _projections(layers):
     try:
         return [LoRAProjection.from_module(layer) for layer in layers]
     except (NotImplementedError, ValueError) as error:
-        logger.warning("fused LoRA skipped for this call, peft's forward instead: %s", error)
+        if str(error) not in _WARNED:  # once per reason, not once per layer and step
+            _WARNED.add(str(error))
+            logger.warning("fused LoRA skipped, peft's forward instead: %s", error)
         return None
 
 
