@@ -1,6 +1,7 @@
 """The `tuneforge` command: train | export | chat | plot.
 
     tuneforge train [config.yaml]        train (no config: the embedded SmolLM2 demo run)
+    tuneforge train cfg.yaml --nproc 2   the same on 2 GPUs (DDP; add --fsdp to shard the model)
     tuneforge export --adapter OUT ...   adapter / merged 16-bit / merged 4-bit / GGUF
     tuneforge chat --model OUT           chat with a trained adapter or model, tokens streamed
     tuneforge eval --model OUT           loss, perplexity, exact match on held-out prompt/answer pairs
@@ -20,19 +21,36 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--output", help="override training.output_dir")
     parser.add_argument("--max-steps", type=int, help="override training.max_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes (GPUs) on this machine: N > 1 relaunches this command under torchrun, "
+                             "data-parallel; training.per_device_train_batch_size is per process")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="with --nproc N > 1 (or under torchrun): shard the model with FSDP2 instead of "
+                             "replicating it (DDP); for models that do not fit on one GPU")
     parser.set_defaults(handler=_run_train)
 
 
 def _run_train(args) -> int:
-    from tuneforge.config import load_config
+    from tuneforge.config import ConfigError, load_config
+    from tuneforge.train import distributed
     from tuneforge.train.run import train
 
-    config = load_config(args.config)
+    config = load_config(args.config)  # validated before any process is started
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if distributed.is_distributed():
+        if args.nproc > 1 and args.nproc != distributed.world_size():
+            raise ConfigError(f"--nproc {args.nproc} but the launcher started {distributed.world_size()} processes")
+    elif args.nproc > 1:
+        # torchrun runs this same command line in each process, where WORLD_SIZE is set.
+        return distributed.relaunch(args.nproc, args.argv)
+    elif args.fsdp:
+        raise ConfigError("--fsdp shards the model over several processes: add --nproc N (N > 1)")
     if args.output:
         config.training.output_dir = args.output
     if args.max_steps is not None:
         config.training.max_steps = args.max_steps
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, strategy="fsdp" if args.fsdp else None)
     return 0
 
 
@@ -124,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc N` relaunches itself with it
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from tuneforge.config import ConfigError

@@ -9,11 +9,19 @@ a gradient summed instead of averaged over ranks; with SGD every error shows, li
 Gradient clipping is on and binds (max_grad_norm below every measured norm), so FSDP's norm
 over sharded gradients must be the global one, and the grad norms are compared too.
 
-Tolerances, all float32 (the adapters stay fp32 on the CPU):
-  loss, grad norm   rtol 1e-5: the same sums, split in two and added by an all-reduce (float32
-                    reassociation: ~1e-7)
-  adapter weights   atol 1e-6, i.e. 1e-3 of one step's largest update (each step moves some
-                    weight by > 1e-3); a wrong batch, scale or shard fails by orders of magnitude.
+Tolerances, by the adapters' dtype:
+  float32 (16/32-bit base)
+    loss, grad norm   rtol 1e-5: the same sums, split in two and added by an all-reduce (float32
+                      reassociation: ~1e-7)
+    adapter weights   atol 1e-6, 1e-4 of the largest weight (> 1e-2 after three steps): a wrong
+                      batch, scale or shard fails by orders of magnitude.
+  bfloat16 (QLoRA: TRL casts a quantised model's adapters to bf16, see train/resume.py)
+    A reassociation difference of 1e-7 now flips some roundings of the weights (one bf16 ulp is
+    2^-8 relative, 4.9e-4 at 0.1) and the next steps carry them on.
+    loss              rtol 1e-4 (measured ~1e-5)
+    grad norm         rtol 2^-7: one bf16 rounding of the norm of bf16 gradients
+    adapter weights   atol 2e-3: four ulps at the largest weight (~0.1; measured: two), still 1/50
+                      of it, and far below the per-step update of a wrong batch (~1e-2).
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
 STEPS, GLOBAL_BATCH, RANKS = 3, 4, 2
 LEARNING_RATE, MAX_GRAD_NORM = 1.0, 0.5
-LOSS_RTOL, ADAPTER_ATOL = 1e-5, 1e-6
+# (loss rtol, grad-norm rtol, adapter atol) by adapter dtype, as the module docstring explains.
+TOLERANCES = {torch.float32: (1e-5, 1e-5, 1e-6), torch.bfloat16: (1e-4, 2**-7, 2e-3)}
 
 
 # ---------------------------------------------------------------- the worker (run by torchrun)
@@ -76,11 +85,6 @@ def run_worker(spec: dict) -> dict:
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(synthetic_rows()),
                          processing_class=tokenizer)
-    # TRL casts a quantised model's adapters to bf16; tuneforge keeps them fp32 (lora/inject.py), and
-    # bf16 adapters would bury a 1e-7 reduction-order difference under 4e-3 roundings.
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
     distributed.check_strategy(trainer, None if strategy == "single" else strategy)
     trainer.train()
     trainer.save_model(str(Path(spec["out"]) / "adapter"))
@@ -141,17 +145,20 @@ def read_adapter(out: str) -> dict[str, torch.Tensor]:
 def assert_same_training(result: dict, reference: dict, out: str, reference_out: str) -> None:
     assert result["world_size"] == RANKS and reference["world_size"] == 1
     assert len(result["losses"]) == STEPS
-    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
-                               rtol=LOSS_RTOL, atol=0)
-    torch.testing.assert_close(torch.tensor(result["grad_norms"]), torch.tensor(reference["grad_norms"]),
-                               rtol=LOSS_RTOL, atol=0)
-    assert min(reference["grad_norms"]) > MAX_GRAD_NORM, "clipping must bind for the test to cover it"
     adapter, expected = read_adapter(out), read_adapter(reference_out)
     assert adapter.keys() == expected.keys() and len(expected) == 28  # 7 projections x 2 layers x A, B
+    dtypes = {t.dtype for t in expected.values()} | {t.dtype for t in adapter.values()}
+    assert len(dtypes) == 1, dtypes
+    loss_rtol, norm_rtol, adapter_atol = TOLERANCES[dtypes.pop()]
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
+                               rtol=loss_rtol, atol=0)
+    torch.testing.assert_close(torch.tensor(result["grad_norms"]), torch.tensor(reference["grad_norms"]),
+                               rtol=norm_rtol, atol=0)
+    assert min(reference["grad_norms"]) > MAX_GRAD_NORM, "clipping must bind for the test to cover it"
     moved = max(t.abs().max().item() for name, t in expected.items() if "lora_B" in name)
-    assert moved > 1e-3 * STEPS, "B starts at zero: the adapter must have moved for the comparison to mean anything"
+    assert moved > 1e-2, "B starts at zero: the adapter must have moved for the comparison to mean anything"
     for name, tensor in expected.items():
-        torch.testing.assert_close(adapter[name], tensor, rtol=0, atol=ADAPTER_ATOL, msg=name)
+        torch.testing.assert_close(adapter[name].float(), tensor.float(), rtol=0, atol=adapter_atol, msg=name)
 
 
 # ---------------------------------------------------------------- distributed runs
@@ -207,6 +214,72 @@ def test_two_ranks_train_like_one(strategy, load_in_4bit, use_kernels, model_dir
     if use_kernels:  # the patch layer is live: norms, RoPE, MLP, loss and the fused LoRA ops
         assert {"rope", "fused_cross_entropy", "lora_mlp"} <= set(result["kernels"]), result["kernels"]
     assert_same_training(result, reference, out, reference_out)
+
+
+@pytest.mark.parametrize("strategy", [
+    "ddp",
+    pytest.param("fsdp", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError,
+        reason="train/guards.py NonFiniteGuard calls isfinite().all() on FSDP2's DTensor gradients, which "
+               "DTensor cannot reduce ('Replicate to Partial(product)'); it needs the local shard and an "
+               "all-reduced flag")),
+])
+def test_cli_nproc_2_trains_like_one_process(strategy, tmp_path):
+    """`tuneforge train cfg --nproc 2 [--fsdp]`, the user's command (relaunch under torchrun, chat
+    rows through the template, the trainer's callbacks, the adapter written by rank 0), equals
+    `tuneforge train` in one process on the same global batch. Random sampling, as users run it:
+    every rank draws the same seeded permutation and accelerate hands each its half of a batch."""
+    import yaml
+    from tiny_chat_model import save_tiny_chat_model
+
+    from tuneforge.train.callbacks import read_log
+    from tuneforge.train.run import default_rows, train
+    from tuneforge.config import config_from_dict
+
+    model_dir = save_tiny_chat_model(tmp_path / "model")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in default_rows("train")[:16]))
+
+    def config(batch: int, output: Path) -> dict:
+        return {
+            "model": {"name": str(model_dir), "load_in_4bit": False, "max_seq_length": 128, "use_kernels": False},
+            "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": "unsloth"},
+            "data": {"path": str(data)},
+            "training": {"output_dir": str(output), "max_steps": STEPS, "per_device_train_batch_size": batch,
+                         "learning_rate": LEARNING_RATE, "warmup_steps": 0, "lr_scheduler_type": "constant",
+                         "optim": "sgd", "max_grad_norm": MAX_GRAD_NORM, "report_to": "none"},
+        }
+
+    single = tmp_path / "single"
+    train(config_from_dict(config(GLOBAL_BATCH, single)))
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(config(GLOBAL_BATCH // RANKS, tmp_path / "two")))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    command = [sys.executable, "-m", "tuneforge.cli", "train", str(path), "--nproc", str(RANKS)]
+    done = subprocess.run(command + (["--fsdp"] if strategy == "fsdp" else []),
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-6000:]
+
+    two, one = read_log(tmp_path / "two"), read_log(single)
+    assert [row["step"] for row in two] == [row["step"] for row in one] == list(range(1, STEPS + 1))
+    loss_rtol, norm_rtol, adapter_atol = TOLERANCES[torch.float32]
+    for key, rtol in (("loss", loss_rtol), ("grad_norm", norm_rtol)):
+        torch.testing.assert_close(torch.tensor([r[key] for r in two]), torch.tensor([r[key] for r in one]),
+                                   rtol=rtol, atol=0, msg=key)
+    adapter, expected = read_adapter(str(tmp_path / "two")), read_adapter(str(single))
+    assert adapter.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert tensor.dtype == torch.float32
+        torch.testing.assert_close(adapter[name], tensor, rtol=0, atol=adapter_atol, msg=name)
+    assert (tmp_path / "two" / "adapter" / "tokenizer_config.json").is_file()
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_cli_refuses_fsdp_without_processes(tmp_path):
+    from tuneforge.cli import main
+
+    assert main(["train", "--fsdp", "--output", str(tmp_path)]) == 2
+    assert main(["train", "--nproc", "0", "--output", str(tmp_path)]) == 2
 
 
 # ---------------------------------------------------------------- the pieces, one by one
@@ -323,6 +396,16 @@ def test_mixed_precision_policy_reduces_in_fp32():
 
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=dict(policy))
         assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "c.yaml", "--nproc", "2", "--fsdp"], ["train", "c.yaml", "--fsdp"]),
+    (["-v", "train", "--nproc=4", "c.yaml"], ["-v", "train", "c.yaml"]),
+    (["train", "--npr", "2", "--output", "o"], ["train", "--output", "o"]),
+    (["train", "c.yaml", "--max-steps", "3"], ["train", "c.yaml", "--max-steps", "3"]),
+])
+def test_relaunched_processes_do_not_see_nproc(argv, expected):
+    assert distributed.without_option(argv, "--nproc") == expected
 
 
 @pytest.mark.parametrize("nproc", [0, -1])

@@ -281,10 +281,30 @@ def torchrun_command(nproc: int, program: list[str], *, port: int | None = None)
     return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}", *program]
 
 
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option VALUE` / `option=VALUE` (or an abbreviation argparse would accept).
+
+    The processes torchrun starts must not see `--nproc`: torchrun's own parser would take it
+    for an abbreviation of its --nproc-per-node and stop.
+    """
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name = token.split("=", 1)[0]
+        if len(name) > 2 and name.startswith("--") and option.startswith(name):
+            skip = "=" not in token
+            continue
+        kept.append(token)
+    return kept
+
+
 def relaunch(nproc: int, cli_args: list[str]) -> int:
-    """Run `tuneforge <cli_args>` in nproc processes under torchrun; returns its exit code."""
+    """Run `tuneforge <cli_args>` (minus --nproc) in nproc processes under torchrun; returns its exit code."""
     import subprocess
 
-    command = torchrun_command(nproc, ["-m", "tuneforge.cli", *cli_args], port=free_port())
+    command = torchrun_command(nproc, ["-m", "tuneforge.cli", *without_option(cli_args, "--nproc")],
+                               port=free_port())
     logger.info("launching %d processes: %s", nproc, " ".join(command))
     return subprocess.call(command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import random
 from importlib import resources
@@ -101,18 +102,26 @@ def build_datasets(config: TrainConfig, tokenizer, chat_template: str | None):
     return split["train"], split["test"]
 
 
-def train(config: TrainConfig, resume: bool = False, extra_callbacks=()) -> dict:
-    """Run one training job; returns the summary dict (also written to <output_dir>/summary.json)."""
+def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strategy: str | None = None) -> dict:
+    """Run one training job; returns the summary dict (also written to <output_dir>/summary.json).
+
+    strategy: under torchrun, "ddp" (the default) or "fsdp" (FSDP2, see train.distributed).
+    """
     import numpy as np
     import torch
 
     from tuneforge.models.fast_language_model import FastLanguageModel
+    from tuneforge.train import distributed
     from tuneforge.train.trainer import SFTConfig, SFTTrainer
 
     from tuneforge.train.callbacks import resolve_report_to
     from tuneforge.train.guards import NonFiniteError, NonFiniteGuard
     from tuneforge.train.resume import keep_trainable_dtypes, prepare_resume
 
+    if strategy is None and distributed.is_distributed():
+        strategy = "ddp"
+    if strategy == "fsdp":
+        os.environ[distributed.FSDP_ENV] = "true"  # before loading: NF4 storage FSDP2 can shard
     output_dir = Path(config.training.output_dir)
     checkpoint = prepare_resume(output_dir) if resume else None
     write_run_metadata(config, output_dir, resume=resume)
@@ -182,6 +191,7 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks=()) -> dict
         padding_free=config.data.packing,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        **(distributed.fsdp_arguments(model) if strategy == "fsdp" else {}),
     )
     callbacks = [NonFiniteGuard(output_dir), *resolve_report_to(t.report_to, output_dir), *extra_callbacks]
     if t.early_stopping_patience:
@@ -196,6 +206,7 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks=()) -> dict
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    distributed.check_strategy(trainer, strategy)
     if checkpoint is not None:
         keep_trainable_dtypes(trainer)
         _continue_token_count(trainer, checkpoint)
@@ -213,11 +224,16 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks=()) -> dict
         summary["final_eval_loss"] = trainer.evaluate()["eval_loss"]
         logger.info("eval loss at the end: %.4f", summary["final_eval_loss"])
     adapter_dir = output_dir / ADAPTER_DIRNAME
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    if distributed.is_distributed():
+        # Every rank takes part (FSDP gathers the shards); rank 0 writes the whole adapter.
+        trainer.save_model(str(adapter_dir))
+    else:
+        model.save_pretrained(adapter_dir)
     summary["adapter"] = str(adapter_dir)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"adapter saved to {adapter_dir}", flush=True)
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(adapter_dir)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"adapter saved to {adapter_dir}", flush=True)
     return summary
 
 
