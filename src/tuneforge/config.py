@@ -80,7 +80,7 @@ class TrainingConfig:
     optim: str = "adamw_8bit"
     seed: int = 3407
     logging_steps: int = 1
-    save_steps: int = 0  # 0: only at the end
+    save_steps: int = 0  # 0: no intermediate checkpoints (the adapter is still saved at the end; --resume needs > 0)
     save_total_limit: int = 0  # keep the newest N checkpoints (and the best one); 0: keep all
     eval_steps: int = 0  # eval loss on data.eval_fraction every N steps; 0: once at the end
     early_stopping_patience: int = 0  # stop after N evaluations without improvement; 0: off
