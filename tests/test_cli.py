@@ -29,5 +29,5 @@ def test_train_with_missing_model_exits_2_naming_it(tmp_path):
 def test_help_lists_the_subcommands():
     result = _run("--help")
     assert result.returncode == 0
-    for command in ("train", "export", "chat", "plot"):
+    for command in ("train", "export", "chat", "plot", "eval"):
         assert command in result.stdout

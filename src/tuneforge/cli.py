@@ -151,9 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.train.guards import NonFiniteError
     from tuneforge.train.resume import ResumeError
 
+    from tuneforge.export.gguf_arch import UnsupportedForGGUF
+    from tuneforge.export.gguf_tokenizer import UnsupportedTokenizer
+    from tuneforge.export.hub import HubUnavailable
+    from tuneforge.lora.inject import LoRAConfigError
+
+    expected = (ConfigError, ModelLoadError, FileNotFoundError, DataError, ResumeError, NonFiniteError,
+                LoRAConfigError, HubUnavailable, UnsupportedForGGUF, UnsupportedTokenizer, NotImplementedError)
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, ModelLoadError, FileNotFoundError, DataError, ResumeError, NonFiniteError) as error:
+    except expected as error:
         return _fail(str(error))
 
 

@@ -97,26 +97,6 @@ def prepare_resume(output_dir: str | Path) -> Path:
     return chosen
 
 
-def keep_trainable_dtypes(trainer) -> None:
-    """Make resuming load the checkpoint's weights into the dtypes training used.
-
-    TRL trains QLoRA adapters in bf16 (it casts them when the trainer is built), but peft's
-    `load_adapter`, which the Trainer calls to resume, upcasts bf16 adapter weights to fp32: the
-    resumed run would go on in another precision and drift from an uninterrupted one. The values
-    themselves are exact (bf16 -> fp32 -> bf16), so casting back loses nothing.
-    """
-    dtypes = {name: p.dtype for name, p in trainer.model.named_parameters() if p.requires_grad}
-    load = trainer._load_from_checkpoint
-
-    def load_keeping_dtypes(*args, **kwargs):
-        load(*args, **kwargs)
-        for name, param in trainer.model.named_parameters():
-            if name in dtypes and param.dtype != dtypes[name]:
-                param.data = param.data.to(dtypes[name])
-
-    trainer._load_from_checkpoint = load_keeping_dtypes
-
-
 def rewind_log(output_dir: Path, step: int, name: str = "log.csv") -> None:
     """Drop log.csv rows after `step`: the killed run logged them, the resumed run logs them again."""
     path = Path(output_dir) / name

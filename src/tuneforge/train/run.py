@@ -116,7 +116,7 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strateg
 
     from tuneforge.train.callbacks import resolve_report_to
     from tuneforge.train.guards import NonFiniteError, NonFiniteGuard
-    from tuneforge.train.resume import keep_trainable_dtypes, prepare_resume
+    from tuneforge.train.resume import prepare_resume
 
     if strategy is None and distributed.is_distributed():
         strategy = "ddp"
@@ -208,7 +208,6 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strateg
     )
     distributed.check_strategy(trainer, strategy)
     if checkpoint is not None:
-        keep_trainable_dtypes(trainer)
         _continue_token_count(trainer, checkpoint)
     logger.info("family %s, %d training rows", spec.name if spec else "-", len(train_dataset))
     try:

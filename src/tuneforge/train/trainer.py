@@ -61,6 +61,18 @@ class SFTTrainer(trl.SFTTrainer):
         if not any(isinstance(c, SummaryCallback) for c in callbacks):
             callbacks.append(SummaryCallback(args.output_dir))
         super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
+        if not has_cuda():
+            _adapters_to_fp32(self.model)
+        # Resuming through peft upcasts adapter weights to fp32; training must go on in the dtypes
+        # it started with (bf16 QLoRA adapters on GPUs) or a resumed run drifts from an unbroken one.
+        self._trainable_dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _load_from_checkpoint(self, *args, **kwargs):
+        super()._load_from_checkpoint(*args, **kwargs)
+        for name, parameter in self.model.named_parameters():
+            dtype = self._trainable_dtypes.get(name)
+            if dtype is not None and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)  # exact: the values were bf16 to begin with
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -97,6 +109,18 @@ class SFTTrainer(trl.SFTTrainer):
             self._total_train_tokens += int(self.accelerator.gather_for_metrics(tokens).sum().item())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
+
+
+def _adapters_to_fp32(model) -> None:
+    """TRL casts QLoRA adapters to bf16 (the QLoRA paper's GPU recipe). On a CPU, bf16 matmuls run
+    many times slower than fp32 ones, so the adapters go back to fp32 there (logged)."""
+    cast = 0
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and parameter.dtype == torch.bfloat16:
+            parameter.data = parameter.data.float()
+            cast += 1
+    if cast:
+        logger.info("CPU run: %d trainable tensors kept in fp32 (TRL had cast them to bf16)", cast)
 
 
 def _has_fused_loss(model) -> bool:
