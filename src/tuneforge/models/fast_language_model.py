@@ -26,7 +26,7 @@ class FastLanguageModel:
         use_gradient_checkpointing=None,
         fast_inference: bool = False,
         use_kernels: bool | None = None,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str | None = None,
         **kwargs,
     ):
         """Load `model_name` and its tokenizer; returns (model, tokenizer).
@@ -38,6 +38,8 @@ class FastLanguageModel:
         rope_scaling: explicit RoPE parameters; otherwise set when max_seq_length exceeds the
             trained length (see loader.apply_rope_scaling).
         use_kernels: False (or TUNEFORGE_DISABLE_KERNELS=1) keeps the plain transformers path.
+        attn_implementation: None takes the family's ("sdpa", or "eager" where transformers
+            refuses SDPA, e.g. Gemma 2's soft-capped attention).
         Other keyword arguments go to transformers' `from_pretrained`.
         """
         if fast_inference:

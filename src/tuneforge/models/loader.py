@@ -185,7 +185,7 @@ def load_model(
     fix_tokenizer_: bool = True,
     trust_remote_code: bool = False,
     revision: str | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     use_kernels: bool | None = None,
     **from_pretrained_kwargs,
 ):
@@ -216,6 +216,13 @@ def load_model(
             "(no kernels)", config.model_type,
         )
     apply_rope_scaling(config, max_seq_length, rope_scaling)
+    if attn_implementation is None:
+        attn_implementation = spec.attn_implementation if spec else "sdpa"
+    if spec is not None and not spec.four_bit and (load_in_4bit or load_in_8bit):
+        logger.warning(
+            "family %s: transformers quantises only plain nn.Linear layers, and this family's projections "
+            "are not: the weights stay %s (no 4/8-bit saving)", spec.name, str(compute_dtype).replace("torch.", ""),
+        )
 
     # Pre-quantised checkpoints carry their own quantization_config; don't stack another on top.
     prequantised = getattr(config, "quantization_config", None) is not None
