@@ -71,15 +71,15 @@ def run_worker(spec: dict) -> dict:
         os.environ[distributed.FSDP_ENV] = "true"  # before loading: the NF4 storage dtype depends on it
     model, tokenizer = FastLanguageModel.from_pretrained(
         spec["model_dir"], max_seq_length=64, dtype="float32", load_in_4bit=spec["load_in_4bit"],
-        use_kernels=spec["use_kernels"],
+        use_kernels=spec["kernels"] in ("all", "model"),
     )
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=1,
                                              use_gradient_checkpointing=spec["checkpointing"],
-                                             use_kernels=spec["use_kernels"])
+                                             use_kernels=spec["kernels"] == "all")
     extra = distributed.fsdp_arguments(model) if strategy == "fsdp" else {}
     args = SFTConfig(
         output_dir=spec["out"], max_steps=STEPS, per_device_train_batch_size=spec["batch"],
-        learning_rate=LEARNING_RATE, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
+        learning_rate=LEARNING_RATE, optim=spec.get("optim", "sgd"), lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=MAX_GRAD_NORM, logging_steps=1, save_strategy="no", train_sampling_strategy="sequential",
         seed=0, max_length=64, dataloader_num_workers=0, disable_tqdm=True, **extra,
     )
@@ -169,12 +169,12 @@ def single_runs(model_dir, tmp_path_factory):
     """The 1-process reference (batch 4), computed once per configuration, in this process."""
     cache = {}
 
-    def get(load_in_4bit: bool, use_kernels: bool):
-        key = (load_in_4bit, use_kernels)
+    def get(load_in_4bit: bool, kernels: str):
+        key = (load_in_4bit, kernels)
         if key not in cache:
             out = str(tmp_path_factory.mktemp("single"))
             spec = dict(strategy="single", model_dir=model_dir, out=out, batch=GLOBAL_BATCH,
-                        load_in_4bit=load_in_4bit, checkpointing="unsloth", use_kernels=use_kernels)
+                        load_in_4bit=load_in_4bit, checkpointing="unsloth", kernels=kernels)
             cache[key] = (run_worker(spec), out)
         return cache[key]
 
@@ -182,21 +182,22 @@ def single_runs(model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "strategy, load_in_4bit, use_kernels",
+    "strategy, load_in_4bit, kernels",
     [
-        ("ddp", False, True),
-        ("fsdp", False, True),
-        # QLoRA: the NF4 base sharded by FSDP2. Kernels off until kernels/nf4.base_weight_parts reads
-        # the quant_state that bitsandbytes keeps on the module (FSDP2 gathers the weight without it).
-        ("fsdp", True, False),
+        ("ddp", False, "all"),
+        ("fsdp", False, "all"),
+        # QLoRA: the NF4 base sharded by FSDP2, with the model's kernels. The fused LoRA ops stay off
+        # until kernels/nf4.base_weight_parts reads the quant_state that bitsandbytes keeps on the
+        # module (FSDP2 all-gathers the weight as a plain tensor, without it).
+        ("fsdp", True, "model"),
     ],
 )
-def test_two_ranks_train_like_one(strategy, load_in_4bit, use_kernels, model_dir, single_runs, tmp_path):
+def test_two_ranks_train_like_one(strategy, load_in_4bit, kernels, model_dir, single_runs, tmp_path):
     """Offloaded gradient checkpointing ("unsloth") on throughout."""
-    reference, reference_out = single_runs(load_in_4bit, use_kernels)
+    reference, reference_out = single_runs(load_in_4bit, kernels)
     out = str(tmp_path / strategy)
     spec = dict(strategy=strategy, model_dir=model_dir, out=out, batch=GLOBAL_BATCH // RANKS,
-                load_in_4bit=load_in_4bit, checkpointing="unsloth", use_kernels=use_kernels)
+                load_in_4bit=load_in_4bit, checkpointing="unsloth", kernels=kernels)
     result = launch(spec, RANKS)
 
     if strategy == "ddp":
@@ -211,8 +212,9 @@ def test_two_ranks_train_like_one(strategy, load_in_4bit, use_kernels, model_dir
         if load_in_4bit:
             assert result["base_is_4bit"] and result["base_dtype"] == "torch.float32"
     assert result["kernels"] == reference["kernels"]
-    if use_kernels:  # the patch layer is live: norms, RoPE, MLP, loss and the fused LoRA ops
-        assert {"rope", "fused_cross_entropy", "lora_mlp"} <= set(result["kernels"]), result["kernels"]
+    # The patch layer is live: norms, RoPE, MLP, loss (and the fused LoRA ops where asked).
+    assert {"rms_norm", "rope", "swiglu", "fused_cross_entropy"} <= set(result["kernels"]), result["kernels"]
+    assert ("lora_mlp" in result["kernels"]) == (kernels == "all"), result["kernels"]
     assert_same_training(result, reference, out, reference_out)
 
 
@@ -378,12 +380,29 @@ def test_fsdp_arguments_reach_accelerate_with_our_policy(tmp_path):
     assert "mixed_precision_policy" not in plugin
 
     class Bf16Args:  # what finish_arguments reads of a bf16 run's TrainingArguments
-        bf16, fp16 = True, False
+        bf16, fp16, optim = True, False, "adamw_torch"
         fsdp_plugin_args = {"fsdp_version": 2}
 
     distributed.finish_arguments(Bf16Args)
     assert Bf16Args.fsdp_plugin_args["mixed_precision_policy"] == {
         "param_dtype": torch.bfloat16, "reduce_dtype": torch.float32, "output_dtype": torch.bfloat16}
+
+
+@pytest.mark.parametrize("optim, expected", [
+    ("adamw_8bit", "adamw_torch"), ("paged_adamw_8bit", "adamw_torch"), ("adamw_bnb_8bit", "adamw_torch"),
+    ("adamw_torch", "adamw_torch"), ("sgd", "sgd"),
+])
+def test_fsdp_replaces_bitsandbytes_optimizers(optim, expected, tmp_path, caplog):
+    """bitsandbytes' kernels cannot step DTensor shards ("optimizer_update_32bit does not have a
+    sharding strategy registered"), and the CLI's default optim is adamw_8bit."""
+    from tuneforge.testing import tiny_model
+    from tuneforge.train.trainer import SFTConfig
+
+    args = SFTConfig(output_dir=str(tmp_path), optim=optim, **distributed.fsdp_arguments(tiny_model("llama")))
+    assert str(getattr(args.optim, "value", args.optim)) == expected
+    assert ("cannot step sharded parameters" in caplog.text) == (optim != expected)
+    plain = SFTConfig(output_dir=str(tmp_path), optim=optim)
+    assert str(getattr(plain.optim, "value", plain.optim)) == optim
 
 
 def test_mixed_precision_policy_reduces_in_fp32():

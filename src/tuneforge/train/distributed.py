@@ -104,10 +104,16 @@ def device_map():
     """`device_map` for from_pretrained: the whole model on this rank's device.
 
     Every rank must load onto its own GPU; `torch.cuda.current_device()` is 0 in every fresh
-    process, which would put all ranks' copies on GPU 0.
+    process, which would put all ranks' copies on GPU 0. Under a launcher the rank's GPU also
+    becomes the current device, so that whatever allocates on plain "cuda" before accelerate
+    sets it (CUDA's context, bitsandbytes, our kernels' scratch) lands there too.
     """
     where = device()
-    return {"": where.index} if where.type == "cuda" else "cpu"
+    if where.type != "cuda":
+        return "cpu"
+    if is_distributed():
+        torch.cuda.set_device(where)
+    return {"": where.index}
 
 
 def fsdp_requested() -> bool:
@@ -205,8 +211,18 @@ def configure_arguments(args) -> None:
         args.use_cpu = True
 
 
+def is_bitsandbytes_optimizer(name: str) -> bool:
+    """True for the optimizer names (ours and transformers') that bitsandbytes implements."""
+    return any(mark in name for mark in ("8bit", "bnb", "paged"))
+
+
 def finish_arguments(args) -> None:
-    """After TrainingArguments.__post_init__: our FSDP2 mixed-precision policy (see above)."""
+    """After TrainingArguments.__post_init__: FSDP2's mixed-precision policy and optimizer.
+
+    bitsandbytes' optimizers run custom kernels that have no DTensor rule, so they cannot step
+    FSDP2's sharded parameters (NotImplementedError at the first step). Under FSDP the optimizer
+    state is sharded anyway, and LoRA's is small: 32-bit AdamW instead, with a log line.
+    """
     plugin_args = getattr(args, "fsdp_plugin_args", None)
     if plugin_args is None:
         return
@@ -214,6 +230,13 @@ def finish_arguments(args) -> None:
     policy = mixed_precision_policy(compute)
     if policy is not None:
         plugin_args.setdefault("mixed_precision_policy", policy)
+    optim = str(getattr(args.optim, "value", args.optim))
+    if is_bitsandbytes_optimizer(optim):
+        from transformers.training_args import OptimizerNames
+
+        logger.warning("FSDP2: optim=%s (bitsandbytes) cannot step sharded parameters; using adamw_torch "
+                       "(32-bit state, sharded over the ranks)", optim)
+        args.optim = OptimizerNames.ADAMW_TORCH
 
 
 def enable_fsdp_on_cpu(trainer) -> bool:
