@@ -1,8 +1,9 @@
 """tuneforge on 2 GPUs: DDP scaling and FSDP2 under a per-GPU memory budget (Llama-3.1-8B shape, QLoRA).
 
 Every run is QLoRA as users run it (FastLanguageModel NF4 + LoRA r=16 on the seven projections,
-offloaded gradient checkpointing, TRL SFTTrainer on accelerate), each one its own torchrun job
-(this file in --worker mode), on random tokens of a random-initialised shape (bench/shapes.py).
+offloaded gradient checkpointing, TRL SFTTrainer on accelerate), each one its own job (this file
+in --worker mode: torchrun for 2 GPUs, a plain process for 1), on random tokens of a
+random-initialised shape (bench/shapes.py).
 
   scaling  DDP, the same per-GPU batch on 1 then 2 GPUs: tokens/s of the whole job and the ratio
            (2.0 is linear).
@@ -176,8 +177,9 @@ def launch(args, run_id: str, nproc: int, strategy: str, batch: int, seq: int, b
     results.mkdir(parents=True, exist_ok=True)
     for old in results.glob("rank*.json"):
         old.unlink()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(Path(__file__).resolve()), "--worker", "--id", run_id, "--model", str(args.model),
+    # One GPU: a plain process (no DDP wrapper, no process group), the honest single-GPU baseline.
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [sys.executable, *launcher, str(Path(__file__).resolve()), "--worker", "--id", run_id, "--model", str(args.model),
                "--strategy", strategy, "--batch", str(batch), "--seq", str(seq), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--kernels", kernels, "--results", str(results)]
     if budget:
@@ -257,7 +259,7 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         tps, base = row.get("tokens_per_s"), single.get((row["batch"], row["seq"]))
         cells = [
-            row["id"], str(row["gpus"]), row["strategy"].upper(), str(row.get("kernels")),
+            row["id"], str(row["gpus"]), row["strategy"].upper() if row["gpus"] > 1 else "-", str(row.get("kernels")),
             f"{row['batch']} x {row['seq']}", f"{row['budget_gib']:.2f}" if row.get("budget_gib") else "-",
             f"{tps:,.0f}" if tps else "-", f"{tps / base:.2f}x" if tps and base else "",
             f"{row.get('peak_alloc_gib', '-')} / {row.get('peak_reserved_gib', '-')}",

@@ -105,7 +105,8 @@ def build_datasets(config: TrainConfig, tokenizer, chat_template: str | None):
 def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strategy: str | None = None) -> dict:
     """Run one training job; returns the summary dict (also written to <output_dir>/summary.json).
 
-    strategy: under torchrun, "ddp" (the default) or "fsdp" (FSDP2, see train.distributed).
+    strategy: under torchrun / accelerate launch, "ddp" or "fsdp" (FSDP2, see train.distributed);
+      None: fsdp if the launcher asked for it (ACCELERATE_USE_FSDP), else ddp.
     """
     import numpy as np
     import torch
@@ -119,7 +120,8 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strateg
     from tuneforge.train.resume import prepare_resume
 
     if strategy is None and distributed.is_distributed():
-        strategy = "ddp"
+        # `accelerate launch --use_fsdp` says so through the environment.
+        strategy = "fsdp" if distributed.fsdp_requested() else "ddp"
     if strategy == "fsdp":
         os.environ[distributed.FSDP_ENV] = "true"  # before loading: NF4 storage FSDP2 can shard
     output_dir = Path(config.training.output_dir)
