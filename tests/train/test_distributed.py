@@ -79,7 +79,7 @@ def run_worker(spec: dict) -> dict:
     extra = distributed.fsdp_arguments(model) if strategy == "fsdp" else {}
     args = SFTConfig(
         output_dir=spec["out"], max_steps=STEPS, per_device_train_batch_size=spec["batch"],
-        learning_rate=LEARNING_RATE, optim=spec.get("optim", "sgd"), lr_scheduler_type="constant", warmup_steps=0,
+        learning_rate=LEARNING_RATE, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=MAX_GRAD_NORM, logging_steps=1, save_strategy="no", train_sampling_strategy="sequential",
         seed=0, max_length=64, dataloader_num_workers=0, disable_tqdm=True, **extra,
     )

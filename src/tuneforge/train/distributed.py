@@ -7,8 +7,10 @@ device; TRL's SFTTrainer, i.e. transformers' Trainer on accelerate, then wraps t
           batch; LoRA gradients are all-reduced after backward. For models that fit on one device.
     fsdp  FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer, the input embedding and
           the [final norm, lm_head] tail become one shard group; every parameter is split in N
-          along dim 0 and all-gathered just before its group runs, freed right after. For models
-          whose weights do not fit on one device.
+          along dim 0 and all-gathered just before its group runs, freed right after. For jobs
+          that do not fit on one device. Each rank still loads the whole (NF4) model before it is
+          sharded (accelerate's rank-0-only loading cannot carry bitsandbytes weights), so the
+          load must fit; what FSDP2 divides is the memory of the training steps.
 
 What this module adds on top:
   - rank / world / device helpers that read the launcher's environment (LOCAL_RANK, ...), so each
@@ -39,7 +41,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 Strategy = Literal["ddp", "fsdp"]
-STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 
 # Set by `tuneforge train --fsdp` (and by `accelerate launch --use_fsdp`) before the model loads:
 # the loader reads it to pick the 4-bit storage dtype that FSDP2 can shard.
