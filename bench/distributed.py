@@ -141,6 +141,8 @@ def worker(args) -> None:
             max_length=args.seq, dataloader_num_workers=0, disable_tqdm=True, seed=3407,
             **(distributed.fsdp_arguments(model) if args.strategy == "fsdp" else {}),
         )
+        if tokenizer is None:  # random shapes ship no tokenizer; the data are token ids already
+            tokenizer = _placeholder_tokenizer(model.config.vocab_size)
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[StepTimer()])
         distributed.check_strategy(trainer, args.strategy if world > 1 else None)
@@ -290,6 +292,17 @@ def summary(rows: list[dict]) -> list[str]:
         notes.append(f"Budget {budget:.2f} GiB per GPU, {single['batch']} x {single['seq']} tokens per GPU: "
                      f"one GPU {single_text}; FSDP2 on 2 GPUs {fsdp_text}")
     return notes
+
+
+def _placeholder_tokenizer(vocab_size: int):
+    """A word-level tokenizer over `vocab_size` ids with a pad token: TRL's trainer needs a
+    processing class, and the benchmark feeds token ids directly."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t1", unk_token="t0")
 
 
 def main() -> None:
