@@ -175,10 +175,9 @@ def single_runs(model_dir, tmp_path_factory):
     [
         ("ddp", False, "all"),
         ("fsdp", False, "all"),
-        # QLoRA: the NF4 base sharded by FSDP2, with the model's kernels. The fused LoRA ops stay off
-        # until kernels/nf4.base_weight_parts reads the quant_state that bitsandbytes keeps on the
-        # module (FSDP2 all-gathers the weight as a plain tensor, without it).
-        ("fsdp", True, "model"),
+        # QLoRA: the NF4 base sharded by FSDP2, with every kernel (the fused LoRA ops read the
+        # quant_state bitsandbytes keeps on the module: FSDP2 all-gathers the weight as a plain tensor).
+        ("fsdp", True, "all"),
     ],
 )
 def test_two_ranks_train_like_one(strategy, load_in_4bit, kernels, model_dir, single_runs, tmp_path):
@@ -209,11 +208,7 @@ def test_two_ranks_train_like_one(strategy, load_in_4bit, kernels, model_dir, si
 
 @pytest.mark.parametrize("strategy", [
     "ddp",
-    pytest.param("fsdp", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="train/guards.py NonFiniteGuard calls isfinite().all() on FSDP2's DTensor gradients, which "
-               "DTensor cannot reduce ('Replicate to Partial(product)'); it needs the local shard and an "
-               "all-reduced flag")),
+    "fsdp",
 ])
 def test_cli_nproc_2_trains_like_one_process(strategy, tmp_path):
     """`tuneforge train cfg --nproc 2 [--fsdp]`, the user's command (relaunch under torchrun, chat

@@ -218,6 +218,9 @@ def base_weight_parts(module: nn.Module):
     if weight is None:
         raise TypeError(f"{type(module).__name__} has no weight; expected a Linear-like layer")
     bias = getattr(module, "bias", None)
+    if getattr(weight, "quant_state", None) is None and getattr(module, "quant_state", None) is not None:
+        # Under FSDP2 the gathered weight is a plain tensor; bitsandbytes keeps the state on the module.
+        return weight, module.quant_state, bias
     if hasattr(weight, "quant_state") or type(weight).__name__ == "Params4bit":
         if weight.quant_state is None:
             raise ValueError(f"{type(module).__name__}'s 4-bit weight is not quantised yet (quant_state is None)")

@@ -36,6 +36,11 @@ def _describe(values: torch.Tensor) -> str:
     return "nan" if torch.isnan(values).any() else "inf"
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly FSDP2-sharded, DTensor) tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 class NonFiniteGuard(TrainerCallback):
     """Raises NonFiniteError at the first optimiser step whose loss or gradients are not finite.
 
@@ -72,14 +77,28 @@ class NonFiniteGuard(TrainerCallback):
         losses = torch.stack([loss.float().reshape(()) for loss in self.losses]) if self.losses else None
         grads = [p.grad for p in self.params if p.grad is not None] if self.check_gradients else []
         flags = [torch.isfinite(losses).all()] if losses is not None else []
-        flags += [torch.isfinite(g).all() for g in grads]
-        if not flags or bool(torch.stack(flags).all()):  # the one sync per step
+        flags += [torch.isfinite(_local(g)).all() for g in grads]
+        finite = torch.stack(flags).all() if flags else None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank must stop together (one rank alone would hang the others in a collective),
+            # and under FSDP2 each rank only sees its shard of a gradient.
+            finite = torch.tensor(True) if finite is None else finite
+            flag = finite.to(torch.int32).reshape(1)
+            if flag.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool().all()
+        if finite is None or bool(finite):  # the one sync per step
             return
         if losses is not None and not torch.isfinite(losses).all():
             what = f"the training loss is {_describe(losses)} (micro-batch losses {losses.tolist()})"
         else:
-            bad = [self.names.get(id(p), "?") for p in self.params if p.grad is not None and not torch.isfinite(p.grad).all()]
-            first = next(p.grad for p in self.params if p.grad is not None and not torch.isfinite(p.grad).all())
+            bad = [self.names.get(id(p), "?") for p in self.params
+                   if p.grad is not None and not torch.isfinite(_local(p.grad)).all()]
+            if not bad:
+                raise self.error(step, "another rank saw a non-finite loss or gradient")
+            first = next(_local(p.grad) for p in self.params
+                         if p.grad is not None and not torch.isfinite(_local(p.grad)).all())
             loss_text = f"; loss {losses.mean().item():.4f}" if losses is not None else ""
             what = (f"the gradients hold {_describe(first)} in {len(bad)} of {len(self.params)} trainable tensors "
                     f"(first: {bad[0]}){loss_text}")
