@@ -54,3 +54,14 @@ def tiny_llama_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama", seed=0).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny models: more only add OpenMP waits on a shared 2-core CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

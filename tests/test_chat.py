@@ -19,12 +19,7 @@ from tuneforge.models.fast_language_model import FastLanguageModel
 PROMPT = "What is the capital of Peru?"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add OpenMP waits on a shared CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ def model_dir(tmp_path_factory):
     return save_tiny_chat_model(tmp_path_factory.mktemp("eval") / "model")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add OpenMP waits on a shared CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_config(model_dir, **sections):

@@ -43,14 +43,6 @@ def model_dir(tmp_path_factory):
     return save_tiny_chat_model(tmp_path_factory.mktemp("nan") / "model")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: threads only add OpenMP waits on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(model_dir, output_dir, **training):
     return config_from_dict({
         "model": {"name": str(model_dir), "load_in_4bit": False, "max_seq_length": 256, "use_kernels": False},
