@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-# 2 cores: two test workers, one torch thread each, so they don't fight over the cores.
-PYTEST_ARGS ?= -n 2 -q -p no:cacheprovider
+# 2 cores: two test workers, one torch thread each, so they don't fight over the cores; a test
+# file stays on one worker so its module-scoped fixtures (a training run) are built once.
+PYTEST_ARGS ?= -n 2 --dist loadfile -q -p no:cacheprovider
 
 .PHONY: install demo test clean
 

@@ -37,7 +37,7 @@ class ModelConfig:
     load_in_8bit: bool = False
     full_finetuning: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    use_kernels: bool = True
+    use_kernels: Union[bool, None] = None  # None: on with CUDA, off on the CPU (Triton has only its interpreter there)
 
 
 @dataclass
