@@ -127,9 +127,7 @@ def get_peft_model(
 
     from tuneforge.lora.fused import patch_lora
 
-    if use_kernels is None:
-        use_kernels = getattr(model, "tuneforge_use_kernels", None)
-    patch_lora(peft_model, spec, enabled=use_kernels)
+    patch_lora(peft_model, spec, enabled=use_kernels)  # None: the base model's switch (patch_model)
     try:
         from tuneforge.export import attach_export_methods
     except ImportError:  # the export package is optional at this layer

@@ -269,8 +269,7 @@ def load_model(
 
     from tuneforge.models.patch import patch_model
 
-    model.tuneforge_use_kernels = resolve_use_kernels(use_kernels)
-    patch_model(model, spec, enabled=model.tuneforge_use_kernels)
+    patch_model(model, spec, enabled=resolve_use_kernels(use_kernels))  # records model.tuneforge_use_kernels
     return model, tokenizer
 
 
