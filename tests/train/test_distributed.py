@@ -426,3 +426,15 @@ def test_torchrun_command_runs_the_cli_in_n_processes():
 
 if __name__ == "__main__":
     run_worker(json.loads(sys.argv[1]))
+
+
+@pytest.mark.parametrize("given, expected", [(None, False), (True, True)])
+def test_ddp_skips_the_unused_parameter_search_unless_asked(given, expected, tmp_path):
+    """transformers would ask DDP to search for unused parameters on every step for a peft model
+    (not a PreTrainedModel); every LoRA weight is used, so SFTConfig turns that off, and the
+    broadcast of RoPE's identical buffers too. A user's explicit setting is kept."""
+    from tuneforge.train.trainer import SFTConfig
+
+    args = SFTConfig(output_dir=str(tmp_path), ddp_find_unused_parameters=given)
+    assert args.ddp_find_unused_parameters is expected
+    assert args.ddp_broadcast_buffers is False

@@ -210,6 +210,17 @@ def configure_arguments(args) -> None:
     if is_distributed() and not torch.cuda.is_available() and not args.use_cpu:
         logger.info("distributed run without CUDA: %d CPU processes, gloo backend", world_size())
         args.use_cpu = True
+    # transformers asks DDP to search for unused parameters whenever the model is not a bare
+    # PreTrainedModel, which a peft model never is: a walk over the autograd graph after every
+    # forward, on a step that is already bound by Python launching kernels. Every LoRA weight
+    # takes part in every forward, so the search finds nothing; a setup where one does not gets
+    # DDP's own error naming the parameter, and can set the flag back.
+    if args.ddp_find_unused_parameters is None:
+        args.ddp_find_unused_parameters = False
+    # The only buffers are RoPE's inverse frequencies, computed identically on every rank:
+    # broadcasting them from rank 0 before each forward is a collective for nothing.
+    if args.ddp_broadcast_buffers is None:
+        args.ddp_broadcast_buffers = False
 
 
 def is_bitsandbytes_optimizer(name: str) -> bool:
