@@ -22,7 +22,8 @@ sys.path.insert(0, str(HERE))
 from shapes import make_shape  # noqa: E402
 
 
-def run_stack(spec: str, model_dir: Path, batch: int, seq: int, steps: int, warmup: int, timeout: int) -> dict:
+def run_stack(spec: str, model_dir: Path, batch: int, seq: int, steps: int, warmup: int, timeout: int,
+              data: str = "random", samples: int = 256) -> dict:
     """spec: a stack name, optionally `@optimizer` and/or `#checkpointing` (tuneforge variants),
     e.g. `tuneforge@adamw_torch_fused#standard`."""
     import os
@@ -35,11 +36,14 @@ def run_stack(spec: str, model_dir: Path, batch: int, seq: int, steps: int, warm
                "--label", spec[len(stack):]]
     if checkpointing:
         command += ["--checkpointing", checkpointing]
+    if data != "random":
+        command[command.index("--label") + 1] += f" {data}"
+        command += ["--data", data, "--samples", str(samples)]
     env = dict(os.environ, **({"TUNEFORGE_BENCH_OPTIM": optim} if optim else {}))
     if extra_env:
         key, _, value = extra_env.partition("=")
         env[key] = value
-        command[-1] += f" {extra_env}"
+        command[command.index("--label") + 1] += f" {extra_env}"
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -107,6 +111,10 @@ def main() -> None:
     parser.add_argument("--shape-dir", default="/dev/shm")
     parser.add_argument("--timeout", type=int, default=420)
     parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--data", default="random",
+                        help="random, or a comma list of padded/packed: the same long-tailed samples padded per "
+                             "batch vs packed padding-free (throughput.longtail_batches); tokens/s = real tokens")
+    parser.add_argument("--samples", type=int, default=256)
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -126,14 +134,17 @@ def main() -> None:
                     break
                 seq *= 2
         else:
-            result = run_stack(stack, model_dir, args.batch, args.seq, args.steps, args.warmup, args.timeout)
-            results.append(result)
-            print(json.dumps(result), flush=True)
+            for data in args.data.split(","):
+                result = run_stack(stack, model_dir, args.batch, args.seq, args.steps, args.warmup, args.timeout,
+                                   data=data, samples=args.samples)
+                results.append(result)
+                print(json.dumps(result), flush=True)
     with (out / "results.jsonl").open("a") as handle:
         for result in results:
             handle.write(json.dumps(result) + "\n")
     text = table(results)
-    (out / f"table-{args.shape}{'-longest' if args.longest else ''}.md").write_text(text + "\n")
+    suffix = "-longest" if args.longest else "" if args.data == "random" else "-" + args.data.replace(",", "-")
+    (out / f"table-{args.shape}{suffix}.md").write_text(text + "\n")
     chart(results, out / f"throughput-{args.shape}.png")
     print(text, flush=True)
 

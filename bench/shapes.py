@@ -49,12 +49,36 @@ def shape_config(name: str):
     return AutoConfig.for_model(model_type, **values)
 
 
+def write_placeholder_tokenizer(folder: Path, config) -> None:
+    """A word-level tokenizer over the shape's vocabulary ("t0" .. "tN"), with BOS/EOS/PAD at the
+    config's ids. Benchmarks feed random token ids and never tokenize; Unsloth's loader insists on
+    loading a tokenizer from the folder, and the real ones cannot be downloaded on the device."""
+    if (folder / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+
+    def token(value, fallback: int) -> str:
+        value = value[0] if isinstance(value, list) else value
+        return f"t{fallback if value is None else value}"
+
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=token(config.bos_token_id, 1), eos_token=token(config.eos_token_id, 2),
+        pad_token=token(getattr(config, "pad_token_id", None), config.vocab_size - 1), unk_token="t0")
+    wrapped.save_pretrained(folder)
+
+
 def make_shape(name: str, folder: Path) -> Path:
     """Random-initialise shape `name` on the GPU in bf16 and save it (skipped if already there)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if (folder / "config.json").is_file():
+        write_placeholder_tokenizer(folder, shape_config(name))
         return folder
     start = time.perf_counter()
     config = shape_config(name)
@@ -63,7 +87,7 @@ def make_shape(name: str, folder: Path) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="5GB")
     del model
-    # A tokenizer is not needed: benchmarks feed random token ids.
+    write_placeholder_tokenizer(folder, config)
     print(f"made {name} in {folder} in {time.perf_counter() - start:.0f} s", flush=True)
     return folder
 

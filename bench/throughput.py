@@ -32,6 +32,12 @@ def load_stack(stack: str, model_dir: str, seq: int, checkpointing: str):
     import torch
 
     if stack == "unsloth":
+        # Unsloth's own bundle (bench/device_prepare_unsloth.sh: trl 1.15, datasets 4) goes before
+        # ours on the path; no network on the device, so the Hub is off.
+        site = os.environ.get("TUNEFORGE_BENCH_UNSLOTH_SITE", "/tmp/unsloth-site")
+        if Path(site).is_dir():
+            sys.path.insert(0, site)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import unsloth  # noqa: F401  (must be imported before transformers)
         from unsloth import FastLanguageModel as UnslothModel
 
@@ -79,6 +85,46 @@ def load_stack(stack: str, model_dir: str, seq: int, checkpointing: str):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
 
+def longtail_lengths(count: int, longest: int, seed: int = 7) -> list[int]:
+    """Sample lengths as chat datasets have them: log-normal, median 256 tokens, a long tail up to
+    `longest` (sigma 1.0 puts ~5% of samples above 1,300 tokens)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.exp(torch.randn(count, generator=generator) * 1.0 + math.log(256))
+    return [int(min(max(x, 16), longest)) for x in draws.tolist()]
+
+
+def longtail_batches(vocab: int, batch: int, seq: int, packed: bool, samples: int) -> list[dict]:
+    """The same samples, two ways. padded: `batch` samples per step in dataset order, right-padded to
+    the longest of the step, pads masked out of attention and loss (what a default collator does).
+    packed: padding-free rows of up to batch x seq tokens (best fit decreasing), positions restarting
+    at each sample (tuneforge.data.packing). Returns model kwargs on the GPU."""
+    import torch
+
+    from tuneforge.data.packing import PaddingFreeCollator, best_fit_decreasing
+
+    lengths = longtail_lengths(samples, seq)
+    generator = torch.Generator().manual_seed(1234)
+    rows = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
+    batches = []
+    if packed:
+        collate = PaddingFreeCollator(return_flash_kwargs=False)
+        for members in best_fit_decreasing(lengths, batch * seq):
+            batches.append(collate([{"input_ids": rows[i]} for i in members]))
+    else:
+        for start in range(0, samples, batch):
+            group = rows[start:start + batch]
+            width = max(len(r) for r in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for i, r in enumerate(group):
+                ids[i, :len(r)] = torch.tensor(r)
+                mask[i, :len(r)] = 1
+            batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return [{k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+
 def count_params(model) -> int:
     total = 0
     for parameter in model.parameters():
@@ -97,7 +143,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--checkpointing", default="unsloth", help="tuneforge only: unsloth/offload or standard")
     parser.add_argument("--label", default="")
+    parser.add_argument("--data", choices=["random", "padded", "packed"], default="random",
+                        help="random: full rows of random tokens; padded/packed: --samples long-tailed samples "
+                             "(longtail_batches), tokens/s counts real tokens only")
+    parser.add_argument("--samples", type=int, default=256)
     args = parser.parse_args()
+    if args.data != "random":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
     import torch
 
@@ -108,18 +160,29 @@ def main() -> None:
     model.train()
     config = model.config
     vocab = config.vocab_size
-    generator = torch.Generator().manual_seed(1234)
-    batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=generator).cuda() for _ in range(4)]
+    if args.data == "random":
+        generator = torch.Generator().manual_seed(1234)
+        batches = [{"input_ids": ids, "labels": ids} for ids in
+                   (torch.randint(0, vocab, (args.batch, args.seq), generator=generator).cuda() for _ in range(4))]
+        steps = args.warmup + args.steps
+    else:  # one pass over the samples, after warm-up steps on its first batches
+        batches = longtail_batches(vocab, args.batch, args.seq, args.data == "packed", args.samples)
+        steps = args.warmup + len(batches)
 
-    losses, times = [], []
+    def batch_at(step: int) -> dict:
+        return batches[step % len(batches)] if args.data == "random" else (
+            batches[step] if step < args.warmup else batches[step - args.warmup])
+
+    losses, times, real_tokens = [], [], []
     error = None
     try:
-        for step in range(args.warmup + args.steps):
-            ids = batches[step % len(batches)]
+        for step in range(steps):
+            batch = batch_at(step)
+            real_tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
             torch.cuda.synchronize()
             start = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -139,7 +202,14 @@ def main() -> None:
         "loss_step1": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "error": error,
     }
-    if timed and error is None:
+    if timed and error is None and args.data != "random":
+        # Real tokens (pads excluded) over the whole pass: padding's cost shows as lost throughput.
+        total = sum(timed)
+        counted = real_tokens[args.warmup:]
+        result.update(data=args.data, samples=args.samples, steps=len(timed),
+                      tokens_per_s=round(sum(counted) / total, 1), pass_s=round(total, 2),
+                      finite=all(math.isfinite(x) for x in losses))
+    elif timed and error is None:
         median = statistics.median(timed)
         params = count_params(model)
         layers, hidden = config.num_hidden_layers, config.hidden_size
