@@ -19,6 +19,12 @@ tensors, not six.
 The LoRA branch runs in X's dtype (A and B are cast to it; their gradients come back in their own
 dtype); under torch.autocast X is first cast to the autocast dtype. peft instead casts X to the adapter's dtype (fp32 adapters under a bf16 model): results
 agree to bf16 rounding.
+
+Decode steps skip the autograd Functions: when no gradient is wanted (grad mode off, or none of X,
+the biases and the adapters requires grad), X has at most `nf4_gemv.MAX_ROWS` rows and a base is NF4,
+each NF4 base goes through `nf4_matmul` (the packed weight read once, no dense copy) and the adapter
+through two small matmuls. Same formula, same dtypes; only the base product's summation order and,
+for 3+ rows of 16-bit X, the weight's rounding to X's dtype inside the dot differ from the GEMM.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import triton.language as tl
 
 from tuneforge.kernels._utils import check_device, elementwise_launch
 from tuneforge.kernels.geglu import _gelu_and_grad, geglu
+from tuneforge.kernels.nf4_gemv import MAX_ROWS as GEMV_MAX_ROWS
+from tuneforge.kernels.nf4_gemv import nf4_matmul, nf4_matmul_unsupported
 from tuneforge.kernels.nf4 import (
     autocast_dtype,
     base_weight_parts,
@@ -384,14 +392,59 @@ def _projection(layer) -> LoRAProjection:
     return layer if isinstance(layer, LoRAProjection) else LoRAProjection.from_module(layer)
 
 
-def _apply(function, x, *args):
-    """function.apply(x, *args); under torch.autocast, x is cast to its dtype and autocast is off inside."""
+def _apply(fn, x, *args):
+    """fn(x, *args); under torch.autocast, x is cast to its dtype and autocast is off inside."""
     check_device(x)
     cast = autocast_dtype(x.device)
     if cast is None:
-        return function.apply(x, *args)
+        return fn(x, *args)
     with torch.autocast(x.device.type, enabled=False):
-        return function.apply(x.to(cast), *args)
+        return fn(x.to(cast), *args)
+
+
+# --- decode steps: no autograd, NF4 bases by nf4_matmul ----------------------------------------------
+
+
+def _gemv_reads(quant_state) -> bool:
+    return quant_state is not None and nf4_matmul_unsupported(quant_state) is None
+
+
+def _is_decode_step(x: torch.Tensor, projections) -> bool:
+    """True when this call needs no gradient, has at most GEMV_MAX_ROWS rows and an NF4 base nf4_matmul reads.
+
+    `projections`: concatenated `LoRAProjection.as_args()`. Checked on shapes and flags only, so a
+    captured CUDA graph never depends on tensor values.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 0 < rows <= GEMV_MAX_ROWS:
+        return False
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(isinstance(t, torch.Tensor) and t.requires_grad for t in projections)
+    ):
+        return False
+    return any(_gemv_reads(projections[i + 1]) for i in range(0, len(projections), _N_ARGS))
+
+
+def _decode_projection(x, weight, quant_state, bias, lora_A, lora_B, scaling):
+    """One projection without autograd; x: [..., in] -> [..., out] in x's dtype."""
+    if _gemv_reads(quant_state):
+        y = nf4_matmul(x, weight, quant_state, bias)  # a fresh contiguous [..., out], not a view
+    else:
+        y2, _ = _projection_forward(x.reshape(-1, x.shape[-1]), weight, quant_state, bias, None, None, 1.0)
+        y = y2.view(*x.shape[:-1], y2.shape[-1])
+    if lora_A is not None:
+        x2 = x.reshape(-1, x.shape[-1])
+        rank_update_(y.view(-1, y.shape[-1]), x2 @ lora_A.to(x.dtype).t(), lora_B.to(x.dtype), scaling)
+    return y
+
+
+def _decode_qkv(x, *projections):
+    return tuple(_decode_projection(x, *projections[i : i + _N_ARGS]) for i in range(0, len(projections), _N_ARGS))
+
+
+def _decode_mlp(x, activation, *projections):
+    gate, up, down = (projections[i * _N_ARGS : (i + 1) * _N_ARGS] for i in range(3))
+    return _decode_projection(_gated(_decode_projection(x, *gate), _decode_projection(x, *up), activation), *down)
 
 
 def lora_linear(x: torch.Tensor, layer) -> torch.Tensor:
@@ -403,7 +456,9 @@ def lora_linear(x: torch.Tensor, layer) -> torch.Tensor:
     p = _projection(layer)
     args = p.as_args()
     _check_inputs(x, args)
-    return _apply(LoRALinearFunction, x, *args)
+    if _is_decode_step(x, args):
+        return _apply(_decode_projection, x, *args)
+    return _apply(LoRALinearFunction.apply, x, *args)
 
 
 def lora_qkv(x: torch.Tensor, q_layer, k_layer, v_layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -414,7 +469,9 @@ def lora_qkv(x: torch.Tensor, q_layer, k_layer, v_layer) -> tuple[torch.Tensor, 
     """
     args = sum((_projection(layer).as_args() for layer in (q_layer, k_layer, v_layer)), ())
     _check_inputs(x, args)
-    return _apply(LoRAQKVFunction, x, *args)
+    if _is_decode_step(x, args):
+        return _apply(_decode_qkv, x, *args)
+    return _apply(LoRAQKVFunction.apply, x, *args)
 
 
 def lora_mlp(x: torch.Tensor, gate_layer, up_layer, down_layer, activation: str = "silu") -> torch.Tensor:
@@ -426,7 +483,10 @@ def lora_mlp(x: torch.Tensor, gate_layer, up_layer, down_layer, activation: str 
     _check_activation(activation)
     gate, up, down = (_projection(layer) for layer in (gate_layer, up_layer, down_layer))
     _check_inputs(x, gate.as_args() + up.as_args())
-    return _apply(LoRAMLPFunction, x, activation, *gate.as_args(), *up.as_args(), *down.as_args())
+    args = (*gate.as_args(), *up.as_args(), *down.as_args())
+    if _is_decode_step(x, args):
+        return _apply(_decode_mlp, x, activation, *args)
+    return _apply(LoRAMLPFunction.apply, x, activation, *args)
 
 
 def reference_lora_linear(x: torch.Tensor, projection: LoRAProjection) -> torch.Tensor:

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from tuneforge.kernels._utils import check_device
 
-__all__ = ["base_weight_parts", "dense_weight", "dequantize_nf4", "get_base_weight", "reference_dequantize_nf4"]
+__all__ = ["base_weight_parts", "block_absmax", "dense_weight", "dequantize_nf4", "get_base_weight", "reference_dequantize_nf4"]
 
 
 # Triton's CPU interpreter converts fp32 -> bf16 by truncation, where a GPU rounds to nearest
@@ -70,6 +70,21 @@ def round_bf16_rtne(x, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, BLOCKSIZE2: tl.constexpr,
+                 NESTED: tl.constexpr):
+    """fp32 absmax of the blocks `block` (any shape; masked ones read 0, or the offset when NESTED).
+
+    NESTED: state2.code[qabsmax] * state2.absmax[block // BLOCKSIZE2] + offset, the product rounded
+    before the add as bitsandbytes does (kernels launch with enable_fp_fusion=False for that).
+    """
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+        return scale + tl.load(offset_ptr)
+    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
 def _dequantize_nf4_kernel(
     packed_ptr,  # [ceil(n / 2)] uint8: two codes per byte, first element in the high nibble
     code_ptr,  # [16] fp32: the 4-bit data type's values
@@ -90,13 +105,7 @@ def _dequantize_nf4_kernel(
     ok_hi = first < n
     packed = tl.load(packed_ptr + byte, mask=ok_hi, other=0).to(tl.int32)
     # Both elements of a byte lie in one block: blocksize is even.
-    block = first // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=ok_hi, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok_hi, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=ok_hi, other=0.0)
+    scale = block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, first // BLOCKSIZE, ok_hi, BLOCKSIZE2, NESTED)
     hi = tl.load(code_ptr + (packed >> 4)) * scale
     lo = tl.load(code_ptr + (packed & 15)) * scale
     out_ty = out_ptr.dtype.element_ty
