@@ -230,3 +230,60 @@ def test_linear4bit_forward_equals_bitsandbytes(monkeypatch):
         assert calls.count == 1
     _assert_close(got, want)
     assert linear4bit_forward(layer, x.requires_grad_()).requires_grad and calls.count == 1
+
+
+# --- a patched tiny model generating in 4-bit ------------------------------------------------------
+
+
+def _generate(model, calls, prompt):
+    """Greedy decode of 3 tokens: a batch-2 prefill (16 rows: the autograd Functions), then 2-row steps."""
+    before = calls.count
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits), calls.count - before
+
+
+def _assert_same_generation(model, monkeypatch):
+    calls = _Calls(monkeypatch)
+    prompt = torch.randint(3, 317, (2, 8), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    tokens, logits, used = _generate(model, calls, prompt)
+    monkeypatch.setattr(lora_ops, "GEMV_MAX_ROWS", 0)
+    monkeypatch.setattr(gemv, "MAX_ROWS", 0)  # linear4bit_forward's limit too (nf4_matmul would now raise)
+    want_tokens, want_logits, unused = _generate(model, calls, prompt)
+    assert used > 0 and unused == 0
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4 * want_logits.abs().max().item())
+    assert torch.equal(tokens, want_tokens)
+
+
+def _load_4bit(folder):
+    from tuneforge import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=True, dtype=torch.float32,
+                                                 use_kernels=True, max_seq_length=64)
+    return model
+
+
+def test_tiny_lora_model_generates_the_same_logits_with_the_gemv(tiny_llama_dir, monkeypatch, one_thread):
+    """Fused LoRA on NF4 (kernels.lora's decode dispatch); the tiny MLP's down_proj reads 176 =
+    2.75 absmax blocks per row, so it keeps dequantise + GEMM: both paths in one model."""
+    from tuneforge import FastLanguageModel
+    from tuneforge.testing.tiny import randomize_lora_b
+
+    model = FastLanguageModel.get_peft_model(_load_4bit(tiny_llama_dir), r=8, lora_alpha=16,
+                                             use_gradient_checkpointing=False)
+    assert model.get_base_model().tuneforge_lora_kernels == ["lora_mlp", "lora_qkv", "lora_linear"]
+    randomize_lora_b(model)
+    _assert_same_generation(model.eval(), monkeypatch)
+
+
+def test_tiny_base_model_generates_the_same_logits_with_the_gemv(tiny_llama_dir, monkeypatch, one_thread):
+    """No adapter: every bitsandbytes Linear4bit forward bound to linear4bit_forward, as models.patch does."""
+    import types
+
+    model = _load_4bit(tiny_llama_dir)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14
+    for layer in layers:
+        layer.forward = types.MethodType(linear4bit_forward, layer)
+    _assert_same_generation(model.eval(), monkeypatch)
