@@ -6,6 +6,13 @@ read once + each output written once, the fewest the op must move) and that as a
 card's copy bandwidth, measured in the same run with a large device-to-device copy.
 
   python bench/kernels.py --out $OUT
+
+NF4 matmul for decode-sized inputs (1 and 8 rows against the 8B projections): tuneforge's
+`nf4_matmul` vs bitsandbytes' dequantize_4bit + matmul vs bitsandbytes' matmul_4bit (what a
+Linear4bit runs without gradients), ms and GB/s of the packed weight (N x K / 2 bytes); with
+--sweep also a grid of launch configs for nf4_matmul (the best one per case is printed):
+
+  python bench/kernels.py --only nf4_matmul [--sweep] --out $OUT
 """
 
 from __future__ import annotations
@@ -130,7 +137,86 @@ def run(out: Path) -> list[dict]:
     return rows
 
 
+# --- NF4 matmul at decode sizes ---------------------------------------------------------------------
+
+# (N, K) of Llama-3.1-8B's projections: q/o, gate/up, down, and k/v (a small N, where split-K matters).
+NF4_SHAPES = ((HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE), (KV_HEADS * HEAD_DIM, HIDDEN))
+NF4_ROWS = (1, 8)
+
+
+def _nf4_sweep_configs(rows: int):
+    from tuneforge.kernels.nf4_gemv import GemvConfig
+
+    for use_dot in ((False, True) if rows > 1 else (False,)):
+        for block_n, block_kb, num_warps in ((16, 128, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4),
+                                             (32, 64, 2), (64, 256, 8)):
+            for split_k in (1, 2, 4, 8):
+                yield GemvConfig(block_n, block_kb, split_k, use_dot, num_warps)
+
+
+def run_nf4_matmul(out: Path, sweep: bool) -> list[dict]:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as BF
+
+    from tuneforge.kernels.nf4_gemv import default_config, nf4_matmul
+
+    bandwidth = copy_bandwidth()
+    rows_out = []
+    for n, k in NF4_SHAPES:
+        dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        packed, state = BF.quantize_4bit(dense, quant_type="nf4", compress_statistics=True)
+        del dense
+        weight_bytes = n * k // 2
+        for rows in NF4_ROWS:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                want = x @ BF.dequantize_4bit(packed, state).t()
+                got = nf4_matmul(x, packed, state)
+                fns = {
+                    "ours": lambda: nf4_matmul(x, packed, state),
+                    "bnb_dequant_matmul": lambda: x @ BF.dequantize_4bit(packed, state).t(),
+                    "bnb_matmul_4bit": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state),
+                }
+                row = {"n": n, "k": k, "rows": rows, "config": str(default_config(rows, n, k, x.dtype, x.device)),
+                       "max_rel_err_vs_bnb": round(((got.float() - want.float()).abs().max()
+                                                    / want.float().abs().max()).item(), 5)}
+                for label, fn in fns.items():
+                    ms = do_bench(fn)
+                    row[f"{label}_ms"] = round(ms, 4)
+                    row[f"{label}_gbps"] = round(weight_bytes / (ms * 1e-3) / 1e9)
+                if sweep:
+                    timed = []
+                    for config in _nf4_sweep_configs(rows):
+                        timed.append((do_bench(lambda config=config: nf4_matmul(x, packed, state, config=config)), config))
+                    best_ms, best = min(timed, key=lambda t: t[0])
+                    row.update(best_ms=round(best_ms, 4), best_gbps=round(weight_bytes / (best_ms * 1e-3) / 1e9),
+                               best_config=str(best))
+            row["ours_frac_of_copy"] = round(row["ours_gbps"] / bandwidth, 3)
+            rows_out.append(row)
+            print(json.dumps(row), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "nf4_matmul.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_out))
+    table = ["| N x K | rows | ours ms | GB/s | bnb dequant+matmul ms | bnb matmul_4bit ms | ours vs matmul_4bit |"
+             + (" best sweep ms | best config |" if sweep else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if sweep else "")]
+    for r in rows_out:
+        table.append(
+            f"| {r['n']} x {r['k']} | {r['rows']} | {r['ours_ms']} | {r['ours_gbps']} | {r['bnb_dequant_matmul_ms']} | "
+            f"{r['bnb_matmul_4bit_ms']} | {r['bnb_matmul_4bit_ms'] / r['ours_ms']:.2f}x |"
+            + (f" {r['best_ms']} | {r['best_config']} |" if sweep else "")
+        )
+    text = "\n".join(table) + f"\n\nGB/s of the packed weight; copy bandwidth {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}\n"
+    (out / "nf4_matmul.md").write_text(text)
+    print(text)
+    return rows_out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench-out")
-    run(Path(parser.parse_args().out))
+    parser.add_argument("--only", choices=["nf4_matmul"], help="run one section only")
+    parser.add_argument("--sweep", action="store_true", help="nf4_matmul: also time a grid of launch configs")
+    args = parser.parse_args()
+    if args.only is None:
+        run(Path(args.out))
+    run_nf4_matmul(Path(args.out), args.sweep)
