@@ -67,6 +67,31 @@ def test_patched_forward_loss_and_gradients_equal_transformers_fp32(family):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("family,in_place", [("llama", True), ("qwen3", True), ("olmo2", True), ("phi3", False)])
+def test_rope_rotates_q_and_k_in_place_where_autograd_allows(family, in_place, monkeypatch, caplog):
+    # Projection outputs (llama), per-head q/k norm outputs (qwen3) and whole-q/k norm outputs
+    # (olmo2) are fresh tensors: rotated in their own storage. Phi-3 splits one packed qkv_proj
+    # output, so q and k are views that need grad: rotated out of place, said once in the log.
+    import tuneforge.kernels.rope as rope
+    import tuneforge.models.patch as patch
+
+    calls, apply_rope = [], rope.apply_rope
+
+    def spy(q, k, cos, sin, head_dim, inplace=True):
+        out = apply_rope(q, k, cos, sin, head_dim, inplace=inplace)
+        calls.append((inplace, out[0] is q and out[1] is k))
+        return out
+
+    monkeypatch.setattr(rope, "apply_rope", spy)
+    monkeypatch.setattr(patch, "_LOGGED", set())
+    _, ours, _ = _patched_pair(family)
+    ids, mask, labels = tiny_batch(device=DEVICE)
+    with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
+        ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert calls and set(calls) == {(in_place, in_place)}
+    assert caplog.text.count("RoPE out of place") == (0 if in_place else 1)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "granite", "cohere"])
 def test_num_items_in_batch_sums_the_loss_as_transformers(family):
     # Gradient accumulation: the trainer passes the token count of the whole accumulated batch.

@@ -115,13 +115,16 @@ class RMSNormFunction(torch.autograd.Function):
         x2d = rows_view(x)
         weight = weight.contiguous()
         n_rows = x2d.shape[0]
-        y = torch.empty((n_rows, hidden), dtype=x.dtype, device=x.device)
+        # Allocated in x's shape and returned as is: a view made inside a Function could not be
+        # modified in place later (the attention rotates the q/k norm outputs in place).
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        y2d = y.view(n_rows, hidden)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block, rows, num_warps = row_tile_launch(hidden)
         if n_rows > 0:
             _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
-                x2d, weight, y, rstd,
-                x2d.stride(0), y.stride(0), n_rows, hidden,
+                x2d, weight, y2d, rstd,
+                x2d.stride(0), y2d.stride(0), n_rows, hidden,
                 float(eps), float(offset),
                 BLOCK=block, ROWS=rows, CAST_BEFORE_WEIGHT=cast_before, num_warps=num_warps,
             )
@@ -129,7 +132,7 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.offset = float(offset)
         ctx.cast_before = cast_before
         ctx.x_shape = x.shape
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):

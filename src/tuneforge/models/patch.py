@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "TUNEFORGE_DISABLE_KERNELS"
 
+# Per-call conditions that are logged once per process rather than at every layer and step.
+_LOGGED: set[str] = set()
+
 
 def kernels_enabled(explicit: bool | None = None) -> bool:
     """The caller's choice if given, else on unless TUNEFORGE_DISABLE_KERNELS is set to 1/true."""
@@ -181,19 +184,26 @@ def _attention_interface(attn: nn.Module):
     return get_interface(implementation, eager) if get_interface else ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate-half RoPE of q [B, Hq, S, D] and k [B, Hk, S, D] by the kernel.
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """Rotate-half RoPE of q [B, S, Hq * D] and k [B, S, Hk * D] (or [B, S, H, D]) by the kernel.
 
+    In place when autograd allows it: the projections' outputs are fresh tensors that nothing
+    saves for its backward (Linear and peft's LoRA keep their inputs, the q/k norms theirs), so
+    overwriting them costs no copy. Views of another tensor that require grad cannot be
+    modified in place by a two-output Function (Phi-3's packed qkv_proj split, fused-LoRA QKV
+    outputs viewed inside their Function): those are rotated out of place, logged once.
     cos/sin: [B or 1, S, R]; with R < D (partial rotary: StableLM, Phi-4-mini) only the leading
     R dims of each head turn and the rest pass through, as transformers does.
     """
     from tuneforge.kernels.rope import apply_rope
 
-    rotary = cos.shape[-1]
-    if rotary == q.shape[-1]:
-        return apply_rope(q, k, cos, sin)
-    q_rot, k_rot = apply_rope(q[..., :rotary], k[..., :rotary], cos, sin)
-    return torch.cat((q_rot, q[..., rotary:]), dim=-1), torch.cat((k_rot, k[..., rotary:]), dim=-1)
+    views = [name for name, t in (("q", q), ("k", k)) if t._base is not None and t.requires_grad]
+    inplace = not (views and torch.is_grad_enabled())
+    if not inplace and "rope_views" not in _LOGGED:
+        _LOGGED.add("rope_views")
+        logger.info("RoPE out of place: %s arrive as views of another tensor, which autograd does not let a "
+                    "two-output Function modify in place", " and ".join(views))
+    return apply_rope(q, k, cos, sin, head_dim, inplace=inplace)
 
 
 def _project_qkv(self, hidden_states):
@@ -226,12 +236,14 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     qk_norm = self._tuneforge_qk_norm
     if qk_norm == "full":  # OLMo 2: over all heads at once, before the reshape
         q, k = self.q_norm(q), self.k_norm(k)
-    q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
-    if qk_norm == "head":  # Qwen3, Gemma 3: over head_dim (same result before or after the transpose)
-        q, k = self.q_norm(q), self.k_norm(k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    elif qk_norm == "head":  # Qwen3, Gemma 3: over head_dim (same result before or after the transpose)
+        q, k = self.q_norm(q.view(hidden_shape)), self.k_norm(k.view(hidden_shape))
+    # RoPE before the per-head view and transpose (it acts per token and head, so the order does
+    # not change the result): the kernel then rotates the projection / norm outputs in place.
     cos, sin = position_embeddings
-    q, k = _rotate(q, k, cos, sin)
+    q, k = _rotate(q, k, cos, sin, self.head_dim)
+    q, k, v = q.view(hidden_shape), k.view(hidden_shape), v.view(hidden_shape)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
 
