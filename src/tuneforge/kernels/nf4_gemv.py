@@ -82,16 +82,18 @@ def default_config(rows: int, n: int, k: int, dtype: torch.dtype, device: torch.
     nothing is split.
     """
     use_dot = rows > 2 and dtype in (torch.float16, torch.bfloat16)
-    config = GemvConfig(use_dot=use_dot)
     if device.type != "cuda":
-        return config
-    tiles = triton.cdiv(n, config.block_n)
-    steps = triton.cdiv(k, 2 * config.block_kb)
+        return GemvConfig(use_dot=use_dot)
+    # The FMA path keeps a [rows, block_n, block_kb] fp32 accumulator, reduced once after the
+    # loop: past one row a smaller tile keeps it within 64 registers per thread (8 rows, 4 warps).
+    block_n, block_kb = (32, 128) if use_dot or rows == 1 else (16, 64)
+    tiles = triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, 2 * block_kb)
     index = device.index if device.index is not None else torch.cuda.current_device()
     split = 1
     while tiles * split < 2 * _num_sms(index) and split * 2 <= min(16, steps):
         split *= 2
-    return GemvConfig(use_dot=use_dot, split_k=split)
+    return GemvConfig(block_n, block_kb, split, use_dot)
 
 
 @triton.jit
