@@ -83,18 +83,29 @@ class FastLanguageModel:
 
     @staticmethod
     def for_inference(model):
-        """Eval mode, KV cache on, gradient checkpointing off: ready for `generate`."""
+        """Eval mode, KV cache on, gradient checkpointing off, and a fast `model.generate`.
+
+        `generate` then runs a static KV cache with decode steps replayed from a CUDA graph
+        (eagerly on the CPU) when it supports the call, else transformers' own generate with
+        one log line saying why (see tuneforge.inference.generate).
+        """
+        from tuneforge.inference import enable_fast_generate
+
         model.eval()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.use_cache = True
         if getattr(base, "is_gradient_checkpointing", False):
             base.gradient_checkpointing_disable()
             base.tuneforge_resume_checkpointing = True
-        return model
+        return enable_fast_generate(model)
 
     @staticmethod
     def for_training(model, use_gradient_checkpointing=True):
-        """Train mode, KV cache off, checkpointing back on if for_inference turned it off."""
+        """Train mode, KV cache off, checkpointing back on if for_inference turned it off; `generate`
+        is transformers' again and the inference cache and graph are released."""
+        from tuneforge.inference import disable_fast_generate
+
+        disable_fast_generate(model)
         model.train()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.use_cache = False
