@@ -13,6 +13,12 @@ Linear4bit runs without gradients), ms and GB/s of the packed weight (N x K / 2 
 --sweep also a grid of launch configs for nf4_matmul (the best one per case is printed):
 
   python bench/kernels.py --only nf4_matmul [--sweep] --out $OUT
+
+RMSNorm forward launch sweep (rows per program x warps, through TUNEFORGE_RMS_NORM_FWD) at
+8192 tokens and the hidden sizes of SmolLM2, Llama-3.2-1B, Qwen2.5-7B, Llama-3.1-8B, Llama-70B,
+bf16, against torch.compile of the reference and the built-in launch rule:
+
+  python bench/kernels.py --only rms_norm --out $OUT
 """
 
 from __future__ import annotations
@@ -211,12 +217,72 @@ def run_nf4_matmul(out: Path, sweep: bool) -> list[dict]:
     return rows_out
 
 
+# --- RMSNorm forward launch sweep --------------------------------------------------------------------
+
+RMS_HIDDEN = (576, 2048, 3584, 4096, 8192)
+
+
+def run_rms_norm_sweep(out: Path) -> list[dict]:
+    """Forward ms and fraction of copy bandwidth per (rows per program, warps), per hidden size."""
+    import os
+
+    import triton
+
+    from tuneforge.kernels import rms_norm
+
+    bandwidth = copy_bandwidth()
+    rows_out = []
+    for hidden in RMS_HIDDEN:
+        x = torch.randn(TOKENS, hidden, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+        moved = 2 * nbytes(x) + nbytes(w)
+        block = triton.next_power_of_2(hidden)
+        want = rms_norm.reference_rms_norm(x, w, 1e-5)
+        compiled = torch.compile(rms_norm.reference_rms_norm)
+        row = {"hidden": hidden, "compiled_ms": round(do_bench(lambda: compiled(x, w, 1e-5)), 4),
+               "default_config": "%d,%d" % rms_norm._forward_launch(hidden, hidden)[1:]}
+        timed = {}
+        for rows in (1, 2, 4, 8, 16):
+            for warps in (2, 4, 8, 16):
+                if rows * block > 32768 or rows * block < 32 * warps:  # spills, or idle threads
+                    continue
+                os.environ[rms_norm.FWD_LAUNCH_ENV] = f"{rows},{warps}"
+                error = (rms_norm.rms_norm(x, w, 1e-5).float() - want.float()).abs().max().item()
+                assert error <= 0.02 * want.float().abs().max().item(), (hidden, rows, warps, error)
+                timed[f"{rows},{warps}"] = do_bench(lambda: rms_norm.rms_norm(x, w, 1e-5))
+        os.environ.pop(rms_norm.FWD_LAUNCH_ENV)
+        row["default_ms"] = round(do_bench(lambda: rms_norm.rms_norm(x, w, 1e-5)), 4)
+        best = min(timed, key=timed.get)
+        row.update(best_config=best, best_ms=round(timed[best], 4),
+                   best_frac_of_copy=round(moved / (timed[best] * 1e-3) / 1e9 / bandwidth, 3),
+                   default_frac_of_copy=round(moved / (row["default_ms"] * 1e-3) / 1e9 / bandwidth, 3),
+                   compiled_frac_of_copy=round(moved / (row["compiled_ms"] * 1e-3) / 1e9 / bandwidth, 3),
+                   sweep_ms={k: round(v, 4) for k, v in timed.items()})
+        rows_out.append(row)
+        print(json.dumps(row), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rms_norm_sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_out))
+    table = ["| hidden | default (rows,warps) | ms | of copy BW | best (rows,warps) | ms | of copy BW | torch.compile ms | of copy BW |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows_out:
+        table.append(f"| {r['hidden']} | {r['default_config']} | {r['default_ms']} | {r['default_frac_of_copy']} | "
+                     f"{r['best_config']} | {r['best_ms']} | {r['best_frac_of_copy']} | {r['compiled_ms']} | "
+                     f"{r['compiled_frac_of_copy']} |")
+    text = "\n".join(table) + f"\n\n{TOKENS} rows, bf16; copy bandwidth {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}\n"
+    (out / "rms_norm_sweep.md").write_text(text)
+    print(text)
+    return rows_out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench-out")
-    parser.add_argument("--only", choices=["nf4_matmul"], help="run one section only")
+    parser.add_argument("--only", choices=["nf4_matmul", "rms_norm"], help="run one section only")
     parser.add_argument("--sweep", action="store_true", help="nf4_matmul: also time a grid of launch configs")
     args = parser.parse_args()
-    if args.only is None:
-        run(Path(args.out))
-    run_nf4_matmul(Path(args.out), args.sweep)
+    if args.only == "rms_norm":
+        run_rms_norm_sweep(Path(args.out))
+    else:
+        if args.only is None:
+            run(Path(args.out))
+        run_nf4_matmul(Path(args.out), args.sweep)

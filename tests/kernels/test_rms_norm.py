@@ -13,12 +13,13 @@ import torch
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tuneforge.kernels.rms_norm import reference_rms_norm, rms_norm
+from tuneforge.kernels.rms_norm import FWD_LAUNCH_ENV, _forward_launch, reference_rms_norm, rms_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-# (leading shape, hidden): single row, odd row counts, batch dims, hidden not a power of two.
-SHAPES = [((1,), 64), ((17,), 97), ((33,), 576), ((2, 17), 1000)]
+# (leading shape, hidden): single row, odd row counts, batch dims, hidden not a power of two, and
+# whole tiles (hidden a power of two, rows a multiple of the rows per program: the unmasked path).
+SHAPES = [((1,), 64), ((17,), 97), ((33,), 576), ((2, 17), 1000), ((64,), 128), ((2,), 4096)]
 
 
 def rel_err(out, ref):
@@ -117,3 +118,35 @@ def test_bad_inputs_raise_clear_errors():
         rms_norm(x, torch.ones(63, device=DEVICE))
     with pytest.raises(TypeError, match="x must be float32"):
         rms_norm(x.to(torch.int32), torch.ones(64, device=DEVICE))
+
+
+@pytest.mark.parametrize("setting", ["1,4", "2,8", "4,2", "8,16"])
+@pytest.mark.parametrize("lead,hidden", [((17,), 1000), ((16,), 256)])
+def test_forward_launch_override_changes_nothing_but_speed(lead, hidden, setting, monkeypatch):
+    # bench/kernels.py sweeps rows per program and warps through the environment; every setting,
+    # with masked (17 rows, hidden 1000) and whole (16 x 256) tiles, must give the same result.
+    monkeypatch.setenv(FWD_LAUNCH_ENV, setting)
+    rows, warps = (int(v) for v in setting.split(","))
+    assert _forward_launch(hidden, hidden) == (1024 if hidden == 1000 else 256, rows, warps)
+    for offset in (0.0, 1.0):
+        x, w = make_inputs(lead, hidden, torch.bfloat16, offset)
+        y = rms_norm(x, w, 1e-6, offset)
+        assert rel_err(y, reference_rms_norm(x, w, 1e-6, offset)) < TOL[torch.bfloat16]
+        dy = torch.randn_like(y)
+        for g, g_ref in zip(torch.autograd.grad(y, (x, w), dy),
+                            torch.autograd.grad(reference_rms_norm(x, w, 1e-6, offset), (x, w), dy)):
+            assert rel_err(g, g_ref) < TOL[torch.bfloat16]
+
+
+def test_forward_launch_keeps_tile_offsets_in_32_bits(monkeypatch):
+    # Rows per program shrink when ROWS x row stride would overflow the kernel's int32 offsets.
+    monkeypatch.setenv(FWD_LAUNCH_ENV, "8,4")
+    assert _forward_launch(64, 2**29)[1] == 2
+    assert _forward_launch(64, 2**31)[1] == 1
+
+
+@pytest.mark.parametrize("setting", ["2", "3,8", "2,3", "two,eight"])
+def test_bad_forward_launch_override_is_refused(setting, monkeypatch):
+    monkeypatch.setenv(FWD_LAUNCH_ENV, setting)
+    with pytest.raises(ValueError, match=FWD_LAUNCH_ENV):
+        rms_norm(torch.randn(4, 64, device=DEVICE), torch.ones(64, device=DEVICE))

@@ -15,6 +15,8 @@ promotes its output to fp32; the patched model keeps activations in the compute 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -37,24 +39,39 @@ def _rms_norm_fwd_kernel(
     X, W, Y, RSTD,
     stride_x, stride_y, n_rows, n_cols,
     eps, offset,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, EVEN: tl.constexpr,
 ):
-    # A [ROWS, BLOCK] tile of whole rows per program: x is read once from registers; short rows
+    # A [ROWS, BLOCK] tile of whole rows per program: x is read once into registers; short rows
     # are stacked so that each program still moves a few thousand elements.
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row0 = tl.program_id(0).to(tl.int64) * ROWS
+    r = tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    row_mask = rows < n_rows
-    col_mask = cols < n_cols
-    mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    row_mask = row0 + r < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    # 64-bit only for the tile's first row; offsets inside the tile are 32-bit (fewer registers
+    # and address instructions per element; the host keeps ROWS * stride below 2^31).
+    x_ptrs = X + row0 * stride_x + (r[:, None] * stride_x + cols[None, :])
+    y_ptrs = Y + row0 * stride_y + (r[:, None] * stride_y + cols[None, :])
+    # The weight is loaded before x is reduced, so its latency overlaps x's instead of adding to
+    # the program's critical path after the reduction; every program reads it: keep it in L2.
+    # x is read once here (the backward comes much later): evict it first.
+    if EVEN:  # whole tiles (hidden a power of two, rows a multiple of ROWS): no masks at all
+        w = tl.load(W + cols, eviction_policy="evict_last").to(tl.float32) + offset
+        x = tl.load(x_ptrs, eviction_policy="evict_first").to(tl.float32)
+    else:
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0, eviction_policy="evict_last").to(tl.float32) + offset
+        x = tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     # Saved for the backward pass: one fp32 per row instead of recomputing the reduction.
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    tl.store(RSTD + row0 + r, rstd, mask=row_mask)
     x_hat = x * rstd[:, None]
     if CAST_BEFORE_WEIGHT:
         x_hat = x_hat.to(Y.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], (x_hat * w[None, :]).to(Y.dtype.element_ty), mask=mask)
+    y = (x_hat * w[None, :]).to(Y.dtype.element_ty)
+    if EVEN:
+        tl.store(y_ptrs, y)
+    else:
+        tl.store(y_ptrs, y, mask=mask)
 
 
 @triton.jit
@@ -102,6 +119,28 @@ def _cast_before(offset: float, cast_before_weight: bool | None) -> bool:
     return offset == 0.0 if cast_before_weight is None else bool(cast_before_weight)
 
 
+# Forward launch override for benchmarking, e.g. TUNEFORGE_RMS_NORM_FWD=2,8 (rows per program,
+# warps); bench/kernels.py --rms-norm-sweep times the candidates. Unset: `_forward_launch`'s rule.
+FWD_LAUNCH_ENV = "TUNEFORGE_RMS_NORM_FWD"
+
+
+def _forward_launch(hidden: int, row_stride: int) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps) of the forward kernel for rows of `hidden` elements."""
+    block, rows, num_warps = row_tile_launch(hidden)
+    override = os.environ.get(FWD_LAUNCH_ENV)
+    if override:
+        try:
+            rows, num_warps = (int(v) for v in override.split(","))
+        except ValueError:
+            raise ValueError(f"{FWD_LAUNCH_ENV}={override!r}: expected 'ROWS,WARPS', e.g. '2,8'") from None
+        if rows < 1 or rows & (rows - 1) or num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"{FWD_LAUNCH_ENV}={override!r}: ROWS must be a power of two, WARPS one of 1..32")
+    # The tile's 32-bit offsets must not overflow (only a row-strided view of a huge buffer could).
+    while rows > 1 and rows * row_stride >= 2**31:
+        rows //= 2
+    return block, rows, num_warps
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Autograd wrapper: saves x, weight and the per-row 1/rms (fp32); no normalised copy of x."""
 
@@ -120,13 +159,14 @@ class RMSNormFunction(torch.autograd.Function):
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         y2d = y.view(n_rows, hidden)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block, rows, num_warps = row_tile_launch(hidden)
+        block, rows, num_warps = _forward_launch(hidden, max(x2d.stride(0), hidden))
         if n_rows > 0:
             _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
                 x2d, weight, y2d, rstd,
                 x2d.stride(0), y2d.stride(0), n_rows, hidden,
                 float(eps), float(offset),
-                BLOCK=block, ROWS=rows, CAST_BEFORE_WEIGHT=cast_before, num_warps=num_warps,
+                BLOCK=block, ROWS=rows, CAST_BEFORE_WEIGHT=cast_before,
+                EVEN=block == hidden and n_rows % rows == 0, num_warps=num_warps,
             )
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.offset = float(offset)
