@@ -278,12 +278,9 @@ def test_tiny_lora_model_generates_the_same_logits_with_the_gemv(tiny_llama_dir,
 
 
 def test_tiny_base_model_generates_the_same_logits_with_the_gemv(tiny_llama_dir, monkeypatch, one_thread):
-    """No adapter: every bitsandbytes Linear4bit forward bound to linear4bit_forward, as models.patch does."""
-    import types
-
+    """No adapter: models.patch binds linear4bit_forward to every bitsandbytes Linear4bit."""
     model = _load_4bit(tiny_llama_dir)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert len(layers) == 14
-    for layer in layers:
-        layer.forward = types.MethodType(linear4bit_forward, layer)
+    assert "nf4_gemv" in model.tuneforge_kernels and len(layers) == 14
+    assert all(layer.forward.__func__ is linear4bit_forward for layer in layers)
     _assert_same_generation(model.eval(), monkeypatch)

@@ -11,6 +11,8 @@ What is patched follows the family table (`FamilySpec` layout fields), never the
   CausalLM.forward  -> with labels: the loss from hidden states by `kernels.cross_entropy`, chunked,
                        so the [tokens x vocab] logits never exist (logits=None is returned); without
                        labels (generation) the model's own forward, logits as usual.
+  bnb Linear4bit    -> decode steps (<= 8 rows, no gradient) by `kernels.nf4_gemv`, the packed weight
+                       read once; anything else bitsandbytes' own forward.
 
 Every patch is an attribute on the module INSTANCE (`module.forward = ...`), never on a class or
 a modeling module's global: a model built later in the same process, or the unpatched twin a test
@@ -65,7 +67,7 @@ def patch_model(model, spec: FamilySpec | None, enabled: bool | None = None) -> 
     """Patch `model` in place; returns the names of the patches applied (empty: plain path).
 
     The names are also stored in `model.tuneforge_kernels` ("rms_norm" / "layer_norm", "rope",
-    "swiglu" / "geglu", "fused_cross_entropy"); the trainer reads "fused_cross_entropy" there.
+    "swiglu" / "geglu", "fused_cross_entropy", "nf4_gemv"); the trainer reads "fused_cross_entropy" there.
     """
     model.tuneforge_kernels = []
     on = kernels_enabled(enabled)
@@ -83,7 +85,7 @@ def patch_model(model, spec: FamilySpec | None, enabled: bool | None = None) -> 
         logger.info("kernels off: %s; plain transformers path", why_not)
         return []
     applied: list[str] = []
-    for patcher in (_patch_norms, _patch_attention, _patch_mlp, _patch_loss):
+    for patcher in (_patch_norms, _patch_attention, _patch_mlp, _patch_loss, _patch_linear4bit):
         name = patcher(model, spec)
         if name:
             applied.append(name)
@@ -426,3 +428,18 @@ def _patch_loss(model, spec: FamilySpec) -> str | None:
     model._tuneforge_logits = _logit_transform(model, spec)
     model.forward = types.MethodType(_causal_lm_forward, model)
     return "fused_cross_entropy"
+
+
+# --- bitsandbytes 4-bit linears --------------------------------------------------------------------
+
+
+def _patch_linear4bit(model, spec: FamilySpec) -> str | None:
+    """Every bitsandbytes Linear4bit's forward -> `nf4_gemv.linear4bit_forward` (decode steps only)."""
+    import bitsandbytes as bnb
+
+    from tuneforge.kernels.nf4_gemv import linear4bit_forward
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.forward = types.MethodType(linear4bit_forward, layer)
+    return "nf4_gemv" if layers else None
