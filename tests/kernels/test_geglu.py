@@ -13,6 +13,7 @@ from transformers import GemmaConfig
 from transformers.activations import ACT2FN
 from transformers.models.gemma.modeling_gemma import GemmaMLP
 
+from kernel_checks import assert_gradients_match, check_gated_against_reference, check_mlp_with_kernel, rel_err
 from tuneforge.kernels.geglu import geglu, reference_geglu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -20,10 +21,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 SHAPES = [(1, 64), (17, 97), (2, 17, 1000)]
 # transformers' activation name for each approximation.
 HF_ACT = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def gate_up(shape, dtype, scale=1.0):
@@ -35,15 +32,10 @@ def gate_up(shape, dtype, scale=1.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_backward_match_reference(shape, dtype, approximate):
-    gate, up = gate_up(shape, dtype)
-    y = geglu(gate, up, approximate)
-    ref = reference_geglu(gate, up, approximate)
-    assert y.shape == gate.shape and y.dtype == dtype
-    assert rel_err(y, ref) < TOL[dtype]
-    dy = torch.randn_like(y)
-    for g, g_ref in zip(torch.autograd.grad(y, (gate, up), dy), torch.autograd.grad(ref, (gate, up), dy)):
-        assert g.dtype == dtype
-        assert rel_err(g, g_ref) < TOL[dtype]
+    check_gated_against_reference(
+        lambda g, u: geglu(g, u, approximate), lambda g, u: reference_geglu(g, u, approximate),
+        *gate_up(shape, dtype), TOL[dtype],
+    )
 
 
 # numpy (the CPU interpreter) warns when exp overflows to inf; the sigmoid is still exactly 0 there.
@@ -52,14 +44,9 @@ def test_forward_and_backward_match_reference(shape, dtype, approximate):
 def test_large_gate_values_stay_finite_and_exact(approximate):
     # |gate| up to ~100: erf and tanh saturate, gelu'(a) must go to 1 and 0 without NaN.
     gate, up = gate_up((17, 97), torch.float32, scale=30.0)
-    y = geglu(gate, up, approximate)
-    dy = torch.randn_like(y)
-    dgate, dup = torch.autograd.grad(y, (gate, up), dy)
-    ref = reference_geglu(gate, up, approximate)
-    dgate_ref, dup_ref = torch.autograd.grad(ref, (gate, up), dy)
-    assert torch.isfinite(dgate).all()
-    for out, expected in ((y, ref), (dgate, dgate_ref), (dup, dup_ref)):
-        assert rel_err(out, expected) < TOL[torch.float32]
+    y, ref = geglu(gate, up, approximate), reference_geglu(gate, up, approximate)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    assert_gradients_match(y, ref, (gate, up), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -72,15 +59,7 @@ def test_reference_is_transformers_activation(approximate):
 def test_kernel_inside_gemma_mlp_matches_transformers(dtype):
     # Gemma's MLP is the tanh GeGLU (GemmaConfig even rewrites a legacy hidden_act="gelu" to it).
     config = GemmaConfig(hidden_size=64, intermediate_size=97, hidden_act="gelu_pytorch_tanh")
-    mlp = GemmaMLP(config).to(DEVICE, dtype)
-    x = torch.randn(2, 17, 64, device=DEVICE, dtype=dtype, requires_grad=True)
-    y_hf = mlp(x)
-    y = mlp.down_proj(geglu(mlp.gate_proj(x), mlp.up_proj(x), "tanh"))
-    assert rel_err(y, y_hf) < TOL[dtype]
-    params = (x, mlp.gate_proj.weight, mlp.up_proj.weight)
-    dy = torch.randn_like(y)
-    for g, g_hf in zip(torch.autograd.grad(y, params, dy), torch.autograd.grad(y_hf, params, dy)):
-        assert rel_err(g, g_hf) < TOL[dtype]
+    check_mlp_with_kernel(GemmaMLP(config).to(DEVICE, dtype), lambda g, u: geglu(g, u, "tanh"), dtype, TOL[dtype])
 
 
 def test_backward_keeps_only_gate_and_up():

@@ -19,6 +19,7 @@ from transformers import Gemma3TextConfig, LlamaConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from kernel_checks import rel_err
 from tuneforge.kernels.rope import SUPPORTED_ROPE_TYPES, apply_rope, reference_apply_rope, rope_cos_sin
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,10 +45,6 @@ POSITIONS = {
     "short": lambda: torch.arange(17)[None],
     "long, batch 2": lambda: torch.stack([torch.arange(40, 57), torch.arange(3, 20)]),
 }
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def llama_config(rope_type):

@@ -13,6 +13,7 @@ from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from kernel_checks import check_gated_against_reference, check_mlp_with_kernel
 from tuneforge.kernels.swiglu import reference_swiglu, swiglu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,21 +22,10 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 SHAPES = [(1, 64), (17, 97), (33, 576), (2, 17, 1000)]
 
 
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 def check_against_reference(shape, dtype, scale=1.0):
     gate = (scale * torch.randn(shape, device=DEVICE)).to(dtype).requires_grad_()
     up = torch.randn(shape, device=DEVICE, dtype=dtype, requires_grad=True)
-    y = swiglu(gate, up)
-    ref = reference_swiglu(gate, up)
-    assert y.shape == gate.shape and y.dtype == dtype
-    assert rel_err(y, ref) < TOL[dtype]
-    dy = torch.randn_like(y)
-    for g, g_ref in zip(torch.autograd.grad(y, (gate, up), dy), torch.autograd.grad(ref, (gate, up), dy)):
-        assert g.dtype == dtype and torch.isfinite(g).all()
-        assert rel_err(g, g_ref) < TOL[dtype]
+    check_gated_against_reference(swiglu, reference_swiglu, gate, up, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -64,15 +54,7 @@ def test_reference_is_transformers_activation():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_inside_llama_mlp_matches_transformers(dtype):
     config = LlamaConfig(hidden_size=64, intermediate_size=97, hidden_act="silu")
-    mlp = LlamaMLP(config).to(DEVICE, dtype)
-    x = torch.randn(2, 17, 64, device=DEVICE, dtype=dtype, requires_grad=True)
-    y_hf = mlp(x)
-    y = mlp.down_proj(swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
-    assert rel_err(y, y_hf) < TOL[dtype]
-    params = (x, mlp.gate_proj.weight, mlp.up_proj.weight)
-    dy = torch.randn_like(y)
-    for g, g_hf in zip(torch.autograd.grad(y, params, dy), torch.autograd.grad(y_hf, params, dy)):
-        assert rel_err(g, g_hf) < TOL[dtype]
+    check_mlp_with_kernel(LlamaMLP(config).to(DEVICE, dtype), swiglu, dtype, TOL[dtype])
 
 
 def test_backward_keeps_only_gate_and_up():
