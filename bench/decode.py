@@ -2,13 +2,18 @@
 both on the same NF4 model, greedy, KV cache on, batch 1 and 8; prints tokens/s and a table.
 
   python bench/decode.py --model /tmp/llama-3.2-1b                      # every stack x batch
-  python bench/decode.py --shape llama-3.1-8b --folder /tmp/llama-3.1-8b --out $OUT
-  python bench/decode.py --stack tuneforge --model DIR --batch 8      # one run, one RESULT line
+  python bench/decode.py --shape llama-3.1-8b --folder /dev/shm/llama-3.1-8b --out $OUT
+  python bench/decode.py --stack tuneforge --model DIR --batch 8      # one stack, one RESULT line per batch
 
-Each (stack, batch) runs in its own process, so one stack's allocator state and compiled kernels
-never flatter the other. Prompts are random token ids (a fixed seed, the same for both stacks);
-`min_new_tokens` = `max_new_tokens`, so a random model's EOS never ends a run early and both
-stacks decode the same number of tokens. tokens/s = batch x new tokens / wall time of `generate`
+hf is transformers' `generate` on the bitsandbytes NF4 model (SDPA, its dynamic KV cache).
+tuneforge is `for_inference`'s `generate`: a static KV cache, the prompt prefilled eagerly, then
+every decode step replayed from one captured CUDA graph (tuneforge.inference); the "path" column
+says what actually ran (a fallback to transformers' generate would show there).
+
+Each stack runs in its own process (loading the model once for all batch sizes), so one stack's
+allocator state and compiled kernels never flatter the other. Prompts are random token ids (a
+fixed seed, the same for both stacks); `min_new_tokens` = `max_new_tokens`, so a random model's
+EOS never ends a run early and both stacks decode the same number of tokens. tokens/s = batch x new tokens / wall time of `generate`
 (the median of --repeats runs after one warm-up), i.e. the prompt's prefill is included, as a
 user sees it. The first run's tokens are compared across stacks ("same tokens"): greedy decoding
 of the same model should agree except where two logits are within rounding of each other.
@@ -48,11 +53,10 @@ def load(stack: str, model_dir: str, four_bit: bool):
                                                 device_map=device, attn_implementation="sdpa").eval()
 
 
-def run_one(stack: str, model_dir: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+def run_one(model, stack: str, model_dir: str, batch: int, prompt_len: int, new_tokens: int, repeats: int,
             four_bit: bool) -> dict:
     import torch
 
-    model = load(stack, model_dir, four_bit)
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -69,7 +73,7 @@ def run_one(stack: str, model_dir: str, batch: int, prompt_len: int, new_tokens:
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, use_cache=True, pad_token_id=pad)
 
-    generate(8)  # warm-up: CUDA context, kernel compilation, cuBLAS handles
+    generate(8)  # warm-up: CUDA context, kernel compilation, cuBLAS handles (tuneforge: the graph capture)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, first = [], None
@@ -81,39 +85,43 @@ def run_one(stack: str, model_dir: str, batch: int, prompt_len: int, new_tokens:
         times.append(time.perf_counter() - start)
         first = out[:, prompt_len:].tolist() if first is None else first
     seconds = statistics.median(times)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
         "stack": stack, "model": Path(model_dir).name, "batch": batch, "prompt": prompt_len, "new": new_tokens,
         "four_bit": four_bit, "tokens_per_s": round(batch * new_tokens / seconds, 1), "seconds": round(seconds, 3),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "kernels": getattr(model.get_base_model() if hasattr(model, "get_base_model") else model,
-                           "tuneforge_kernels", None),
+        "kernels": getattr(inner, "tuneforge_kernels", None),
+        "path": getattr(inner, "tuneforge_generate_path", None) or "transformers generate",
         "tokens": first,
     }
 
 
-def run_process(stack: str, args, batch: int) -> dict:
+def run_process(stack: str, args, batches: list[int]) -> list[dict]:
+    """One process for `stack`: the model loaded once, one RESULT line per batch size."""
     command = [sys.executable, str(Path(__file__).resolve()), "--stack", stack, "--model", str(args.model),
-               "--batch", str(batch), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--repeats", str(args.repeats)] + (["--no-4bit"] if args.no_4bit else [])
+               "--batch", ",".join(map(str, batches)), "--prompt-len", str(args.prompt_len),
+               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)] + \
+        (["--no-4bit"] if args.no_4bit else [])
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"stack": stack, "batch": batch, "error": f"timeout after {args.timeout} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
-        return {"stack": stack, "batch": batch, "error": " | ".join(tail)[-600:]}
-    return json.loads(lines[-1][len("RESULT "):])
+        stdout, stderr, why = done.stdout, done.stderr, None
+    except subprocess.TimeoutExpired as expired:
+        stdout, stderr, why = expired.stdout or "", expired.stderr or "", f"timeout after {args.timeout} s"
+        stdout, stderr = (x.decode() if isinstance(x, bytes) else x for x in (stdout, stderr))
+    found = {r["batch"]: r for r in (json.loads(line[len("RESULT "):]) for line in stdout.splitlines()
+                                     if line.startswith("RESULT "))}
+    tail = " | ".join((stderr or stdout).strip().splitlines()[-6:])[-600:]
+    return [found.get(batch) or {"stack": stack, "batch": batch, "error": why or tail} for batch in batches]
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| model | batch | stack | tokens/s | vs hf | same tokens as hf | peak alloc GiB |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | batch | stack | tokens/s | vs hf | same tokens as hf | peak alloc GiB | path |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = next((b for b in results if b["stack"] == "hf" and b["batch"] == r["batch"] and "tokens_per_s" in b),
                     None)
         if "error" in r:
-            rows.append(f"| - | {r['batch']} | {r['stack']} | {r['error']} | - | - | - |")
+            rows.append(f"| - | {r['batch']} | {r['stack']} | {r['error']} | - | - | - | - |")
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         same = "-"
@@ -121,7 +129,7 @@ def table(results: list[dict]) -> str:
             pairs = [(a, b) for row_a, row_b in zip(base["tokens"], r["tokens"]) for a, b in zip(row_a, row_b)]
             same = f"{100 * sum(a == b for a, b in pairs) / len(pairs):.0f}%"
         rows.append(f"| {r['model']} | {r['batch']} | {r['stack']} | {r['tokens_per_s']:,.1f} | {ratio} | {same} | "
-                    f"{r.get('peak_alloc_gib') or '-'} |")
+                    f"{r.get('peak_alloc_gib') or '-'} | {r.get('path') or '-'} |")
     return "\n".join(rows)
 
 
@@ -136,7 +144,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-4bit", action="store_true", help="16-bit weights instead of NF4")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per (stack, batch) process")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per stack process")
     parser.add_argument("--out", type=Path, help="folder for results.jsonl and decode.md")
     args = parser.parse_args()
     if args.shape:
@@ -148,18 +156,18 @@ def main() -> int:
         parser.error("give --model or --shape")
     batches = [int(b) for b in args.batch.split(",")]
     if args.stack:
+        model = load(args.stack, args.model, not args.no_4bit)
         for batch in batches:
-            result = run_one(args.stack, args.model, batch, args.prompt_len, args.new_tokens, args.repeats,
+            result = run_one(model, args.stack, args.model, batch, args.prompt_len, args.new_tokens, args.repeats,
                              not args.no_4bit)
             print("RESULT " + json.dumps(result), flush=True)
         return 0
-    results = []
-    for batch in batches:
-        for stack in STACKS:
-            result = run_process(stack, args, batch)
-            results.append(result)
-            shown = {k: v for k, v in result.items() if k != "tokens"}
-            print(json.dumps(shown), flush=True)
+    by_stack = {}
+    for stack in STACKS:
+        by_stack[stack] = run_process(stack, args, batches)
+        for result in by_stack[stack]:
+            print(json.dumps({k: v for k, v in result.items() if k != "tokens"}), flush=True)
+    results = [by_stack[stack][i] for i in range(len(batches)) for stack in STACKS]
     text = table(results)
     print(text)
     if args.out:

@@ -46,7 +46,11 @@ def load_for_chat(model: str, load_in_4bit: bool = True):
 
 
 def respond(model, tokenizer, messages, max_new_tokens: int = 256, stream: bool = True) -> str:
-    """Greedy answer to `messages` (chat template applied), streamed to stdout when `stream`."""
+    """Greedy answer to `messages` (chat template applied), streamed to stdout when `stream`.
+
+    `model` comes from `load_for_chat`, so `generate` is for_inference's static-cache loop (CUDA
+    graph decode steps on a GPU); the streamer gets each token as it is chosen.
+    """
     import torch
     from transformers import TextStreamer
 

@@ -328,6 +328,26 @@ def test_decoder_reuses_its_session_for_same_shapes(llama):
     assert decoder.session is not session
 
 
+def test_warm_up_steps_before_capture_leave_no_trace(llama):
+    """Capture needs eager warm-up steps after the prefill; they must not change the generation
+    (on the CPU the steps run without capture, the bookkeeping is the same)."""
+    from tuneforge.inference.generate import WARMUP_STEPS, resolve_call
+
+    inner = _inner(llama)
+    ids, mask = _prompts(3)
+    options = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    call = resolve_call(inner, (ids,), options)
+    decoder = Decoder(inner)
+    session = decoder._session_for(call)
+    decoder._prefill(session, call)
+    decoder._rehearse(session, call.sampling, WARMUP_STEPS)
+    for _ in range(call.max_new - 1):
+        decoder._decode_step(session, call.sampling)
+    assert int(session.step) == call.max_new - 1 and int(session.slot) == 9 + call.max_new - 1
+    assert torch.equal(session.tokens[:, : call.max_new], _reference(llama, ids, mask, max_new_tokens=10,
+                                                                     eos_token_id=None)[:, 9:])
+
+
 @pytest.mark.slow
 def test_smollm2_greedy_chat_answer_equals_transformers(smollm2_dir, monkeypatch):
     """The real SmolLM2-135M-Instruct: its own EOS ends the answer, as in transformers."""

@@ -93,7 +93,9 @@ def _config_reason(config) -> str | None:
     for name, value in vars(config).items():
         if name.startswith("_") or name in _HANDLED or name in _IRRELEVANT:
             continue
-        if value is None or value is False or (name in _NEUTRAL and value == _NEUTRAL[name]):
+        if value is None or value is False or (isinstance(value, (dict, list, tuple)) and not value):
+            continue
+        if name in _NEUTRAL and value == _NEUTRAL[name]:
             continue
         return f"generation option {name}={value!r}"
     if config.use_cache is False:
@@ -393,21 +395,26 @@ class Decoder:
         s.position.add_(1)
         s.slot.add_(1)
 
-    def _capture(self, s: _Session, sampling: Sampling) -> None:
-        """Warm up on a side stream, then capture one decode step; the buffers are restored after
-        both, so the generation continues from the prefill's state."""
+    def _rehearse(self, s: _Session, sampling: Sampling, steps: int) -> None:
+        """Run `steps` decode steps, then put every buffer back: the generation goes on from where
+        it was. The cache slots they wrote are rewritten by the real steps before anything reads
+        them (a slot becomes valid in the step that writes it)."""
         snapshot = s.snapshot()
+        for _ in range(steps):
+            self._decode_step(s, sampling)
+        s.restore(snapshot)
+
+    def _capture(self, s: _Session, sampling: Sampling) -> None:
+        """Warm up on a side stream (as torch.cuda.graphs asks), then capture one decode step.
+        Capturing records kernels without running them, so the buffers keep the prefill's state."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(WARMUP_STEPS):
-                self._decode_step(s, sampling)
+            self._rehearse(s, sampling, WARMUP_STEPS)
         torch.cuda.current_stream().wait_stream(stream)
-        s.restore(snapshot)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._decode_step(s, sampling)
-        s.restore(snapshot)
         s.graph = graph
 
     # -- a whole call -----------------------------------------------------------------------------
