@@ -132,30 +132,30 @@ def llama(folders):
     return _load(folders("llama"))
 
 
-def _eos_of(model, ids, mask, row=0, step=3):
-    """A token the reference emits in `row` at `step` and nowhere in that row before."""
+def _eos_of(model, ids, mask, row=0, step=3) -> tuple[int, int]:
+    """(token, at): a token the reference emits in `row` first at step `at` >= `step`, to use as EOS."""
     out = transformers_generate(model, ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                                 pad_token_id=PAD, eos_token_id=None)
     new = out[row, ids.shape[1]:].tolist()
-    assert new[step] not in new[:step], "pick another step: the token repeats earlier"
-    return new[step]
+    at = next(i for i in range(step, len(new)) if new[i] not in new[:i])
+    return new[at], at
 
 
 def test_eos_stops_each_row_and_pads_after(llama):
     ids, mask = _prompts(3)
-    eos = _eos_of(llama, ids, mask)
+    eos, at = _eos_of(llama, ids, mask)
     options = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
     expected = transformers_generate(llama, ids, **options)
     got = llama.generate(ids, **options)
     assert torch.equal(got, expected)
     first = got[0, 9:].tolist()
-    assert first[3] == eos and set(first[4:]) <= {PAD}, "row 0 stops at its EOS and is padded after"
-    assert (got[1:, 9 + 4:] != PAD).any(), "the other rows go on after row 0 stopped"
+    assert first[at] == eos and set(first[at + 1:]) <= {PAD}, "row 0 stops at its EOS and is padded after"
+    assert (got[1:, 9 + at + 1:] != PAD).any(), "the other rows go on after row 0 stopped"
 
 
 def test_min_new_tokens_blocks_eos(llama):
     ids, mask = _prompts(3)
-    eos = _eos_of(llama, ids, mask)
+    eos, _ = _eos_of(llama, ids, mask)
     options = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=6, do_sample=False, pad_token_id=PAD,
                    eos_token_id=eos)
     got = llama.generate(ids, **options)
@@ -166,10 +166,10 @@ def test_min_new_tokens_blocks_eos(llama):
 def test_batch_ending_early_returns_transformers_length(llama):
     """Every row emits EOS before max_new_tokens: the output is as long as transformers' (not max_new)."""
     ids, mask = _prompts(1)
-    eos = _eos_of(llama, ids, mask, step=2)
+    eos, at = _eos_of(llama, ids, mask, step=2)
     options = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
     got = llama.generate(ids, **options)
-    assert got.shape == (1, 9 + 3) and torch.equal(got, transformers_generate(llama, ids, **options))
+    assert got.shape == (1, 9 + at + 1) and torch.equal(got, transformers_generate(llama, ids, **options))
 
 
 class Recorder:
@@ -187,13 +187,13 @@ class Recorder:
 
 def test_streamer_receives_what_transformers_streams(llama):
     ids, mask = _prompts(1)
-    eos = _eos_of(llama, ids, mask, step=4)
+    eos, at = _eos_of(llama, ids, mask, step=4)
     ours, theirs = Recorder(), Recorder()
     options = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
     llama.generate(ids, streamer=ours, **options)
     transformers_generate(llama, ids, streamer=theirs, **options)
     assert ours.puts == theirs.puts and ours.ended == theirs.ended == 1
-    assert len(ours.puts) == 1 + 5, "the prompt, then one put per token up to the EOS"
+    assert len(ours.puts) == 1 + at + 1, "the prompt, then one put per token up to the EOS"
 
 
 # --- sampling ---------------------------------------------------------------------------------------
@@ -377,7 +377,7 @@ def test_cuda_graph_replay_gives_the_eager_loops_tokens(folders, four_bit):
     model = _load(folders("llama"), four_bit, adapter=True, dtype=torch.float32)
     inner = _inner(model)
     ids, mask = _prompts(3, "cuda")
-    eos = _eos_of(model, ids, mask, row=1, step=2)
+    eos, _ = _eos_of(model, ids, mask, row=1, step=2)
     calls = [dict(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=20, eos_token_id=None),
              dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, eos_token_id=None),
              dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos),

@@ -268,7 +268,7 @@ class _Session:
         self.tokens = torch.zeros(batch, max_len, **long)
         self.eos, self.pad = torch.zeros(n_eos, **long), torch.zeros(1, **long)
         self.graph = None
-        self.graph_failed = False
+        self.graph_error: str | None = None  # why capture failed (then the steps run eagerly)
 
     def snapshot(self) -> dict:
         return {name: getattr(self, name).clone() for name in self.STATE}
@@ -439,15 +439,14 @@ class Decoder:
             streamer.put(call.input_ids.cpu())
             streamer.put(s.tokens[:, 0].cpu())
         no_graph = (graph_reason(self.model, device) or (None if self.cuda_graphs else "cuda_graphs=False"))
-        if call.max_new > 1 and not no_graph and s.graph is None and not s.graph_failed:
+        if call.max_new > 1 and not no_graph and s.graph is None and s.graph_error is None:
             try:
                 self._capture(s, call.sampling)
             except Exception as error:  # noqa: BLE001 - any capture failure leaves the eager step, which works
-                s.graph_failed = True
-                logger.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly",
-                               type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-        self.path = "static cache + CUDA graph" if s.graph is not None else \
-            f"static cache, eager steps ({no_graph or 'capture failed'})"
+                s.graph_error = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+                logger.warning("CUDA graph capture failed (%s); decode steps run eagerly", s.graph_error)
+        no_graph = no_graph or (s.graph_error and f"capture failed, {s.graph_error}")
+        self.path = "static cache + CUDA graph" if s.graph is not None else f"static cache, eager steps ({no_graph})"
         check_every = 1 if (streamer is not None or s.graph is None) else CHECK_EVERY
         produced = 1
         while produced < call.max_new:
