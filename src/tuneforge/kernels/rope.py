@@ -216,11 +216,16 @@ def apply_rope(
     seq, rotary_dim] as transformers' rotary embedding returns them. rotary_dim < head_dim
     (partial rotary: StableLM, Phi-4-mini) turns only the leading rotary_dim dims of each head.
 
-    inplace=True overwrites q and k and returns them (the backward rotates the incoming
-    gradients in place too). Autograd allows that only for tensors that are not views (nor
-    leaves requiring grad): pass views, e.g. slices of one packed qkv projection or outputs
-    viewed inside another autograd Function, with inplace=False, which returns new contiguous
-    tensors. Returns (q_rot, k_rot) shaped like q and k.
+    inplace=True overwrites q and k and returns them. Autograd allows that only for tensors that
+    are not views (nor leaves requiring grad): pass views, e.g. slices of one packed qkv
+    projection or outputs viewed inside another autograd Function, with inplace=False, which
+    returns new contiguous tensors. Returns (q_rot, k_rot) shaped like q and k.
+
+    Either way the backward rotates the gradient it receives in its own storage: a gradient the
+    caller hands in for q_rot / k_rot (autograd.grad's grad_outputs) is overwritten, and where an
+    op hands one gradient tensor to q_rot and to another input (q_rot + t), t's gradient may come
+    out rotated. In the attention layer q_rot and k_rot only reach the per-head view, whose
+    gradients are fresh tensors.
     """
     return RoPEFunction.apply(q, k, cos, sin, head_dim, inplace)
 
