@@ -20,6 +20,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tuneforge.inference import Decoder, enable_fast_generate, transformers_generate
+from tuneforge.inference.generate import WARMUP_STEPS, resolve_call
 from tuneforge.inference.sampling import Sampling, choose, warp
 from tuneforge.models.fast_language_model import FastLanguageModel
 from tuneforge.testing import tiny_model
@@ -312,27 +313,25 @@ def test_for_training_restores_transformers_generate(folders):
 
 
 def test_decoder_reuses_its_session_for_same_shapes(llama):
-    """Calls of the same batch and rounded length share one cache (and, on CUDA, one graph)."""
-    decoder = Decoder(_inner(llama))
-    from tuneforge.inference.generate import resolve_call
-
+    """Calls of the same batch and rounded length share one cache (and, on CUDA, one graph); a
+    shorter prompt after a longer one must not see the earlier call's keys left in the cache."""
+    inner = _inner(llama)
+    decoder = Decoder(inner)
     ids, mask = _prompts(3)
-    first = resolve_call(_inner(llama), (ids,), dict(attention_mask=mask, max_new_tokens=5, pad_token_id=PAD))
-    decoder.generate(first)
+    decoder.generate(resolve_call(inner, (ids,), dict(attention_mask=mask, max_new_tokens=5, pad_token_id=PAD,
+                                                      eos_token_id=None)))
     session = decoder.session
-    decoder.generate(resolve_call(_inner(llama), (ids[:, 2:],), dict(attention_mask=mask[:, 2:], max_new_tokens=8,
-                                                                      pad_token_id=PAD)))
+    shorter = dict(attention_mask=mask[:, 2:], max_new_tokens=8, pad_token_id=PAD, eos_token_id=None)
+    got = decoder.generate(resolve_call(inner, (ids[:, 2:],), shorter))
     assert decoder.session is session
-    decoder.generate(resolve_call(_inner(llama), (ids[:2],), dict(attention_mask=mask[:2], max_new_tokens=5,
-                                                                  pad_token_id=PAD)))
+    assert torch.equal(got, transformers_generate(llama, ids[:, 2:], do_sample=False, **shorter))
+    decoder.generate(resolve_call(inner, (ids[:2],), dict(attention_mask=mask[:2], max_new_tokens=5, pad_token_id=PAD)))
     assert decoder.session is not session
 
 
 def test_warm_up_steps_before_capture_leave_no_trace(llama):
     """Capture needs eager warm-up steps after the prefill; they must not change the generation
     (on the CPU the steps run without capture, the bookkeeping is the same)."""
-    from tuneforge.inference.generate import WARMUP_STEPS, resolve_call
-
     inner = _inner(llama)
     ids, mask = _prompts(3)
     options = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=None)
