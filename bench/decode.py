@@ -13,9 +13,9 @@ says what actually ran (a fallback to transformers' generate would show there).
 Each stack runs in its own process (loading the model once for all batch sizes), so one stack's
 allocator state and compiled kernels never flatter the other. Prompts are random token ids (a
 fixed seed, the same for both stacks); `min_new_tokens` = `max_new_tokens`, so a random model's
-EOS never ends a run early and both stacks decode the same number of tokens. tokens/s = batch x new tokens / wall time of `generate`
-(the median of --repeats runs after one warm-up), i.e. the prompt's prefill is included, as a
-user sees it. The first run's tokens are compared across stacks ("same tokens"): greedy decoding
+EOS never ends a run early and both stacks decode the same number of tokens. tokens/s = batch x
+new tokens / wall time of `generate` (the median of --repeats runs after one warm-up), i.e. the
+prompt's prefill is included, as a user sees it. The first run's tokens are compared across stacks ("same tokens"): greedy decoding
 of the same model should agree except where two logits are within rounding of each other.
 """
 
