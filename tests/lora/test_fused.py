@@ -19,7 +19,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from tuneforge.lora.fused import patch_lora
 from tuneforge.models.families import get_family
 from tuneforge.models.patch import patch_model
-from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, lora_grads, randomize_lora_b, tiny_batch, tiny_model
+from tuneforge.testing.tiny import (
+    TEST_DEVICE as DEVICE, lora_grads, randomize_lora_b, record_rope_calls, tiny_batch, tiny_model,
+)
 
 
 def _lora(model, family, **config):
@@ -147,3 +149,17 @@ def test_two_adapters_activated_after_patching_fall_back_to_peft(caplog):
     assert "2 active adapters" in caplog.text
     with torch.no_grad():
         torch.testing.assert_close(got, reference(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_qkv_outputs_are_rotated_in_place_and_match_peft(family, monkeypatch, caplog):
+    """The fused QKV Function returns fresh tensors (not views made inside it), so RoPE rotates
+    q and k in their own storage on the training path too, with peft's loss and gradients
+    (qwen2: biased q/k/v projections)."""
+    calls = record_rope_calls(monkeypatch)
+    ours, _ = _fused(tiny_model(family, device=DEVICE), family)
+    reference = _lora(tiny_model(family, device=DEVICE), family)
+    with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
+        _assert_same_step(ours, reference)
+    assert calls and set(calls) == {(True, True)}
+    assert "RoPE out of place" not in caplog.text

@@ -18,7 +18,7 @@ import torch
 
 from tuneforge.models.families import all_families, get_family
 from tuneforge.models.patch import DISABLE_ENV, patch_model
-from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, tiny_batch, tiny_model
+from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, record_rope_calls, tiny_batch, tiny_model
 from tuneforge.train.trainer import _has_fused_loss
 
 KERNEL_FAMILIES = sorted(name for name, spec in all_families().items() if spec.kernels)
@@ -73,17 +73,9 @@ def test_rope_rotates_q_and_k_in_place_where_autograd_allows(family, in_place, m
     # Projection outputs (llama), per-head q/k norm outputs (qwen3) and whole-q/k norm outputs
     # (olmo2) are fresh tensors: rotated in their own storage. Phi-3 splits one packed qkv_proj
     # output, so q and k are views that need grad: rotated out of place, said once in the log.
-    import tuneforge.kernels.rope as rope
     import tuneforge.models.patch as patch
 
-    calls, apply_rope = [], rope.apply_rope
-
-    def spy(q, k, cos, sin, head_dim, inplace=True):
-        out = apply_rope(q, k, cos, sin, head_dim, inplace=inplace)
-        calls.append((inplace, out[0] is q and out[1] is k))
-        return out
-
-    monkeypatch.setattr(rope, "apply_rope", spy)
+    calls = record_rope_calls(monkeypatch)
     monkeypatch.setattr(patch, "_LOGGED", set())
     _, ours, _ = _patched_pair(family)
     ids, mask, labels = tiny_batch(device=DEVICE)

@@ -49,6 +49,7 @@ from tuneforge.kernels.nf4 import (
     round_bf16_rtne,
 )
 from tuneforge.kernels.swiglu import swiglu
+from tuneforge.kernels.weight_cache import cast_for_compute
 
 __all__ = [
     "ACTIVATIONS",
@@ -190,14 +191,24 @@ def launch_rank_update_(y: torch.Tensor, xa: torch.Tensor, b_t: torch.Tensor, sc
 
 
 def _projection_forward(x, weight, quant_state, bias, lora_A, lora_B, scaling):
-    """y [T, out] and XA [T, r] (None without adapter) for x [T, in]; the dense W is dropped at once."""
+    """y [..., out] and XA [T, r] (None without adapter) for x [..., in]; the dense W is dropped at once.
+
+    y is a fresh tensor, never a view (matmul folds the leading dims and un-views its result), so
+    an attention layer may rotate q and k in place: autograd forbids in-place writes to a view
+    made inside a custom Function.
+    """
     w = dense_weight(weight, quant_state, x.dtype)
-    y = x @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x, w.t())
+    if bias is None:
+        y = torch.matmul(x, w.t())
+    elif x.dim() == 2:
+        y = torch.addmm(bias.to(x.dtype), x, w.t())
+    else:
+        y = torch.matmul(x, w.t()).add_(bias.to(x.dtype))
     del w
     if lora_A is None:
         return y, None
-    xa = x @ lora_A.to(x.dtype).t()
-    rank_update_(y, xa, lora_B.to(x.dtype), scaling)
+    xa = x.reshape(-1, x.shape[-1]) @ cast_for_compute(lora_A, x.dtype).t()
+    rank_update_(y.view(-1, y.shape[-1]), xa, cast_for_compute(lora_B, x.dtype), scaling)
     return y, xa
 
 
@@ -212,10 +223,10 @@ def _projection_backward(dy, x, xa, weight, quant_state, bias, lora_A, lora_B, s
         dbias = dy.sum(0).to(bias.dtype)
     if lora_A is not None:
         dB = (dy.t() @ xa).mul_(scaling).to(lora_B.dtype)
-        dyb = dy @ lora_B.to(dy.dtype)  # [T, r]
+        dyb = dy @ cast_for_compute(lora_B, dy.dtype)  # [T, r]
         dA = (dyb.t() @ x).mul_(scaling).to(lora_A.dtype)
         if need_dx:
-            rank_update_(dx, dyb, lora_A.to(dy.dtype).t(), scaling)
+            rank_update_(dx, dyb, cast_for_compute(lora_A, dy.dtype).t(), scaling)
     return dx, dbias, dA, dB
 
 
@@ -242,8 +253,8 @@ class LoRAQKVFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         outs, saved = [], [x2]
         for i in range(0, len(projections), _N_ARGS):
-            y, xa = _projection_forward(x2, *projections[i : i + _N_ARGS])
-            outs.append(y.view(*shape[:-1], y.shape[-1]))
+            y, xa = _projection_forward(x, *projections[i : i + _N_ARGS])  # y [..., out], not a view
+            outs.append(y)
             saved.append(xa)
         ctx.save_for_backward(*saved)
         ctx.projections = projections

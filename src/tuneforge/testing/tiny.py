@@ -86,3 +86,19 @@ def lora_grads(model) -> dict:
         name.replace("base_model.model.", ""): parameter.grad.detach().clone()
         for name, parameter in model.named_parameters() if parameter.requires_grad
     }
+
+
+def record_rope_calls(monkeypatch) -> list:
+    """Spy on kernels.rope.apply_rope: returns a list that fills with (inplace asked, q and k
+    returned as the very tensors passed) for every call made while the monkeypatch holds."""
+    import tuneforge.kernels.rope as rope
+
+    calls, apply_rope = [], rope.apply_rope
+
+    def spy(q, k, cos, sin, head_dim, inplace=True):
+        out = apply_rope(q, k, cos, sin, head_dim, inplace=inplace)
+        calls.append((inplace, out[0] is q and out[1] is k))
+        return out
+
+    monkeypatch.setattr(rope, "apply_rope", spy)
+    return calls

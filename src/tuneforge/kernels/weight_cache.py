@@ -1,0 +1,43 @@
+"""Compute-dtype copies of the (fp32) LoRA weights, cast once per optimizer step.
+
+Under autocast every use of an fp32 LoRA weight by a bf16 matmul casts it again: forward,
+checkpointed recompute and backward each cast A and B, four extra launches per projection per
+step on a step that is bound by launches, not by the GPU. The weights only change when the
+optimizer steps (or a user writes into them), so one cast per step gives the same values.
+
+A copy is reused only while all of these hold:
+  - no optimizer has stepped since it was made (a global post-step hook counts steps, for
+    every torch.optim.Optimizer subclass, bitsandbytes' included);
+  - the weight's version counter is unchanged (any in-place write: load_state_dict, copy_, ...);
+  - it is the same storage and dtype.
+Copies are made only outside autograd recording (inside our Functions' forward/backward), so a
+cached tensor never carries a graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+_optimizer_steps = 0
+
+
+def _count_step(optimizer, args, kwargs) -> None:  # noqa: ARG001 - the hook's signature
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def cast_for_compute(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight.to(dtype)`, reused from the last call while the weight cannot have changed."""
+    if weight.dtype == dtype:
+        return weight
+    key = (_optimizer_steps, weight._version, weight.data_ptr(), dtype)
+    cached = getattr(weight, "_tuneforge_cast", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    copy = weight.detach().to(dtype)
+    weight._tuneforge_cast = (key, copy)
+    return copy
