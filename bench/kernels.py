@@ -70,12 +70,25 @@ def cases():
     yield ("geglu_tanh", lambda: geglu.geglu(gate, up, "tanh"), lambda: geglu.reference_geglu(gate, up, "tanh"),
            [gate, up], nbytes(gate, up, gate), nbytes(gate, up, gate) + nbytes(gate, up))
 
-    q = torch.randn(4, HEADS, 2048, HEAD_DIM, **bf16, requires_grad=True)
-    k = torch.randn(4, KV_HEADS, 2048, HEAD_DIM, **bf16, requires_grad=True)
+    # The kernel rotates q/k in place, in the projections' layout [B, S, H*D]; the reference
+    # takes the per-head layout [B, H, S, D] and returns new tensors.
+    q = torch.randn(4, 2048, HEADS * HEAD_DIM, **bf16, requires_grad=True)
+    k = torch.randn(4, 2048, KV_HEADS * HEAD_DIM, **bf16, requires_grad=True)
     cos = torch.randn(4, 2048, HEAD_DIM, **bf16)
     sin = torch.randn(4, 2048, HEAD_DIM, **bf16)
     rope_bytes = 2 * nbytes(q, k) + nbytes(cos, sin)
-    yield ("rope", lambda: rope.apply_rope(q, k, cos, sin), lambda: rope.reference_apply_rope(q, k, cos, sin),
+
+    def heads(t):
+        return t.unflatten(-1, (-1, HEAD_DIM)).transpose(1, 2)
+
+    def rope_ours():
+        # Autograd refuses to overwrite a leaf: the forward+backward timing rotates clones, so it
+        # includes one copy of q and k that the model (rotating fresh projection outputs) never makes.
+        if torch.is_grad_enabled():
+            return rope.apply_rope(q.clone(), k.clone(), cos, sin, HEAD_DIM)
+        return rope.apply_rope(q, k, cos, sin, HEAD_DIM)
+
+    yield ("rope", rope_ours, lambda: rope.reference_apply_rope(heads(q), heads(k), cos, sin),
            [q, k], rope_bytes, 2 * rope_bytes)
 
     hidden = torch.randn(TOKENS, HIDDEN, **bf16, requires_grad=True)
