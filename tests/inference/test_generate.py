@@ -50,7 +50,9 @@ def folders(tmp_path_factory):
     return folder
 
 
-def _load(folder, four_bit=False, adapter=False, dtype=None, **options):
+def _load(folder, four_bit=False, adapter=False, dtype=torch.float32, **options):
+    # fp32 on every device: these tests compare tokens, and a GPU's default bf16 turns the tiny
+    # models' logits into exact ties (the reference's near-tie check refuses those).
     model, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=four_bit, max_seq_length=128, dtype=dtype,
                                                  **options)
     if adapter:  # nonzero LoRA B, so the adapter changes the tokens
@@ -63,8 +65,10 @@ def _inner(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _prompts(batch: int, device="cpu", seed=1):
-    """(input_ids, attention_mask) [batch, 9]; row i (i > 0) left-padded by 3 * i tokens."""
+def _prompts(batch: int, device=None, seed=1):
+    """(input_ids, attention_mask) [batch, 9]; row i (i > 0) left-padded by 3 * i tokens; on the
+    device the loader puts models on (CUDA when there is one) unless told."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ids = torch.randint(3, 300, (batch, 9), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
     for row in range(1, batch):

@@ -199,9 +199,10 @@ def test_autograd_through_an_attention_layer_matches_transformers():
     # gradients equal those of transformers' out-of-place rotation of the same projections.
     hidden, q_heads, k_heads, head_dim, seq = 48, 3, 1, 16, 17
     x = torch.randn(2, seq, hidden, device=DEVICE)
-    wq = torch.randn(q_heads * head_dim, hidden, device=DEVICE, requires_grad=True)
-    wk = torch.randn(k_heads * head_dim, hidden, device=DEVICE, requires_grad=True)
-    wv = torch.randn(k_heads * head_dim, hidden, device=DEVICE, requires_grad=True)
+    # Weights scaled as initialisers do (1/sqrt(fan-in)): unscaled ones make the softmax so sharp
+    # that the kernel's fused multiply-adds (vs eager's separate mul and add) reach 1e-5 on the GPU.
+    wq, wk, wv = (torch.randn(heads * head_dim, hidden, device=DEVICE).div_(hidden ** 0.5).requires_grad_()
+                  for heads in (q_heads, k_heads, k_heads))
     config = LlamaConfig(hidden_size=hidden, num_attention_heads=q_heads, num_key_value_heads=k_heads)
     cos, sin = LlamaRotaryEmbedding(config).to(DEVICE)(x, torch.arange(seq, device=DEVICE)[None])
 

@@ -77,11 +77,15 @@ def block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, BL
     NESTED: state2.code[qabsmax] * state2.absmax[block // BLOCKSIZE2] + offset, the product rounded
     before the add as bitsandbytes does (kernels launch with enable_fp_fusion=False for that).
     """
+    # One return at the end: Triton 3.6's compiler rejects a return inside an `if` followed by
+    # another (the CPU interpreter accepts it, so only the GPU run showed it).
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
-        return scale + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
 
 
 @triton.jit
