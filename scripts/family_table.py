@@ -1,11 +1,16 @@
-"""Write docs/families.md, the README's family table, from the results of the family tests.
+"""Write the family table, in docs/families.md and in README.md, from the results of the family tests.
 
     pytest tests/models/test_families.py      # writes build/family_results/<family>__<check>.json
-    python scripts/family_table.py           # reads them, writes docs/families.md
+    python scripts/family_table.py           # reads them, writes docs/families.md and the README's table
+    python scripts/family_table.py --check   # exit 1 if either file differs from what it would write
+
+The README gets the same table between the marker lines `<!-- families:begin -->` and
+`<!-- families:end -->` of its "Model families" section; nothing else in the README is touched.
 
 A cell says what the last test run proved: "yes" (passed), "FAILED" (ran and failed), "no" (the
-family table says it does not apply, e.g. transformers does not quantise Falcon's layers) or "?"
-(no result: the test was not run). Nothing in the table is typed by hand.
+family table says it does not apply, e.g. Falcon cannot pack samples) or "?" (no result: the test
+was not run). Nothing in the table is typed by hand. tests/models/test_families.py fails when the
+committed tables differ from what its own run's results render.
 """
 
 from __future__ import annotations
@@ -18,31 +23,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+README_BEGIN = "<!-- families:begin -->"
+README_END = "<!-- families:end -->"
+
 COLUMNS = (
-    # (check written by the tests, column title, the FamilySpec flag that says it applies)
-    ("load_16bit", "16-bit", None),
-    ("load_4bit", "4-bit NF4", "four_bit"),
-    ("lora_step", "LoRA step = peft", None),
-    ("adapter_reload", "adapter reload (peft)", None),
-    ("generate", "generation", None),
-    ("packing", "packing", "packing"),
+    # (checks written by the tests: the first must have run, the others count where they ran;
+    #  column title; the FamilySpec flag that says it applies)
+    (("load_16bit",), "16-bit", None),
+    # lora_step_4bit: the QLoRA step against peft, run for families whose layers tuneforge quantises.
+    (("load_4bit", "lora_step_4bit"), "4-bit NF4", None),
+    (("lora_step",), "LoRA step = peft", None),
+    (("adapter_reload",), "adapter reload (peft)", None),
+    (("generate",), "generation", None),
+    (("packing",), "packing", "packing"),
 )
 
 
-def load_results(folder: Path) -> dict[tuple[str, str], dict]:
+def load_results(folder: Path, since: float | None = None) -> dict[tuple[str, str], dict]:
+    """{(family, check): record} from `folder`; with `since`, only records written after that time."""
     results = {}
     for path in sorted(folder.glob("*__*.json")):
+        if since is not None and path.stat().st_mtime < since:
+            continue
         record = json.loads(path.read_text())
         results[(record["family"], record["check"])] = record
     return results
 
 
-def _cell(record: dict | None, applies: bool) -> str:
+def _cell(records: list[dict | None], applies: bool) -> str:
     if not applies:
         return "no"
-    if record is None:
+    if records[0] is None:
         return "?"
-    return "yes" if record["ok"] else "FAILED"
+    return "yes" if all(r["ok"] for r in records if r is not None) else "FAILED"
 
 
 def _gguf_model_types() -> set[str]:
@@ -54,6 +67,7 @@ def _gguf_model_types() -> set[str]:
 
 
 def render(results: dict[tuple[str, str], dict]) -> str:
+    """The table (with its legend and the failures of the run) as markdown."""
     from tuneforge.models.families import all_families
     from tuneforge.models.registry import known_models
 
@@ -71,8 +85,8 @@ def render(results: dict[tuple[str, str], dict]) -> str:
     ]
     for name, spec in sorted(all_families().items()):
         cells = [name, ", ".join(spec.model_types), ", ".join(examples.get(name, [])[:3])]
-        for check, _, flag in COLUMNS:
-            cells.append(_cell(results.get((name, check)), getattr(spec, flag) if flag else True))
+        for checks, _, flag in COLUMNS:
+            cells.append(_cell([results.get((name, check)) for check in checks], getattr(spec, flag) if flag else True))
         loaded = results.get((name, "load_16bit"))
         kernels = (loaded or {}).get("kernels")
         cells.append(", ".join(kernels) if kernels else ("plain path" if loaded and loaded["ok"] else "?"))
@@ -82,7 +96,7 @@ def render(results: dict[tuple[str, str], dict]) -> str:
         cells.append("yes" if set(spec.model_types) & gguf else "no")
         lines.append("| " + " | ".join(cells) + " |")
     families = all_families()
-    applies = {check: flag for check, _, flag in COLUMNS}
+    applies = {check: flag for checks, _, flag in COLUMNS for check in checks}
     failed = sorted(
         f"{family} {check}: {r.get('error', '')}" for (family, check), r in results.items()
         # A stale record of a check the table now marks "no" is not a failure of this table.
@@ -91,27 +105,57 @@ def render(results: dict[tuple[str, str], dict]) -> str:
     lines += [
         "",
         "yes: the test passed in the last run (tiny random model of the family, CPU, fp32, compared with "
-        "transformers / peft / bitsandbytes). no: not supported for this family (see its module in "
-        "src/tuneforge/models/families). kernels / fused LoRA: the patches applied on that run. "
-        "GGUF export: the exporter's architecture table (tuneforge.export.gguf_arch), proven in tests/export.",
+        "transformers / peft / bitsandbytes; 4-bit: NF4 with double quantisation, and where tuneforge "
+        "quantises layers that transformers leaves dense, the QLoRA step against peft too). no: not "
+        "supported for this family "
+        "(see its module in src/tuneforge/models/families). kernels / fused LoRA: the patches applied on "
+        "that run. GGUF export: the exporter's architecture table (tuneforge.export.gguf_arch), proven in "
+        "tests/export.",
     ]
     if failed:
         lines += ["", "Failures in the last run:", ""] + [f"- {line}" for line in failed]
     return "\n".join(lines) + "\n"
 
 
+def splice(readme: str, table: str, name: str = "README.md") -> str:
+    """`readme` with the text between its family markers replaced by `table`."""
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if begin < 0 or end < begin or readme.count(README_BEGIN) != 1 or readme.count(README_END) != 1:
+        raise ValueError(f"{name} needs one line {README_BEGIN} and, after it, one line {README_END} "
+                         "in its Model families section, where the table goes")
+    return readme[: begin + len(README_BEGIN)] + "\n" + table + readme[end:]
+
+
+def outputs(table: str, docs: Path, readme: Path) -> dict[Path, str]:
+    """{file: the text it should have} for the docs page and the README."""
+    return {docs: table, readme: splice(readme.read_text(), table, readme.name)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=ROOT / "build" / "family_results")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "families.md")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is out of date")
     args = parser.parse_args(argv)
     results = load_results(args.results)
     if not results:
         print(f"no results in {args.results}: run pytest tests/models/test_families.py first", file=sys.stderr)
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results))
-    print(f"wrote {args.out} ({len(results)} results)")
+    try:
+        wanted = outputs(render(results), args.out, args.readme)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 1
+    if args.check:
+        stale = [str(path) for path, text in wanted.items() if not path.is_file() or path.read_text() != text]
+        for path in stale:
+            print(f"{path}: family table out of date; run python scripts/family_table.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in wanted.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"wrote {', '.join(str(path) for path in wanted)} ({len(results)} results)")
     return 0
 
 

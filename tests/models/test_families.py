@@ -4,7 +4,11 @@ Per family, on a tiny random model saved as a Hugging Face folder and loaded wit
 `FastLanguageModel.from_pretrained` with use_kernels=True (the default on a GPU; on the CPU the
 Triton interpreter runs them here):
   - 16-bit load: the patches the table promises, logits equal to unpatched transformers;
-  - 4-bit load (NF4, double quantisation): logits equal to transformers + bitsandbytes;
+  - 4-bit load (NF4, double quantisation): every LoRA target quantised, logits equal to
+    transformers + bitsandbytes. Layers transformers leaves dense (Falcon's FalconLinear, which
+    tuneforge builds as nn.Linear so that they are quantised) are quantised by hand in the reference
+    with bitsandbytes' own layers; for those families also int8, a QLoRA step against peft's bnb
+    LoRA layers, and a few QLoRA training steps;
   - one LoRA step through `get_peft_model` (fused LoRA on): loss and gradients equal to plain
     peft on unpatched transformers; the adapter saved and reloaded with plain peft gives the
     same logits;
@@ -12,8 +16,9 @@ Triton interpreter runs them here):
   - padding-free packing: a packed row's loss equals the samples' losses run one by one.
 
 Each outcome is also written to build/family_results (TUNEFORGE_FAMILY_RESULTS overrides), from
-which scripts/family_table.py writes docs/families.md: the README's family table comes from these
-results, not from hand-written claims.
+which scripts/family_table.py writes the family table of docs/families.md and README.md: it comes
+from these results, not from hand-written claims, and the last test of this file fails when the
+committed tables differ from what this run's results render.
 
 Tolerances: fp32 throughout (the CPU compute dtype), so kernels differ from PyTorch only in the
 order of fp32 sums: logits 1e-5, loss rtol 1e-5, gradients rtol 1e-4 / atol 1e-6.
@@ -22,6 +27,7 @@ order of fp32 sums: logits 1e-5, loss rtol 1e-5, gradients rtol 1e-4 / atol 1e-6
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import peft
@@ -36,7 +42,9 @@ from tuneforge.models.families import all_families, family_for_model_type, get_f
 from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, lora_grads, randomize_lora_b, tiny_batch, tiny_config, tiny_model
 
 FAMILIES = sorted(all_families())
-RESULTS = Path(os.environ.get("TUNEFORGE_FAMILY_RESULTS", Path(__file__).resolve().parents[2] / "build" / "family_results"))
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(os.environ.get("TUNEFORGE_FAMILY_RESULTS", ROOT / "build" / "family_results"))
+_STARTED = time.time()  # results written after this come from this session's run
 
 
 @contextlib.contextmanager
@@ -85,10 +93,67 @@ def _nf4():
                               bnb_4bit_compute_dtype=torch.float32)
 
 
+def _load_reference_quantised(folder, family, bits=4):
+    """transformers + bitsandbytes: NF4 with double quantisation, or int8. The layers transformers
+    leaves dense (the family's `linear_subclasses`, e.g. FalconLinear) are quantised here by hand
+    with bitsandbytes' own layers, as transformers' integration does nn.Linear layers."""
+    import bitsandbytes as bnb
+
+    reference = _load_reference(folder, quantization_config=_nf4() if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+    for name, module in list(reference.named_modules()):
+        if type(module).__name__ not in get_family(family).linear_subclasses:
+            continue
+        shape = (module.in_features, module.out_features)
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(*shape, bias=module.bias is not None, compute_dtype=torch.float32,
+                                      compress_statistics=True, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(*shape, bias=module.bias is not None, has_fp16_weights=False, threshold=6.0)
+            layer.weight = bnb.nn.Int8Params(module.weight.data, requires_grad=False, has_fp16_weights=False)
+        layer.bias = module.bias
+        parent, _, child = name.rpartition(".")
+        reference.get_submodule(parent).register_module(child, layer.to(DEVICE))  # .to quantises
+    return reference.eval()  # the new layers too
+
+
 def _logits(model, **kwargs):
     ids, mask, _ = tiny_batch(device=DEVICE)
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, **kwargs).logits
+
+
+def _peft_ours(model):
+    """`model` with LoRA r=8 on the family's targets through our API (fused LoRA on), lora_B random."""
+    ours = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False,
+                                            random_state=3407, use_kernels=True)
+    randomize_lora_b(ours)
+    return ours
+
+
+def _peft_reference(model, family):
+    """The same adapter (same seed, same lora_B) by plain peft."""
+    torch.manual_seed(3407)  # after `model` is built: building it may draw random numbers (Linear4bit's init)
+    reference = peft.get_peft_model(model, peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(get_family(family).lora_targets), task_type="CAUSAL_LM"))
+    randomize_lora_b(reference)
+    return reference
+
+
+def _assert_lora_step_equal(ours, reference, family):
+    """One forward and backward on a padded batch: loss and every LoRA gradient equal peft's."""
+    ids, mask, labels = tiny_batch(seed=2, device=DEVICE)
+    loss = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
+    expected = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    expected.backward()
+    grads, expected_grads = lora_grads(ours), lora_grads(reference)
+    assert grads.keys() == expected_grads.keys() and len(grads) == 2 * 2 * len(get_family(family).lora_targets)
+    for name, grad in expected_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --- the table itself --------------------------------------------------------------------------
@@ -133,41 +198,86 @@ def test_16bit_load_is_patched_and_equals_transformers(family, folders):
         torch.testing.assert_close(_logits(ours), _logits(_load_reference(folders(family))), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).four_bit])
-def test_4bit_load_equals_transformers_and_bitsandbytes(family, folders):
+def _quantised_targets(model, family):
+    """{name: NF4 quant_state} of the Linear4bit layers that are LoRA targets (or, under peft, their base_layer)."""
     import bitsandbytes as bnb
 
+    return {name: module.weight.quant_state for name, module in model.named_modules()
+            if name.removesuffix(".base_layer").rsplit(".", 1)[-1] in get_family(family).lora_targets
+            and isinstance(module, bnb.nn.Linear4bit)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_4bit_load_equals_transformers_and_bitsandbytes(family, folders):
     with recorded(family, "load_4bit"):
         ours = _load_ours(folders(family), family, load_in_4bit=True)
-        assert any(isinstance(m, bnb.nn.Linear4bit) for m in ours.modules())
-        reference = _load_reference(folders(family), quantization_config=_nf4())
-        torch.testing.assert_close(_logits(ours), _logits(reference), rtol=1e-5, atol=1e-5)
+        # Every projection LoRA targets is NF4 with double-quantised absmax: no layer stays dense.
+        dense = [name for name, module in ours.named_modules()
+                 if name.rsplit(".", 1)[-1] in get_family(family).lora_targets and name not in _quantised_targets(ours, family)]
+        assert not dense, f"not quantised: {dense}"
+        assert all(state.quant_type == "nf4" and state.nested for state in _quantised_targets(ours, family).values())
+        torch.testing.assert_close(_logits(ours), _logits(_load_reference_quantised(folders(family), family)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).linear_subclasses])
+def test_8bit_load_quantises_the_layers_transformers_leaves_dense(family, folders):
+    import bitsandbytes as bnb
+
+    # eval(), as the reference: bitsandbytes' int8 matmul takes another path in training mode.
+    ours = _load_ours(folders(family), family, load_in_8bit=True).eval()
+    int8 = {name for name, module in ours.named_modules() if isinstance(module, bnb.nn.Linear8bitLt)}
+    assert {name for name, _ in ours.named_modules() if name.rsplit(".", 1)[-1] in get_family(family).lora_targets} <= int8
+    torch.testing.assert_close(_logits(ours), _logits(_load_reference_quantised(folders(family), family, bits=8)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).linear_subclasses])
+def test_4bit_lora_step_equals_peft_where_transformers_leaves_layers_dense(family, folders, monkeypatch):
+    # The family's layers are quantised by tuneforge, not transformers: QLoRA on them must still be
+    # peft's QLoRA (fused LoRA kernels dequantising NF4 on the fly, against peft's bnb LoRA layers).
+    import tuneforge.kernels.lora
+
+    fused_calls = []
+    kernel = tuneforge.kernels.lora.lora_linear
+    monkeypatch.setattr(tuneforge.kernels.lora, "lora_linear", lambda *a, **k: fused_calls.append(1) or kernel(*a, **k))
+    with recorded(family, "lora_step_4bit") as record:
+        ours = _peft_ours(_load_ours(folders(family), family, load_in_4bit=True))
+        record["fused_lora"] = list(ours.get_base_model().tuneforge_lora_kernels)
+        reference = _peft_reference(_load_reference_quantised(folders(family), family), family)
+        assert all(type(m).__module__ == "peft.tuners.lora.bnb" for n, m in reference.named_modules()
+                   if n.rsplit(".", 1)[-1] in get_family(family).lora_targets)
+        _assert_lora_step_equal(ours, reference, family)
+        # Every LoRA layer ran the fused kernel (no fall-back to peft's forward).
+        assert record["fused_lora"] and len(fused_calls) == len(_quantised_targets(ours, family)), len(fused_calls)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).linear_subclasses])
+def test_qlora_training_lowers_the_loss_and_leaves_nf4_weights_alone(family, folders):
+    ours = _peft_ours(_load_ours(folders(family), family, load_in_4bit=True))
+    frozen = {name: state.absmax.clone() for name, state in _quantised_targets(ours, family).items()}
+    packed = {name: p.detach().clone() for name, p in ours.named_parameters() if p.dtype == torch.uint8}
+    assert packed and len(frozen) == len(packed)
+    ids, mask, labels = tiny_batch(seed=2, device=DEVICE)
+    optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(torch.equal(p, packed[name]) for name, p in ours.named_parameters() if p.dtype == torch.uint8)
+    assert all(torch.equal(state.absmax, frozen[name]) for name, state in _quantised_targets(ours, family).items())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_step_equals_peft_and_adapter_reloads_with_plain_peft(family, folders, tmp_path):
-    spec = get_family(family)
-    ids, mask, labels = tiny_batch(seed=2, device=DEVICE)
     with recorded(family, "lora_step") as record:
-        ours = FastLanguageModel.get_peft_model(_load_ours(folders(family), family), r=8, lora_alpha=16,
-                                                use_gradient_checkpointing=False, random_state=3407,
-                                                use_kernels=True)
+        ours = _peft_ours(_load_ours(folders(family), family))
         record["fused_lora"] = list(ours.get_base_model().tuneforge_lora_kernels)
-        randomize_lora_b(ours)
-        torch.manual_seed(3407)
-        reference = peft.get_peft_model(_load_reference(folders(family)), peft.LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(spec.lora_targets), task_type="CAUSAL_LM"))
-        randomize_lora_b(reference)
-        loss = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
-        expected = reference(input_ids=ids, attention_mask=mask, labels=labels).loss
-        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-        loss.backward()
-        expected.backward()
-        grads, expected_grads = lora_grads(ours), lora_grads(reference)
-        assert grads.keys() == expected_grads.keys() and len(grads) == 2 * 2 * len(spec.lora_targets)
-        for name, grad in expected_grads.items():
-            assert grad.abs().sum() > 0, name
-            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        reference = _peft_reference(_load_reference(folders(family)), family)
+        _assert_lora_step_equal(ours, reference, family)
 
     with recorded(family, "adapter_reload"):
         ours.save_pretrained(tmp_path)
@@ -215,25 +325,44 @@ def test_packing_off_where_samples_would_see_each_other(family):
     assert (packed - alone).abs() > 1e-3
 
 
-def test_family_table_is_rendered_from_results(tmp_path):
+def _family_table_script():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[2] / "scripts" / "family_table.py"
-    spec = importlib.util.spec_from_file_location("family_table", path)
+    spec = importlib.util.spec_from_file_location("family_table", ROOT / "scripts" / "family_table.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_family_table_is_rendered_from_results(tmp_path):
+    script = _family_table_script()
+    results = tmp_path / "results"
+    results.mkdir()
     for family, check, ok, extra in [
         ("llama", "load_16bit", True, {"kernels": ["rms_norm", "rope"]}),
         ("llama", "lora_step", False, {"error": "AssertionError: grads differ"}),
-        ("falcon", "load_4bit", False, {}),  # stale: the table says Falcon has no 4-bit path
+        ("falcon", "load_4bit", True, {}),
+        ("falcon", "lora_step_4bit", False, {"error": "AssertionError: loss differs"}),  # the 4-bit cell too
+        ("falcon", "packing", False, {}),  # stale: the table says Falcon does not pack
+        ("qwen2", "load_4bit", True, {}),
     ]:
-        (tmp_path / f"{family}__{check}.json").write_text(json.dumps({"family": family, "check": check, "ok": ok, **extra}))
-    out = tmp_path / "families.md"
-    assert script.main(["--results", str(tmp_path), "--out", str(out)]) == 0
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ")}
+        (results / f"{family}__{check}.json").write_text(json.dumps({"family": family, "check": check, "ok": ok, **extra}))
+    out, readme = tmp_path / "families.md", tmp_path / "README.md"
+    readme.write_text("# x\n\n## Model families\n\nintro\n\n<!-- families:begin -->\nold\n<!-- families:end -->\n\n## Next\n")
+    argv = ["--results", str(results), "--out", str(out), "--readme", str(readme)]
+    assert script.main(argv + ["--check"]) == 1  # both files out of date
+    assert script.main(argv) == 0
+    assert script.main(argv + ["--check"]) == 0
+    table = out.read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
     assert rows["llama"][3:6] == ["yes", "?", "FAILED"] and "rms_norm, rope" in rows["llama"]
-    assert rows["falcon"][4] == "no"
-    assert "llama lora_step: AssertionError: grads differ" in out.read_text() and "falcon load_4bit" not in out.read_text()
+    assert rows["falcon"][4] == "FAILED" and rows["qwen2"][4] == "yes" and rows["falcon"][8] == "no"
+    assert "llama lora_step: AssertionError: grads differ" in table and "falcon packing" not in table
+    # The README keeps everything outside its markers and carries the same table inside them.
+    assert readme.read_text() == ("# x\n\n## Model families\n\nintro\n\n<!-- families:begin -->\n" + table
+                                  + "<!-- families:end -->\n\n## Next\n")
+    readme.write_text("# no markers\n")
+    assert script.main(argv) == 1
 
 
 # --- real weights: Gemma-3-270M ------------------------------------------------------------------
@@ -326,3 +455,20 @@ def test_shipped_gemma3_270m_kernels_match(gemma3_270m):
         labels = ids["input_ids"]
         # 262k-entry softmax in fp32, summed in another order: rtol 1e-4.
         torch.testing.assert_close(patched(**ids, labels=labels).loss, plain(**ids, labels=labels).loss, rtol=1e-4, atol=0)
+
+
+# --- last: the committed tables ----------------------------------------------------------------
+
+
+def test_readme_and_docs_family_tables_are_the_ones_this_run_renders():
+    # Runs after every recording test of this file (pytest keeps the file's order; CI's
+    # --dist loadfile keeps a file on one worker): the committed tables must be what this run's
+    # results render, so a table that claims more (or less) than the tests prove fails here.
+    script = _family_table_script()
+    fresh = script.load_results(RESULTS, since=_STARTED)
+    table = script.render(fresh)
+    if not fresh or "| ? |" in table:
+        pytest.skip("not every family check ran in this session (-k, -x?): run the whole file to check the tables")
+    wanted = script.outputs(table, ROOT / "docs" / "families.md", ROOT / "README.md")
+    stale = [str(path.relative_to(ROOT)) for path, text in wanted.items() if path.read_text() != text]
+    assert not stale, f"{', '.join(stale)}: family table out of date; run python scripts/family_table.py"

@@ -122,3 +122,29 @@ def test_folder_without_tokenizer_loads_with_tokenizer_none(tmp_path, caplog):
         model, tokenizer = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=64, load_in_4bit=False)
     assert tokenizer is None and model is not None
     assert "no tokenizer files" in caplog.text
+
+
+def test_falcon_4bit_is_its_own_class_and_a_saved_4bit_checkpoint_reloads(tmp_path, caplog):
+    # Falcon's FalconLinear layers are built as nn.Linear for the quantiser (loader._with_plain_linears);
+    # what comes back is a plain FalconForCausalLM, and its saved NF4 checkpoint (bitsandbytes
+    # serialisation) needs the same trick to load: the same logits after the round trip.
+    import bitsandbytes as bnb
+    from transformers import FalconForCausalLM
+
+    from tuneforge.testing import tiny_model
+    from tuneforge.testing.tiny import tiny_batch
+
+    tiny_model("falcon").save_pretrained(tmp_path / "dense")
+    options = dict(max_seq_length=64, dtype=torch.float32, load_in_4bit=True, use_kernels=False)
+    with caplog.at_level("INFO", logger="tuneforge.models.loader"):
+        model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "dense"), **options)
+    assert "FalconLinear layers built as nn.Linear" in caplog.text and "stay" not in caplog.text
+    assert type(model) is FalconForCausalLM
+    model.save_pretrained(tmp_path / "nf4")
+    reloaded, _ = FastLanguageModel.from_pretrained(str(tmp_path / "nf4"), **options)
+    assert type(reloaded) is FalconForCausalLM and reloaded.config.architectures == ["FalconForCausalLM"]
+    assert isinstance(reloaded.transformer.h[0].mlp.dense_h_to_4h, bnb.nn.Linear4bit)
+    ids, mask, _ = tiny_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)

@@ -191,6 +191,7 @@ def load_model(
 ):
     """Returns (model, tokenizer). See `FastLanguageModel.from_pretrained` for the arguments."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if load_in_4bit and load_in_8bit:
         raise ValueError("load_in_4bit and load_in_8bit are both True: choose one")
@@ -218,22 +219,22 @@ def load_model(
     apply_rope_scaling(config, max_seq_length, rope_scaling)
     if attn_implementation is None:
         attn_implementation = spec.attn_implementation if spec else "sdpa"
-    if spec is not None and not spec.four_bit and (load_in_4bit or load_in_8bit):
-        logger.warning(
-            "family %s: transformers quantises only plain nn.Linear layers, and this family's projections "
-            "are not: the weights stay %s (no 4/8-bit saving)", spec.name, str(compute_dtype).replace("torch.", ""),
-        )
 
     # Pre-quantised checkpoints carry their own quantization_config; don't stack another on top.
-    prequantised = getattr(config, "quantization_config", None) is not None
-    quantization = None if prequantised else quantization_config(load_in_4bit, load_in_8bit, compute_dtype)
+    prequantised = getattr(config, "quantization_config", None)
+    quantization = None if prequantised is not None else quantization_config(load_in_4bit, load_in_8bit, compute_dtype)
+    model_class = AutoModelForCausalLM
+    if spec is not None and spec.linear_subclasses and _is_bitsandbytes(prequantised if quantization is None else quantization):
+        model_class = _with_plain_linears(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], spec.linear_subclasses)
+        logger.info("family %s: %s layers built as nn.Linear so that bitsandbytes quantises them",
+                    spec.name, ", ".join(spec.linear_subclasses))
     if device_map is None:
         from tuneforge.train.distributed import device_map as rank_device_map
 
         # Under torchrun each rank loads onto its own GPU (LOCAL_RANK).
         device_map = rank_device_map()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             source.path,
             config=config,
             dtype=compute_dtype,
@@ -243,6 +244,8 @@ def load_model(
             **hub_kwargs,
             **from_pretrained_kwargs,
         )
+        if model_class is not AutoModelForCausalLM:
+            model.__class__ = model_class.__bases__[0]  # the family's own class from here on
         tokenizer = None
         if source.hub or _has_tokenizer_files(Path(source.path)):
             tokenizer = AutoTokenizer.from_pretrained(source.path, **hub_kwargs)
@@ -271,6 +274,39 @@ def load_model(
 
     patch_model(model, spec, enabled=resolve_use_kernels(use_kernels))  # records model.tuneforge_use_kernels
     return model, tokenizer
+
+
+def _is_bitsandbytes(quantization) -> bool:
+    """A BitsAndBytesConfig, or a checkpoint's quantization_config (object or dict) made by one."""
+    if quantization is None:
+        return False
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    return str(getattr(method, "value", method)) == "bitsandbytes"
+
+
+def _with_plain_linears(model_class, names: tuple[str, ...]):
+    """A subclass of `model_class` whose __init__ turns the nn.Linear subclasses named `names` into
+    plain nn.Linear.
+
+    transformers 5's bitsandbytes integration swaps only modules with `type(module) is nn.Linear`
+    for Linear4bit / Linear8bitLt (`replace_with_bnb_linear`), right after __init__ on the meta
+    device, so Falcon's FalconLinear (which only computes x @ W.T + b) would stay dense. Changing
+    the instances' class in __init__ keeps their parameters and names, so checkpoints load as usual
+    and the quantiser sees plain nn.Linear. The subclass exists for one from_pretrained call; the
+    loaded model gets `model_class` back as its class. It keeps the name and module: transformers
+    reads both (the saved `architectures`, its checks of the modeling source).
+    """
+    from torch import nn
+
+    def __init__(self, config, *args, **kwargs):
+        model_class.__init__(self, config, *args, **kwargs)
+        for module in self.modules():
+            if type(module).__name__ in names and isinstance(module, nn.Linear):
+                module.__class__ = nn.Linear
+
+    return type(model_class.__name__, (model_class,), {
+        "__init__": __init__, "__module__": model_class.__module__, "__qualname__": model_class.__qualname__,
+    })
 
 
 def resolve_use_kernels(use_kernels: bool | None) -> bool | None:

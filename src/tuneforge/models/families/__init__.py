@@ -51,8 +51,10 @@ class FamilySpec:
     attn_implementation: the attention implementation to load with ("eager" where transformers
                      has no SDPA path: Gemma 2's soft-capped scores).
     tiny_config_overrides: config values for the tiny test model (on top of TINY_DIMENSIONS).
-    four_bit:        transformers quantises this family's projections with bitsandbytes (NF4),
-                     tested on the tiny model.
+    linear_subclasses: class names of nn.Linear subclasses in the family's modeling code that only
+                     re-write the matmul (Falcon's FalconLinear: x @ W.T + b). transformers swaps
+                     only modules whose type is exactly nn.Linear for bitsandbytes layers, so a
+                     quantised load builds these as nn.Linear (`models.loader`) to get them quantised.
     packing:         padding-free packing keeps samples apart: transformers builds the mask from
                      restarting position_ids (tested: packed loss equals the samples one by one).
     """
@@ -75,7 +77,7 @@ class FamilySpec:
     logit_scale_divides: bool = False
     attn_implementation: str = "sdpa"
     tiny_config_overrides: dict = field(default_factory=dict)
-    four_bit: bool = True
+    linear_subclasses: tuple[str, ...] = ()
     packing: bool = True
 
     def __post_init__(self):

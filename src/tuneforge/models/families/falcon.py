@@ -18,9 +18,8 @@ FALCON = register(
         mlp=None,
         activation=None,
         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-        # transformers 5 quantises only modules whose type is exactly nn.Linear; Falcon's
-        # projections are FalconLinear, so a 4-bit load leaves them dense.
-        four_bit=False,
+        # Its projections: transformers' bitsandbytes swap skips them unless built as nn.Linear.
+        linear_subclasses=("FalconLinear",),
         # FalconModel builds its causal mask without position_ids, so packed samples would
         # attend to each other under SDPA/eager.
         packing=False,
