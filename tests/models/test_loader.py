@@ -144,7 +144,7 @@ def test_falcon_4bit_is_its_own_class_and_a_saved_4bit_checkpoint_reloads(tmp_pa
     reloaded, _ = FastLanguageModel.from_pretrained(str(tmp_path / "nf4"), **options)
     assert type(reloaded) is FalconForCausalLM and reloaded.config.architectures == ["FalconForCausalLM"]
     assert isinstance(reloaded.transformer.h[0].mlp.dense_h_to_4h, bnb.nn.Linear4bit)
-    ids, mask, _ = tiny_batch()
+    ids, mask, _ = tiny_batch(device=model.device)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits,
                                    model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
