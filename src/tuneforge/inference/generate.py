@@ -407,6 +407,11 @@ class Decoder:
     def _capture(self, s: _Session, sampling: Sampling) -> None:
         """Warm up on a side stream (as torch.cuda.graphs asks), then capture one decode step.
         Capturing records kernels without running them, so the buffers keep the prefill's state."""
+        # The warm-up steps draw random numbers when sampling, and capture reserves some: put the
+        # generator back, so a seeded call samples the same tokens whether it captured the graph
+        # or found it already there.
+        device = s.tokens.device
+        rng = torch.cuda.get_rng_state(device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -415,6 +420,7 @@ class Decoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._decode_step(s, sampling)
+        torch.cuda.set_rng_state(rng, device)
         s.graph = graph
 
     # -- a whole call -----------------------------------------------------------------------------

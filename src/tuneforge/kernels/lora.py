@@ -39,7 +39,7 @@ import triton.language as tl
 from tuneforge.kernels._utils import check_device, elementwise_launch
 from tuneforge.kernels.geglu import _gelu_and_grad, geglu
 from tuneforge.kernels.nf4_gemv import MAX_ROWS as GEMV_MAX_ROWS
-from tuneforge.kernels.nf4_gemv import nf4_matmul, nf4_matmul_unsupported
+from tuneforge.kernels.nf4_gemv import decode_matmul, nf4_matmul_unsupported
 from tuneforge.kernels.nf4 import (
     autocast_dtype,
     base_weight_parts,
@@ -439,7 +439,7 @@ def _is_decode_step(x: torch.Tensor, projections) -> bool:
 def _decode_projection(x, weight, quant_state, bias, lora_A, lora_B, scaling):
     """One projection without autograd; x: [..., in] -> [..., out] in x's dtype."""
     if _gemv_reads(quant_state):
-        y = nf4_matmul(x, weight, quant_state, bias)  # a fresh contiguous [..., out], not a view
+        y = decode_matmul(x, weight, quant_state, bias)  # a fresh contiguous [..., out], not a view
     else:
         y2, _ = _projection_forward(x.reshape(-1, x.shape[-1]), weight, quant_state, bias, None, None, 1.0)
         y = y2.view(*x.shape[:-1], y2.shape[-1])

@@ -26,6 +26,7 @@ CUDA graph: no host synchronisation and no branch on tensor values.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -41,6 +42,8 @@ from tuneforge.kernels.nf4 import (
     reference_dequantize_nf4,
     round_bf16_rtne,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_ROWS", "GemvConfig", "default_config", "linear4bit_forward", "nf4_matmul", "nf4_matmul_unsupported",
@@ -307,6 +310,30 @@ def reference_nf4_matmul(x: torch.Tensor, weight_packed: torch.Tensor, quant_sta
     return y.to(x.dtype)
 
 
+# Measured on an H100 (bench/kernels.py --only nf4_matmul, 2026-11-23): with its current launch
+# choice nf4_matmul took 0.10-0.57 ms where bitsandbytes' matmul_4bit took 0.011-0.13 ms at 1 and 8
+# rows of the Llama-3.1-8B shapes (0.10x-0.85x). Until a tuned launch beats it, decode steps on CUDA
+# multiply through bitsandbytes (its fused 4-bit GEMV for a single row); TUNEFORGE_NF4_GEMV=1
+# selects ours, as do CPU runs (bitsandbytes has no fused kernel there).
+_GEMV_ENV = "TUNEFORGE_NF4_GEMV"
+_said_which: set = set()
+
+
+def decode_matmul(x: torch.Tensor, weight_packed: torch.Tensor, quant_state, bias: torch.Tensor | None = None):
+    """x [..., K] (at most MAX_ROWS rows, no autograd) @ dequant(W)^T (+ bias) -> a fresh [..., N]
+    in x's dtype, by the faster of nf4_matmul and bitsandbytes' matmul_4bit for the device."""
+    ours = not x.is_cuda or os.environ.get(_GEMV_ENV) == "1"
+    if x.device.type not in _said_which:
+        _said_which.add(x.device.type)
+        logger.info("decode matmuls on %s: %s", x.device.type, "nf4_matmul" if ours else
+                    f"bitsandbytes matmul_4bit (nf4_matmul measured slower on the H100; {_GEMV_ENV}=1 selects it)")
+    if ours:
+        return nf4_matmul(x, weight_packed, quant_state, bias)
+    import bitsandbytes as bnb
+
+    return bnb.matmul_4bit(x, weight_packed.t(), quant_state=quant_state, bias=bias)
+
+
 def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Forward of a bitsandbytes Linear4bit, bound to the instance by `models.patch`.
 
@@ -325,5 +352,5 @@ def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     if (0 < rows <= MAX_ROWS and not wants_grad and self.compute_type_is_set and x.device == weight.device
             and nf4_matmul_unsupported(quant_state, x.shape[-1]) is None):
         compute = self.compute_dtype or x.dtype
-        return nf4_matmul(x.to(compute), weight, quant_state, bias).to(x.dtype)
+        return decode_matmul(x.to(compute), weight, quant_state, bias).to(x.dtype)
     return type(self).forward(self, x)
