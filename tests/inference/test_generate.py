@@ -259,7 +259,7 @@ def test_sampling_is_seeded_and_stays_inside_top_k_and_top_p(llama):
                             eos_token_id=None)
     assert not torch.equal(first, greedy), "nothing was sampled"
     # Teacher forcing: the logits that chose each new token, from one forward of the whole output.
-    full_mask = torch.cat([mask, torch.ones(3, 10, dtype=mask.dtype)], dim=1)
+    full_mask = torch.cat([mask, torch.ones(3, 10, dtype=mask.dtype, device=mask.device)], dim=1)
     with torch.no_grad():
         logits = _inner(llama)(input_ids=first, attention_mask=full_mask).logits[:, 8:-1].float()
     scores = logits / options["temperature"]

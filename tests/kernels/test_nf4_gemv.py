@@ -161,6 +161,8 @@ class _Calls:
     def __init__(self, monkeypatch):
         self.count = 0
         monkeypatch.setattr(gemv, "nf4_matmul", self)
+        # On CUDA decode_matmul picks bitsandbytes unless told: these tests are about our kernel.
+        monkeypatch.setenv("TUNEFORGE_NF4_GEMV", "1")
 
     def __call__(self, *args, **kwargs):
         self.count += 1

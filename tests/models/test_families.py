@@ -216,7 +216,11 @@ def test_4bit_load_equals_transformers_and_bitsandbytes(family, folders):
                  if name.rsplit(".", 1)[-1] in get_family(family).lora_targets and name not in _quantised_targets(ours, family)]
         assert not dense, f"not quantised: {dense}"
         assert all(state.quant_type == "nf4" and state.nested for state in _quantised_targets(ours, family).values())
-        torch.testing.assert_close(_logits(ours), _logits(_load_reference_quantised(folders(family), family)), rtol=1e-5, atol=1e-5)
+        # CPU: the same sums in the same order, 1e-5. GPU: Triton's and cuBLAS's fp32 reductions sum in
+        # other orders; Gemma 2 (soft-capped logits) reached 6.9e-5 absolute on the H100.
+        atol = 1e-5 if DEVICE == "cpu" else 2e-4
+        torch.testing.assert_close(_logits(ours), _logits(_load_reference_quantised(folders(family), family)),
+                                   rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).linear_subclasses])

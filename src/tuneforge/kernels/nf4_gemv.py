@@ -331,7 +331,9 @@ def decode_matmul(x: torch.Tensor, weight_packed: torch.Tensor, quant_state, bia
         return nf4_matmul(x, weight_packed, quant_state, bias)
     import bitsandbytes as bnb
 
-    return bnb.matmul_4bit(x, weight_packed.t(), quant_state=quant_state, bias=bias)
+    # bitsandbytes wants the bias in x's dtype (ours adds it in fp32); Linear4bit does the same cast.
+    return bnb.matmul_4bit(x, weight_packed.t(), quant_state=quant_state,
+                           bias=None if bias is None else bias.to(x.dtype))
 
 
 def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
