@@ -187,6 +187,10 @@ def launch(args, run_id: str, nproc: int, strategy: str, batch: int, seq: int, b
     if budget:
         command += ["--budget-gib", f"{budget:.3f}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    if nproc == 1:
+        # A plain process that sees two GPUs makes transformers' Trainer wrap the model in
+        # nn.DataParallel (which TRL refuses): the single-GPU run sees one.
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     print(f"[{run_id}] {nproc} GPU(s), {strategy}, {batch} x {seq}"
           + (f", budget {budget:.2f} GiB/GPU" if budget else "") + f", kernels {kernels}", flush=True)
     start = time.perf_counter()
