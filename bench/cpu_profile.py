@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import load_stack  # noqa: E402
+from profile_step import warmed_up_step  # noqa: E402
 
 
 def launch_cost_us() -> dict:
@@ -53,20 +53,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args()
     print("launch cost (CPU us per launch):", launch_cost_us(), flush=True)
-    model, optimizer = load_stack(args.stack, args.model, args.seq, "unsloth")
-    model.train()
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    step = warmed_up_step(args.stack, args.model, args.batch, args.seq)
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()

@@ -50,18 +50,11 @@ def categorise(events, steps: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--stack", default="tuneforge")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--checkpointing", default="unsloth")
-    parser.add_argument("--out", default="bench-out")
-    args = parser.parse_args()
-    model, optimizer = load_stack(args.stack, args.model, args.seq, args.checkpointing)
+def warmed_up_step(stack: str, model_dir: str, batch: int, seq: int, checkpointing: str = "unsloth"):
+    """Load `stack` on the shape, run 3 training steps on one random batch, return the step function."""
+    model, optimizer = load_stack(stack, model_dir, seq, checkpointing)
     model.train()
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -73,6 +66,19 @@ def main() -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--stack", default="tuneforge")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--checkpointing", default="unsloth")
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args()
+    step = warmed_up_step(args.stack, args.model, args.batch, args.seq, args.checkpointing)
     start = time.perf_counter()
     for _ in range(3):
         step()
