@@ -50,6 +50,16 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def save_results(out: Path, name: str, rows: list[dict], header: str, lines: list[str], footer: str) -> None:
+    """<out>/<name>.jsonl (one row per line) and <out>/<name>.md (the table + footer), printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    divider = "|" + "---|" * (header.count("|") - 1)
+    text = "\n".join([header, divider, *lines]) + f"\n\n{footer}\n"
+    (out / f"{name}.md").write_text(text)
+    print(text)
+
+
 def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -140,19 +150,13 @@ def run(out: Path) -> list[dict]:
             row.update(fwdbwd_gbps=round(gbps), fwdbwd_frac_of_copy=round(gbps / bandwidth, 3))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = ["| kernel | fwd ours ms | eager | compiled | fwd+bwd ours ms | eager | compiled | GB/s (fwd) | of copy BW |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        table.append(
-            f"| {r['kernel']} | {r['fwd_ms_ours']} | {r['fwd_ms_eager']} | {r['fwd_ms_compiled']} | "
-            f"{r.get('fwdbwd_ms_ours', '-')} | {r.get('fwdbwd_ms_eager', '-')} | {r.get('fwdbwd_ms_compiled', '-')} | "
-            f"{r.get('fwd_gbps', '-')} | {r.get('fwd_frac_of_copy', '-')} |"
-        )
-    text = "\n".join(table) + f"\n\ncopy bandwidth measured: {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}\n"
-    (out / "kernels.md").write_text(text)
-    print(text)
+    save_results(
+        out, "kernels", rows,
+        "| kernel | fwd ours ms | eager | compiled | fwd+bwd ours ms | eager | compiled | GB/s (fwd) | of copy BW |",
+        [f"| {r['kernel']} | {r['fwd_ms_ours']} | {r['fwd_ms_eager']} | {r['fwd_ms_compiled']} | "
+         f"{r.get('fwdbwd_ms_ours', '-')} | {r.get('fwdbwd_ms_eager', '-')} | {r.get('fwdbwd_ms_compiled', '-')} | "
+         f"{r.get('fwd_gbps', '-')} | {r.get('fwd_frac_of_copy', '-')} |" for r in rows],
+        f"copy bandwidth measured: {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}")
     return rows
 
 
@@ -213,20 +217,14 @@ def run_nf4_matmul(out: Path, sweep: bool) -> list[dict]:
             row["ours_frac_of_copy"] = round(row["ours_gbps"] / bandwidth, 3)
             rows_out.append(row)
             print(json.dumps(row), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "nf4_matmul.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_out))
-    table = ["| N x K | rows | ours ms | GB/s | bnb dequant+matmul ms | bnb matmul_4bit ms | ours vs matmul_4bit |"
-             + (" best sweep ms | best config |" if sweep else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if sweep else "")]
-    for r in rows_out:
-        table.append(
-            f"| {r['n']} x {r['k']} | {r['rows']} | {r['ours_ms']} | {r['ours_gbps']} | {r['bnb_dequant_matmul_ms']} | "
-            f"{r['bnb_matmul_4bit_ms']} | {r['bnb_matmul_4bit_ms'] / r['ours_ms']:.2f}x |"
-            + (f" {r['best_ms']} | {r['best_config']} |" if sweep else "")
-        )
-    text = "\n".join(table) + f"\n\nGB/s of the packed weight; copy bandwidth {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}\n"
-    (out / "nf4_matmul.md").write_text(text)
-    print(text)
+    save_results(
+        out, "nf4_matmul", rows_out,
+        "| N x K | rows | ours ms | GB/s | bnb dequant+matmul ms | bnb matmul_4bit ms | ours vs matmul_4bit |"
+        + (" best sweep ms | best config |" if sweep else ""),
+        [f"| {r['n']} x {r['k']} | {r['rows']} | {r['ours_ms']} | {r['ours_gbps']} | {r['bnb_dequant_matmul_ms']} | "
+         f"{r['bnb_matmul_4bit_ms']} | {r['bnb_matmul_4bit_ms'] / r['ours_ms']:.2f}x |"
+         + (f" {r['best_ms']} | {r['best_config']} |" if sweep else "") for r in rows_out],
+        f"GB/s of the packed weight; copy bandwidth {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}")
     return rows_out
 
 
@@ -273,17 +271,13 @@ def run_rms_norm_sweep(out: Path) -> list[dict]:
                    sweep_ms={k: round(v, 4) for k, v in timed.items()})
         rows_out.append(row)
         print(json.dumps(row), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rms_norm_sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_out))
-    table = ["| hidden | default (rows,warps) | ms | of copy BW | best (rows,warps) | ms | of copy BW | torch.compile ms | of copy BW |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows_out:
-        table.append(f"| {r['hidden']} | {r['default_config']} | {r['default_ms']} | {r['default_frac_of_copy']} | "
-                     f"{r['best_config']} | {r['best_ms']} | {r['best_frac_of_copy']} | {r['compiled_ms']} | "
-                     f"{r['compiled_frac_of_copy']} |")
-    text = "\n".join(table) + f"\n\n{TOKENS} rows, bf16; copy bandwidth {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}\n"
-    (out / "rms_norm_sweep.md").write_text(text)
-    print(text)
+    save_results(
+        out, "rms_norm_sweep", rows_out,
+        "| hidden | default (rows,warps) | ms | of copy BW | best (rows,warps) | ms | of copy BW | torch.compile ms | of copy BW |",
+        [f"| {r['hidden']} | {r['default_config']} | {r['default_ms']} | {r['default_frac_of_copy']} | "
+         f"{r['best_config']} | {r['best_ms']} | {r['best_frac_of_copy']} | {r['compiled_ms']} | "
+         f"{r['compiled_frac_of_copy']} |" for r in rows_out],
+        f"{TOKENS} rows, bf16; copy bandwidth {bandwidth:.0f} GB/s on {torch.cuda.get_device_name()}")
     return rows_out
 
 
