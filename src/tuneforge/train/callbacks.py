@@ -115,7 +115,7 @@ class SummaryCallback(TrainerCallback):
         self.summary = {
             "steps": state.global_step,
             "resumed_at_step": self.start_step or None,
-            "seconds": round(seconds, 2),
+            "seconds": round(seconds, 3),
             "trained_tokens": int(tokens),
             "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
             "peak_memory_gib": round(peak_memory_gib(), 3),
