@@ -9,10 +9,12 @@ torch elementwise op, each launched 2,000 times without synchronising.
 
 import argparse
 import cProfile
+import collections
 import io
 import pstats
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,6 +45,39 @@ def launch_cost_us() -> dict:
     return costs
 
 
+def sync_sites(step) -> dict:
+    """Where one step makes the host wait for the GPU: file:line -> count, from torch's sync debug mode.
+
+    A launch-bound step only hides its CPU cost behind the GPU if the CPU can run ahead; every
+    synchronising call (.item(), .cpu(), nonzero, a blocking copy) drains the queue instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    return dict(sites.most_common(20))
+
+
+def enqueue_and_wall_ms(step, steps: int = 5) -> dict:
+    """CPU time to issue a step (no sync) against wall time per step with the GPU drained.
+
+    enqueue ~ wall: the GPU waits on Python (launch-bound); enqueue << wall: GPU-bound."""
+    torch.cuda.synchronize()
+    issue, start = [], time.perf_counter()
+    for _ in range(steps):
+        begin = time.perf_counter()
+        step()
+        issue.append(time.perf_counter() - begin)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    return {"enqueue_ms": round(sorted(issue)[len(issue) // 2] * 1e3, 1), "wall_ms": round(wall * 1e3, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -54,6 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     print("launch cost (CPU us per launch):", launch_cost_us(), flush=True)
     step = warmed_up_step(args.stack, args.model, args.batch, args.seq)
+    print("synchronising calls in one step:", sync_sites(step) or "none", flush=True)
+    print("per step:", enqueue_and_wall_ms(step), flush=True)
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()
