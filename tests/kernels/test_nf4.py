@@ -57,6 +57,25 @@ def test_quant_storage_and_original_dtype(storage):
     _assert_identical(dequantize_nf4(packed, qs, out_dtype=torch.float32).bfloat16(), want)
 
 
+def test_out_writes_several_weights_into_the_rows_of_one_buffer():
+    """q/k/v-style weights of 48, 24 and 24 rows dequantised into one [96, 72] buffer, row blocks in order."""
+    parts = [_quantize((rows, 72), nested=True, seed=rows + i) for i, rows in enumerate((48, 24, 24))]
+    buffer = torch.full((96, 72), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    for (packed, qs), rows in zip(parts, buffer.split((48, 24, 24))):
+        assert dequantize_nf4(packed, qs, out=rows) is rows
+    qs_dtype = [qs.dtype for _, qs in parts]
+    for _, qs in parts:
+        qs.dtype = torch.bfloat16
+    want = torch.cat([BF.dequantize_4bit(packed, qs) for packed, qs in parts])
+    _assert_identical(buffer, want)
+    packed, qs = parts[0]
+    qs.dtype = qs_dtype[0]
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(48, 72\) tensor"):
+        dequantize_nf4(packed, qs, out=buffer[:48, :36])
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        dequantize_nf4(packed, qs, out=torch.empty(72, 48, device=DEVICE).t())
+
+
 def test_fp4_reads_with_the_same_kernel():
     packed, qs = _quantize((64, 176), nested=True, quant_type="fp4")
     _assert_identical(dequantize_nf4(packed, qs), BF.dequantize_4bit(packed, qs))

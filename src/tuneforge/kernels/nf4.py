@@ -173,18 +173,27 @@ def _launch_args(weight_packed: torch.Tensor, quant_state):
     return args
 
 
-def dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dtype | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense weight of a bitsandbytes 4-bit tensor.
 
     weight_packed: the `Params4bit` data, [ceil(n / 2), 1] (any quant_storage dtype).
     quant_state:   its `bitsandbytes.functional.QuantState` (nested or not).
     out_dtype:     default quant_state.dtype (the dtype the weight had before quantisation).
+    out:           optional contiguous quant_state.shape tensor to write into (e.g. the rows of a
+                   larger buffer holding several weights); its dtype is the output dtype.
     Returns W: quant_state.shape, out_dtype, on weight_packed's device.
     """
     packed, n, code, absmax, code2, absmax2, offset, blocksize2 = _launch_args(weight_packed, quant_state)
     device = packed.device
-    out_dtype = out_dtype or quant_state.dtype
-    out = torch.empty(tuple(quant_state.shape), dtype=out_dtype, device=device)
+    if out is None:
+        out_dtype = out_dtype or quant_state.dtype
+        out = torch.empty(tuple(quant_state.shape), dtype=out_dtype, device=device)
+    else:
+        out_dtype = out.dtype
+        if tuple(out.shape) != tuple(quant_state.shape) or not out.is_contiguous() or out.device != device:
+            raise ValueError(f"out must be a contiguous {tuple(quant_state.shape)} tensor on {device}, "
+                             f"got {tuple(out.shape)} (contiguous: {out.is_contiguous()}) on {out.device}")
     if n == 0:
         return out
     block = 2048 if device.type == "cuda" else 4096
