@@ -25,7 +25,7 @@ from profile_step import warmed_up_step  # noqa: E402
 
 def launch_cost_us() -> dict:
     """CPU microseconds per launch, queue kept busy so nothing waits on the GPU."""
-    from tuneforge.kernels.lora import launch_rank_update_
+    from tuneforge.kernels.rank_update import launch_rank_update_
 
     y = torch.zeros(16, 64, device="cuda", dtype=torch.bfloat16)
     xa = torch.zeros(16, 16, device="cuda", dtype=torch.bfloat16)

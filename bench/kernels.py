@@ -109,7 +109,7 @@ def cases():
            lambda: cross_entropy.reference_linear_cross_entropy(hidden, head, labels),
            [hidden], None, None)
 
-    from tuneforge.kernels.lora import launch_rank_update_
+    from tuneforge.kernels.rank_update import launch_rank_update_
 
     y = torch.randn(TOKENS, INTERMEDIATE, **bf16)
     xa = torch.randn(TOKENS, 16, **bf16)

@@ -53,8 +53,12 @@ def load_stack(stack: str, model_dir: str, seq: int, checkpointing: str):
 
         if os.environ.get("TUNEFORGE_BENCH_ADDMM") == "1":  # A/B: cuBLAS addmm_ for the rank-r updates
             import tuneforge.kernels.lora as lora_kernels
+            import tuneforge.kernels.lora_group as lora_group
 
-            lora_kernels.rank_update_ = lambda y, xa, b_t, scale: y.addmm_(xa, b_t.t(), alpha=scale)
+            def addmm_update(y, xa, b_t, scale):
+                return y.addmm_(xa, b_t.t(), alpha=scale)
+
+            lora_kernels.rank_update_ = lora_group.rank_update_ = addmm_update
 
         model, _ = FastLanguageModel.from_pretrained(model_dir, max_seq_length=seq, load_in_4bit=True,
                                                      dtype=torch.bfloat16)

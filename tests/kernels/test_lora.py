@@ -9,7 +9,6 @@ bf16: peft runs the adapter in fp32 (its adapters are fp32 under a bf16 model) w
 runs it in bf16; results agree to 2% in relative norm (a few bf16 roundings, 2^-8 each).
 """
 
-import bitsandbytes as bnb
 import pytest
 import torch
 import torch.nn as nn
@@ -25,64 +24,16 @@ from tuneforge.kernels.lora import (
 )
 from tuneforge.testing import tiny_model
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HIDDEN_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
-
-
-def _to_4bit(linear: nn.Linear) -> nn.Module:
-    """A bitsandbytes NF4 (double-quantised) copy of `linear`, fp32 compute."""
-    q = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None,
-        compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True,
-    )
-    q.weight = bnb.nn.Params4bit(linear.weight.data.float().cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data.float().cpu(), requires_grad=False)
-    return q.to(DEVICE)
-
-
-class _Attention(nn.Module):
-    """Q/K/V/O of odd sizes: hidden 72, q 48, k/v 24 (GQA-like)."""
-
-    def __init__(self, base: str, bias: bool):
-        super().__init__()
-        make = (lambda i, o: _to_4bit(nn.Linear(i, o, bias=bias))) if base == "nf4" else (lambda i, o: nn.Linear(i, o, bias=bias))
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = make(72, 48), make(72, 24), make(72, 24), make(48, 72)
-
-
-def _peft(model, targets, r, dtype=torch.float32, rslora=False):
-    model = model.to(DEVICE)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, use_rslora=rslora)
-    return get_peft_model(model, config).base_model.model
-
-
-def _lora_params(*layers):
-    return [p for layer in layers if hasattr(layer, "lora_A") for p in (layer.lora_A.default.weight, layer.lora_B.default.weight)]
-
-
-def _outputs_and_grads(fn, x, params, seed=1):
-    """fn(x) as a tuple, and the grads of x and params for fixed random output grads."""
-    x = x.detach().clone().requires_grad_()
-    for p in params:
-        p.grad = None
-    ys = fn(x)
-    ys = ys if isinstance(ys, tuple) else (ys,)
-    g = torch.Generator().manual_seed(seed)
-    dys = [torch.randn(y.shape, generator=g).to(y.device, y.dtype) for y in ys]
-    torch.autograd.backward(ys, dys)
-    return [y.detach() for y in ys], [x.grad] + [p.grad.clone() for p in params]
-
-
-def _assert_close(got, want, dtype):
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        if dtype == torch.float32:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        else:
-            rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
-            assert rel < 2e-2, rel
+from lora_checks import (
+    DEVICE,
+    HIDDEN_ACT,
+    Attention,
+    assert_close,
+    lora_params,
+    outputs_and_grads,
+    peft_wrap,
+    to_4bit,
+)
 
 
 @pytest.mark.parametrize(
@@ -96,36 +47,39 @@ def _assert_close(got, want, dtype):
     ],
     ids=["dense-fp32-r8-bias", "dense-fp32-r16", "dense-bf16-r8-bias", "nf4-fp32-r8-bias", "nf4-fp32-r16"],
 )
-def test_linear_matches_peft(base, dtype, r, bias):
-    attn = _peft(_Attention(base, bias), ["o_proj"], r, dtype, rslora=(r == 16))
+def test_linear_matchespeft_wrap(base, dtype, r, bias):
+    attn = peft_wrap(Attention(base, bias), ["o_proj"], r, dtype, rslora=(r == 16))
     x = torch.randn(3, 5, 48, device=DEVICE, dtype=dtype)
-    params = _lora_params(attn.o_proj)
-    got = _outputs_and_grads(lambda t: lora_linear(t, attn.o_proj), x, params)
-    want = _outputs_and_grads(attn.o_proj, x, params)
-    _assert_close(got[0] + got[1], want[0] + want[1], dtype)
+    params = lora_params(attn.o_proj)
+    got = outputs_and_grads(lambda t: lora_linear(t, attn.o_proj), x, params)
+    want = outputs_and_grads(attn.o_proj, x, params)
+    assert_close(got[0] + got[1], want[0] + want[1], dtype)
     # The plain-PyTorch reference agrees too.
-    ref = _outputs_and_grads(lambda t: reference_lora_linear(t, LoRAProjection.from_module(attn.o_proj)), x, params)
-    _assert_close(got[0] + got[1], ref[0] + ref[1], dtype)
+    ref = outputs_and_grads(lambda t: reference_lora_linear(t, LoRAProjection.from_module(attn.o_proj)), x, params)
+    assert_close(got[0] + got[1], ref[0] + ref[1], dtype)
 
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])
 def test_qkv_matches_peft_with_k_not_adapted(base):
     """peft's default Llama targets are q and v only: K runs through its base alone."""
-    attn = _peft(_Attention(base, bias=True), ["q_proj", "v_proj"], 8)
+    attn = peft_wrap(Attention(base, bias=True), ["q_proj", "v_proj"], 8)
     x = torch.randn(2, 7, 72, device=DEVICE)
-    params = _lora_params(attn.q_proj, attn.v_proj)
-    got = _outputs_and_grads(lambda t: lora_qkv(t, attn.q_proj, attn.k_proj, attn.v_proj), x, params)
-    want = _outputs_and_grads(lambda t: (attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)), x, params)
-    _assert_close(got[0] + got[1], want[0] + want[1], torch.float32)
+    params = lora_params(attn.q_proj, attn.v_proj)
+    got = outputs_and_grads(lambda t: lora_qkv(t, attn.q_proj, attn.k_proj, attn.v_proj), x, params)
+    want = outputs_and_grads(lambda t: (attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)), x, params)
+    assert_close(got[0] + got[1], want[0] + want[1], torch.float32)
 
 
-def test_qkv_saves_x_once_and_no_dense_weight():
-    attn = _peft(_Attention("nf4", bias=False), ["q_proj", "k_proj", "v_proj"], 8)
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_qkv_saves_x_once_and_no_dense_weight(base):
+    """X once and the small X A^T products; NF4 bases run as one group (one [T, 3r] product)."""
+    attn = peft_wrap(Attention(base, bias=False), ["q_proj", "k_proj", "v_proj"], 8)
     x = torch.randn(2, 7, 72, device=DEVICE, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         lora_qkv(x, attn.q_proj, attn.k_proj, attn.v_proj)
-    assert sorted(saved) == sorted([(14, 72), (14, 8), (14, 8), (14, 8)])
+    want = [(14, 72), (14, 24)] if base == "nf4" else [(14, 72), (14, 8), (14, 8), (14, 8)]
+    assert sorted(saved) == sorted(want)
 
 
 @pytest.mark.parametrize(
@@ -145,28 +99,28 @@ def test_mlp_matches_peft_llama_mlp(activation, dtype, base):
     mlp = model.model.layers[0].mlp
     if base == "nf4":
         for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(mlp, name, _to_4bit(getattr(mlp, name)))
+            setattr(mlp, name, to_4bit(getattr(mlp, name)))
     r = 16 if dtype == torch.float32 else 8
-    peft_model = _peft(model, ["gate_proj", "up_proj", "down_proj"], r, dtype)
+    peft_model = peft_wrap(model, ["gate_proj", "up_proj", "down_proj"], r, dtype)
     mlp = peft_model.model.layers[0].mlp
     x = torch.randn(2, 9, 64, device=DEVICE, dtype=dtype)
-    params = _lora_params(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    params = lora_params(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    got = _outputs_and_grads(lambda t: lora_mlp(t, *layers, activation=activation), x, params)
-    want = _outputs_and_grads(mlp, x, params)
-    _assert_close(got[0] + got[1], want[0] + want[1], dtype)
+    got = outputs_and_grads(lambda t: lora_mlp(t, *layers, activation=activation), x, params)
+    want = outputs_and_grads(mlp, x, params)
+    assert_close(got[0] + got[1], want[0] + want[1], dtype)
     projections = [LoRAProjection.from_module(layer) for layer in layers]
-    ref = _outputs_and_grads(lambda t: reference_lora_mlp(t, *projections, activation), x, params)
-    _assert_close(got[0] + got[1], ref[0] + ref[1], dtype)
+    ref = outputs_and_grads(lambda t: reference_lora_mlp(t, *projections, activation), x, params)
+    assert_close(got[0] + got[1], ref[0] + ref[1], dtype)
 
 
-def test_mlp_under_autocast_matches_peft():
+def test_mlp_under_autocast_matchespeft_wrap():
     """An fp32 model trained under bf16 autocast: the fused MLP computes in bf16 like peft's layers."""
-    peft_model = _peft(tiny_model("llama"), ["gate_proj", "up_proj", "down_proj"], 8)
+    peft_model = peft_wrap(tiny_model("llama"), ["gate_proj", "up_proj", "down_proj"], 8)
     mlp = peft_model.model.layers[0].mlp
     layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     x = torch.randn(2, 9, 64, device=DEVICE)
-    params = _lora_params(*layers)
+    params = lora_params(*layers)
 
     def under_autocast(fn):
         def run(t):
@@ -174,14 +128,14 @@ def test_mlp_under_autocast_matches_peft():
                 return fn(t)
         return run
 
-    got = _outputs_and_grads(under_autocast(lambda t: lora_mlp(t, *layers)), x, params)
-    want = _outputs_and_grads(under_autocast(mlp), x, params)
+    got = outputs_and_grads(under_autocast(lambda t: lora_mlp(t, *layers)), x, params)
+    want = outputs_and_grads(under_autocast(mlp), x, params)
     assert got[0][0].dtype == torch.bfloat16 and got[1][0].dtype == torch.float32
-    _assert_close(got[0] + got[1], want[0] + want[1], torch.bfloat16)
+    assert_close(got[0] + got[1], want[0] + want[1], torch.bfloat16)
 
 
 def test_unsupported_adapters_raise_clearly():
-    attn = get_peft_model(_Attention("dense", False).to(DEVICE), LoraConfig(r=4, target_modules=["o_proj"], lora_dropout=0.1))
+    attn = get_peft_model(Attention("dense", False).to(DEVICE), LoraConfig(r=4, target_modules=["o_proj"], lora_dropout=0.1))
     attn.train()
     x = torch.randn(2, 48, device=DEVICE)
     with pytest.raises(ValueError, match="lora_dropout=0.1"):
@@ -189,7 +143,7 @@ def test_unsupported_adapters_raise_clearly():
     attn.eval()  # dropout is the identity in eval mode
     torch.testing.assert_close(lora_linear(x, attn.base_model.model.o_proj), attn.base_model.model.o_proj(x))
 
-    dora = get_peft_model(_Attention("dense", False).to(DEVICE), LoraConfig(r=4, target_modules=["o_proj"], use_dora=True))
+    dora = get_peft_model(Attention("dense", False).to(DEVICE), LoraConfig(r=4, target_modules=["o_proj"], use_dora=True))
     with pytest.raises(NotImplementedError, match="variant"):
         lora_linear(x, dora.base_model.model.o_proj)
 

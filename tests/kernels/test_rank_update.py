@@ -7,7 +7,7 @@ output dtype happens, so bf16/fp16 agree to within one ulp of y (rel. 2**-7 / 2*
 import pytest
 import torch
 
-from tuneforge.kernels.lora import launch_rank_update_
+from tuneforge.kernels.rank_update import launch_rank_update_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -26,4 +26,22 @@ def test_rank_update_matches_addmm(dtype, rows, cols, r, transposed):
     expected = (y.float() + 0.5 * (xa.float() @ b_t.float().t())).to(dtype)
     got = launch_rank_update_(y.clone(), xa, b_t, 0.5)
     error = (got.float() - expected.float()).norm() / expected.float().norm()
+    assert error < TOLERANCE[dtype], error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rank_update_of_column_slices_in_place(dtype):
+    """A grouped projection updates the columns of one projection in a [T, N] buffer from the
+    columns of its adapter in a [T, R] product (row-strided views, written in place); a rank of
+    48 (three r=16 adapters side by side) fills a 64-wide tile."""
+    y = torch.randn(33, 200, device=DEVICE).to(dtype)
+    xa = torch.randn(33, 80, device=DEVICE).to(dtype)
+    b_t = torch.randn(120, 48, device=DEVICE).to(dtype)
+    expected = y.float().clone()
+    expected[:, 40:160] += 0.5 * (xa[:, 16:64].float() @ b_t.float().t())
+    got = y.clone()
+    out = launch_rank_update_(got[:, 40:160], xa[:, 16:64], b_t, 0.5)
+    assert out.data_ptr() == got[:, 40:160].data_ptr()
+    assert torch.equal(got[:, :40], y[:, :40]) and torch.equal(got[:, 160:], y[:, 160:])
+    error = (got.float() - expected).norm() / expected.norm()
     assert error < TOLERANCE[dtype], error

@@ -36,7 +36,7 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
-from tuneforge.kernels._utils import check_device, elementwise_launch
+from tuneforge.kernels._utils import check_device
 from tuneforge.kernels.geglu import _gelu_and_grad, geglu
 from tuneforge.kernels.nf4_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from tuneforge.kernels.nf4_gemv import decode_matmul, nf4_matmul_unsupported
@@ -48,6 +48,8 @@ from tuneforge.kernels.nf4 import (
     reference_dequantize_nf4,
     round_bf16_rtne,
 )
+from tuneforge.kernels.lora_group import ProjectionGroup, group_backward, group_forward, groupable
+from tuneforge.kernels.rank_update import rank_update_
 from tuneforge.kernels.swiglu import swiglu
 from tuneforge.kernels.weight_cache import cast_for_compute
 
@@ -132,64 +134,6 @@ class LoRAProjection:
 _N_ARGS = 6  # LoRAProjection.as_args() length: how projections travel through Function.apply
 
 
-@triton.jit
-def _rank_update_kernel(
-    Y,  # [T, N] in/out: y += scale * XA @ Bt^T
-    XA,  # [T, R]
-    BT,  # [N, R] via strides (B itself, or A^T read through A's strides)
-    T, N, R,
-    stride_y, stride_xa, stride_bn, stride_br,
-    scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    # A rank-r update touches all of Y but does almost no arithmetic: it is one read and one
-    # write of Y. cuBLAS picks a GEMM kernel with K=16 that runs ~2.4x slower than that on H100
-    # (52 ms a step for the 8B shape, profiled); this tile kernel streams Y once.
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, BLOCK_R)
-    xa = tl.load(XA + rm[:, None] * stride_xa + rr[None, :], mask=(rm[:, None] < T) & (rr[None, :] < R), other=0.0)
-    bt = tl.load(BT + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                 mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-    # fp32 operands: bf16/fp16 values are exact in tf32 (10 mantissa bits), so this equals a 16-bit
-    # dot on the GPU; and Triton's CPU interpreter mis-computes bf16 dots (tests run there).
-    product = tl.dot(xa.to(tl.float32), tl.trans(bt.to(tl.float32)))  # [BLOCK_M, BLOCK_N]
-    mask = (rm[:, None] < T) & (rn[None, :] < N)
-    pointers = Y + rm[:, None] * stride_y + rn[None, :]
-    y = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
-    tl.store(pointers, (y + scale * product).to(Y.dtype.element_ty), mask=mask)
-
-
-def rank_update_(y: torch.Tensor, xa: torch.Tensor, b_t: torch.Tensor, scale: float) -> torch.Tensor:
-    """y += scale * xa @ b_t^T in place, one pass over y.
-
-    y: [T, N] (unit stride along N), xa: [T, r], b_t: [N, r] (any strides: lora_B [out, r] for
-    the forward, lora_A.t() [in, r] for dX). Falls back to `addmm_` where Triton can't run, for
-    fp32 y (where tl.dot would round through tf32), and for r > 64.
-    """
-    if (y.device.type != "cuda" or y.dtype == torch.float32 or xa.shape[1] > 64 or y.stride(1) != 1
-            or xa.stride(1) != 1):
-        return y.addmm_(xa, b_t.t(), alpha=scale)
-    return launch_rank_update_(y, xa, b_t, scale)
-
-
-def launch_rank_update_(y: torch.Tensor, xa: torch.Tensor, b_t: torch.Tensor, scale: float) -> torch.Tensor:
-    """The Triton kernel of `rank_update_`, unconditionally (tests call it under the interpreter)."""
-    check_device(y, xa, b_t)
-    r = xa.shape[1]
-    xa = xa.to(y.dtype).contiguous()
-    b_t = b_t.to(y.dtype)
-    rows, cols = y.shape
-    block_r = max(16, triton.next_power_of_2(r))
-    block_m, block_n = 64, 128
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
-    _rank_update_kernel[grid](
-        y, xa, b_t, rows, cols, r, y.stride(0), xa.stride(0), b_t.stride(0), b_t.stride(1), float(scale),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
-    )
-    return y
-
-
 def _projection_forward(x, weight, quant_state, bias, lora_A, lora_B, scaling):
     """y [..., out] and XA [T, r] (None without adapter) for x [..., in]; the dense W is dropped at once.
 
@@ -230,6 +174,11 @@ def _projection_backward(dy, x, xa, weight, quant_state, bias, lora_A, lora_B, s
     return dx, dbias, dA, dB
 
 
+def _split_args(projections) -> list[tuple]:
+    """Concatenated `LoRAProjection.as_args()` tuples -> one tuple per projection."""
+    return [projections[i : i + _N_ARGS] for i in range(0, len(projections), _N_ARGS)]
+
+
 def _check_inputs(x: torch.Tensor, projections) -> None:
     for i in range(0, len(projections), _N_ARGS):
         weight, quant_state, _, lora_A, lora_B, _ = projections[i : i + _N_ARGS]
@@ -251,14 +200,23 @@ class LoRAQKVFunction(torch.autograd.Function):
     def forward(ctx, x, *projections):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        ctx.projections = projections
+        ctx.x_shape = shape
+        parts = _split_args(projections)
+        ctx.group = ProjectionGroup(parts) if groupable(parts) else None
+        if ctx.group is not None:
+            # One GEMM for all: the outputs are column blocks (views) of one [..., N] tensor, so
+            # attention rotates q and k out of place (models.patch._rotate).
+            y, xa = group_forward(x2, ctx.group)
+            ctx.save_for_backward(x2, xa)
+            y = y.view(*shape[:-1], y.shape[-1])
+            return tuple(y[..., ctx.group.rows(j)] for j in range(len(parts)))
         outs, saved = [], [x2]
-        for i in range(0, len(projections), _N_ARGS):
-            y, xa = _projection_forward(x, *projections[i : i + _N_ARGS])  # y [..., out], not a view
+        for args in parts:
+            y, xa = _projection_forward(x, *args)  # y [..., out], not a view
             outs.append(y)
             saved.append(xa)
         ctx.save_for_backward(*saved)
-        ctx.projections = projections
-        ctx.x_shape = shape
         return tuple(outs)
 
     @staticmethod
@@ -266,6 +224,11 @@ class LoRAQKVFunction(torch.autograd.Function):
         x2, *xas = ctx.saved_tensors
         projections = ctx.projections
         need_dx = ctx.needs_input_grad[0]
+        if ctx.group is not None:
+            dy = torch.cat([d.reshape(-1, d.shape[-1]) for d in dys], dim=1)
+            dx, group_grads = group_backward(dy, x2, xas[0], ctx.group, need_dx)
+            grads = [g for dbias, dA, dB in group_grads for g in (None, None, dbias, dA, dB, None)]
+            return (dx.view(ctx.x_shape) if need_dx else None, *grads)
         dx, grads = None, []
         for k, dy in enumerate(dys):
             args = projections[k * _N_ARGS : (k + 1) * _N_ARGS]
@@ -292,32 +255,90 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 @triton.jit
-def _gated_backward_inplace_kernel(
-    DH,  # [n] in: d loss / d h;  out: h = act(g) * u (the down projection's input, recomputed)
-    GATE,  # [n] in: g;  out: d loss / d g
-    UP,  # [n] in: u;  out: d loss / d u
-    n,
-    ACT: tl.constexpr,  # 0 silu, 1 gelu (erf), 2 gelu (tanh)
-    ROUND_BF16: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # Every element is read before its slots are overwritten, and no other element reads them:
-    # in-place is safe and saves three [tokens, intermediate] buffers.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+def _act_and_grad(g, ACT: tl.constexpr):
+    """act(g) and act'(g) in fp32; ACT 0 silu, 1 gelu (erf), 2 gelu (tanh)."""
     if ACT == 0:
         sig = tl.sigmoid(g)
         act = g * sig
         dact = sig * (1.0 + g * (1.0 - sig))
     else:
         act, dact = _gelu_and_grad(g, ACT == 2)
+    return act, dact
+
+
+@triton.jit
+def _gated_pairs_kernel(
+    GATE,  # [T, cols] via stride_gu: g
+    UP,  # [T, cols] via stride_gu: u
+    H,  # [T, cols] contiguous out: act(g) * u
+    cols, stride_gu,
+    ACT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program per (row, column block): g and u may be the two halves of one [T, 2 * cols]
+    # GEMM output (stride_gu = 2 * cols), read in place.
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < cols
+    g = tl.load(GATE + row * stride_gu + col, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + row * stride_gu + col, mask=mask, other=0.0).to(tl.float32)
+    act, _ = _act_and_grad(g, ACT)
+    tl.store(H + row * cols + col, round_bf16_rtne(act * u, ROUND_BF16).to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_backward_inplace_kernel(
+    DH,  # [T, cols] contiguous; in: d loss / d h;  out: h = act(g) * u (the down projection's input, recomputed)
+    GATE,  # [T, cols] via stride_gu; in: g;  out: d loss / d g
+    UP,  # [T, cols] via stride_gu; in: u;  out: d loss / d u
+    cols, stride_gu,
+    ACT: tl.constexpr,  # 0 silu, 1 gelu (erf), 2 gelu (tanh)
+    ROUND_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Every element is read before its slots are overwritten, and no other element reads them:
+    # in-place is safe and saves three [tokens, intermediate] buffers. With g and u the halves of
+    # one [T, 2 * cols] buffer, that buffer becomes d[gate | up], the grouped backward's dY.
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < cols
+    dh = tl.load(DH + row * cols + col, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + row * stride_gu + col, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + row * stride_gu + col, mask=mask, other=0.0).to(tl.float32)
+    act, dact = _act_and_grad(g, ACT)
     ty = DH.dtype.element_ty
-    tl.store(DH + offs, round_bf16_rtne(act * u, ROUND_BF16).to(ty), mask=mask)
-    tl.store(GATE + offs, round_bf16_rtne(dh * u * dact, ROUND_BF16).to(ty), mask=mask)
-    tl.store(UP + offs, round_bf16_rtne(dh * act, ROUND_BF16).to(ty), mask=mask)
+    tl.store(DH + row * cols + col, round_bf16_rtne(act * u, ROUND_BF16).to(ty), mask=mask)
+    tl.store(GATE + row * stride_gu + col, round_bf16_rtne(dh * u * dact, ROUND_BF16).to(ty), mask=mask)
+    tl.store(UP + row * stride_gu + col, round_bf16_rtne(dh * act, ROUND_BF16).to(ty), mask=mask)
+
+
+def _row_launch(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, BLOCK, num_warps) for the row-wise gated kernels over [rows, cols]."""
+    block = min(2048, max(128, triton.next_power_of_2(cols)))
+    return (rows, triton.cdiv(cols, block)), block, 8 if block >= 2048 else 4
+
+
+def _gated_halves(gu: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(g) * u for gu = [g | u] ([T, 2 * I], the grouped gate|up GEMM output) -> [T, I]."""
+    rows, cols = gu.shape[0], gu.shape[1] // 2
+    h = torch.empty(rows, cols, dtype=gu.dtype, device=gu.device)
+    if rows and cols:
+        grid, block, num_warps = _row_launch(rows, cols)
+        _gated_pairs_kernel[grid](gu, gu[:, cols:], h, cols, gu.stride(0), ACT=_ACT_CODE[activation],
+                                  ROUND_BF16=needs_bf16_rounding(h.dtype), BLOCK=block, num_warps=num_warps)
+    return h
+
+
+def _gated_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str) -> None:
+    """dh <- act(g) * u, g <- d gate, u <- d up, in place; dh [T, I] contiguous, g and u [T, I]
+    with unit column stride and one row stride (separate tensors, or the halves of one buffer)."""
+    rows, cols = dh.shape
+    if not (rows and cols):
+        return
+    grid, block, num_warps = _row_launch(rows, cols)
+    _gated_backward_inplace_kernel[grid](
+        dh, g, u, cols, g.stride(0), ACT=_ACT_CODE[activation], ROUND_BF16=needs_bf16_rounding(dh.dtype),
+        BLOCK=block, num_warps=num_warps,
+    )
 
 
 def _gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -344,12 +365,20 @@ class LoRAMLPFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         gate, up, down = (projections[i * _N_ARGS : (i + 1) * _N_ARGS] for i in range(3))
-        g, xa_g = _projection_forward(x2, *gate)
-        u, xa_u = _projection_forward(x2, *up)
-        h = _gated(g, u, activation)
-        y, ha_d = _projection_forward(h, *down)
-        del h
-        ctx.save_for_backward(x2, g, u, xa_g, xa_u, ha_d)
+        ctx.group = ProjectionGroup([gate, up]) if groupable([gate, up]) else None
+        if ctx.group is not None:  # one GEMM gives [g | u]; the activation reads both halves in place
+            gu, xa_gu = group_forward(x2, ctx.group)
+            h = _gated_halves(gu, activation)
+            y, ha_d = _projection_forward(h, *down)
+            del h
+            ctx.save_for_backward(x2, gu, xa_gu, ha_d)
+        else:
+            g, xa_g = _projection_forward(x2, *gate)
+            u, xa_u = _projection_forward(x2, *up)
+            h = _gated(g, u, activation)
+            y, ha_d = _projection_forward(h, *down)
+            del h
+            ctx.save_for_backward(x2, g, u, xa_g, xa_u, ha_d)
         ctx.projections = (gate, up, down)
         ctx.activation = activation
         ctx.x_shape = shape
@@ -361,7 +390,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         if ctx.backward_done:
             raise RuntimeError("LoRAMLPFunction overwrites its saved tensors in backward: back-propagate it once only")
         ctx.backward_done = True
-        x2, g, u, xa_g, xa_u, ha_d = ctx.saved_tensors
+        if ctx.group is not None:
+            x2, gu, xa_gu, ha_d = ctx.saved_tensors
+            cols = gu.shape[1] // 2
+            g, u = gu[:, :cols], gu[:, cols:]
+        else:
+            x2, g, u, xa_g, xa_u, ha_d = ctx.saved_tensors
         gate, up, down = ctx.projections
         dy2 = dy.reshape(-1, dy.shape[-1])
         w_d, qs_d, b_d, a_d, bb_d, s_d = down
@@ -370,15 +404,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         dh = dy2 @ dense_weight(w_d, qs_d, dy2.dtype)
         dyb_d = None
         if a_d is not None:
-            dyb_d = dy2 @ bb_d.to(dy2.dtype)
-            rank_update_(dh, dyb_d, a_d.to(dy2.dtype).t(), s_d)
-        n = dh.numel()
-        if n:
-            block, num_warps = elementwise_launch(n)
-            _gated_backward_inplace_kernel[(triton.cdiv(n, block),)](
-                dh, g, u, n, ACT=_ACT_CODE[ctx.activation], ROUND_BF16=needs_bf16_rounding(dh.dtype),
-                BLOCK=block, num_warps=num_warps,
-            )
+            dyb_d = dy2 @ cast_for_compute(bb_d, dy2.dtype)
+            rank_update_(dh, dyb_d, cast_for_compute(a_d, dy2.dtype).t(), s_d)
+        _gated_backward_inplace(dh, g, u, ctx.activation)
         h, dg, du = dh, g, u  # renamed: the kernel rewrote the buffers
         grads_down = [None, None, None, None, None, None]
         if b_d is not None and b_d.requires_grad:
@@ -389,8 +417,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         del h, dh
 
         need_dx = ctx.needs_input_grad[0]
-        dx, dbias_g, dA_g, dB_g = _projection_backward(dg, x2, xa_g, *gate, need_dx)
-        dx, dbias_u, dA_u, dB_u = _projection_backward(du, x2, xa_u, *up, need_dx, dx)
+        if ctx.group is not None:  # the kernel turned [g | u] into d[gate | up]
+            del dg, du
+            dx, ((dbias_g, dA_g, dB_g), (dbias_u, dA_u, dB_u)) = group_backward(gu, x2, xa_gu, ctx.group, need_dx)
+        else:
+            dx, dbias_g, dA_g, dB_g = _projection_backward(dg, x2, xa_g, *gate, need_dx)
+            dx, dbias_u, dA_u, dB_u = _projection_backward(du, x2, xa_u, *up, need_dx, dx)
         return (
             dx.view(ctx.x_shape) if need_dx else None, None,
             None, None, dbias_g, dA_g, dB_g, None,

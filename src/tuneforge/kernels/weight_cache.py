@@ -41,3 +41,22 @@ def cast_for_compute(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     copy = weight.detach().to(dtype)
     weight._tuneforge_cast = (key, copy)
     return copy
+
+
+def derived_for_compute(owner: torch.Tensor, tag: str, parts: tuple, build):
+    """`build()` (a tensor made from `parts`, e.g. several adapters concatenated in the compute
+    dtype), reused while none of `parts` can have changed, by the rules above; kept on `owner`.
+
+    tag: names the derivation (and its dtype) among those kept on one owner.
+    parts: tensors or None.
+    """
+    key = (_optimizer_steps, tuple(None if p is None else (p._version, p.data_ptr(), p.dtype) for p in parts))
+    store = getattr(owner, "_tuneforge_derived", None)
+    if store is None:
+        store = owner._tuneforge_derived = {}
+    cached = store.get(tag)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = build()
+    store[tag] = (key, value)
+    return value

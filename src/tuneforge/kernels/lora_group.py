@@ -1,0 +1,183 @@
+"""Several NF4 LoRA projections of one input as one GEMM: Q|K|V, and gate|up of a gated MLP.
+
+Projections j = 1..m read the same X [T, in]: NF4 base W_j [n_j, in], bias b_j, adapter
+A_j [r_j, in] and B_j [n_j, r_j] with scale s_j (r_j = 0 for a projection without adapter):
+
+    Y = [Y_1 | ... | Y_m] = X W^T + b + s (X A^T) Bd^T          [T, N],  N = sum n_j
+    W  = [W_1; ...; W_m]        [N, in]   the m weights dequantised into one buffer
+    A  = [A_1; ...; A_m]        [R, in]   R = sum r_j
+    Bd = block-diagonal         [N, R]    block (rows of j, columns of A_j) = B_j,
+                                          or s_j B_j with s = 1 when the scales differ
+
+One GEMM, one X A^T and one rank-R update replace m of each: fewer launches on a training step
+that is bound by launching them (H100 profile: the 1B shape's step issues ~4,000 kernels and the
+CPU, not the GPU, sets its pace), and wider GEMMs for the small K/V projections. The backward,
+with dY = [dY_1 | ... | dY_m]:
+
+    D    = dY Bd                [T, R]    (column block j is dY_j B_j, times s_j when folded)
+    dX   = dY W + s D A
+    dA   = s D^T X              rows of A_j
+    dB_j = s_j (dY^T XA)[rows of j, columns of A_j]
+
+A and Bd are built in the compute dtype once per optimizer step (`weight_cache`). Only NF4 bases
+are grouped: their dense copy is made per use anyway, so writing it into one buffer costs
+nothing; dense 16-bit bases would need a concatenated copy, and keep the per-projection path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.kernels.nf4 import dequantize_nf4
+from tuneforge.kernels.rank_update import MAX_RANK, rank_update_
+from tuneforge.kernels.weight_cache import derived_for_compute
+
+__all__ = ["ProjectionGroup", "group_backward", "group_forward", "groupable"]
+
+
+def groupable(parts: list[tuple]) -> bool:
+    """True when `parts` (LoRAProjection.as_args() tuples) can run as one group: two or more
+    projections, every base NF4 (a quant_state) with the same input size."""
+    if len(parts) < 2 or any(p[1] is None for p in parts):
+        return False
+    return len({int(p[1].shape[1]) for p in parts}) == 1
+
+
+class ProjectionGroup:
+    """The concatenated view of m projections (see the module docstring); built per call, cheap:
+    it only reads shapes, and its tensors come from the per-step cache."""
+
+    def __init__(self, parts: list[tuple]) -> None:
+        self.parts = parts
+        self.sizes = [int(p[1].shape[0]) for p in parts]
+        self.in_features = int(parts[0][1].shape[1])
+        self.row_starts = [sum(self.sizes[:j]) for j in range(len(parts))]
+        self.out_features = sum(self.sizes)
+        self.ranks = [0 if p[3] is None else int(p[3].shape[0]) for p in parts]
+        self.col_starts = [sum(self.ranks[:j]) for j in range(len(parts))]
+        self.rank = sum(self.ranks)
+        scales = {float(p[5]) for p, r in zip(parts, self.ranks) if r}
+        # One scale for all: it goes to the kernels; several: each folds into its block of Bd.
+        self.scale = scales.pop() if len(scales) == 1 else 1.0
+        self.folded = len(scales) > 0
+
+    def rows(self, j: int) -> slice:
+        return slice(self.row_starts[j], self.row_starts[j] + self.sizes[j])
+
+    def cols(self, j: int) -> slice:
+        return slice(self.col_starts[j], self.col_starts[j] + self.ranks[j])
+
+    def dense_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """W [N, in] in `dtype`: each NF4 weight dequantised into its rows of one buffer."""
+        w = torch.empty(self.out_features, self.in_features, dtype=dtype, device=device)
+        for j, (weight, quant_state, *_) in enumerate(self.parts):
+            dequantize_nf4(weight, quant_state, out=w[self.rows(j)])
+        return w
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """b [N] in `dtype` (zeros where a projection has none), or None when none has one."""
+        biases = [p[2] for p in self.parts]
+        present = [b for b in biases if b is not None]
+        if not present:
+            return None
+
+        def build():
+            out = torch.zeros(self.out_features, dtype=dtype, device=present[0].device)
+            for j, b in enumerate(biases):
+                if b is not None:
+                    out[self.rows(j)] = b.detach().to(dtype)
+            return out
+
+        return derived_for_compute(present[0], f"group-bias-{dtype}", tuple(biases), build)
+
+    def adapters(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [R, in], Bd [N, R]) in `dtype`; call only when self.rank > 0."""
+        parts = self.parts
+        owner = next(p[3] for p in parts if p[3] is not None)
+        tensors = tuple(t for p in parts for t in (p[3], p[4]))
+
+        def build_a():
+            return torch.cat([p[3].detach().to(dtype) for p in parts if p[3] is not None])
+
+        def build_bd():
+            bd = torch.zeros(self.out_features, self.rank, dtype=dtype, device=owner.device)
+            for j, p in enumerate(parts):
+                if p[3] is not None:
+                    block = p[4].detach().float() * float(p[5]) if self.folded else p[4].detach()
+                    bd[self.rows(j), self.cols(j)] = block.to(dtype)
+            return bd
+
+        a = derived_for_compute(owner, f"group-A-{dtype}", tensors, build_a)
+        bd = derived_for_compute(owner, f"group-Bd-{dtype}-{self.folded}", tensors, build_bd)
+        return a, bd
+
+
+def _update_blocks(y: torch.Tensor, d: torch.Tensor, b_t: torch.Tensor, scale: float, group: ProjectionGroup,
+                   *, by_rows: bool) -> None:
+    """y += scale * d @ b_t^T, block by block when R exceeds one kernel tile.
+
+    by_rows: the forward (y [T, N], b_t = Bd [N, R]): each projection's columns of y take its
+    adapter's columns of d. Otherwise dX (y [T, in], b_t = A^T [in, R]): every block adds into
+    all of y, summing over the adapters.
+    """
+    if group.rank <= MAX_RANK:
+        rank_update_(y, d, b_t, scale)
+        return
+    for j, r in enumerate(group.ranks):
+        if r:
+            rows, cols = group.rows(j), group.cols(j)
+            if by_rows:
+                rank_update_(y[:, rows], d[:, cols], b_t[rows, cols], scale)
+            else:
+                rank_update_(y, d[:, cols], b_t[:, cols], scale)
+
+
+def group_forward(x2: torch.Tensor, group: ProjectionGroup) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Y [T, N], XA [T, R] or None without adapters) for X [T, in], in X's dtype."""
+    w = group.dense_weight(x2.dtype, x2.device)
+    bias = group.bias(x2.dtype)
+    y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
+    del w
+    if not group.rank:
+        return y, None
+    a, bd = group.adapters(x2.dtype)
+    xa = x2 @ a.t()
+    _update_blocks(y, xa, bd, group.scale, group, by_rows=True)
+    return y, xa
+
+
+def group_backward(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor | None, group: ProjectionGroup,
+                   need_dx: bool) -> tuple[torch.Tensor | None, list[tuple]]:
+    """(dX [T, in] or None, [(dbias, dA, dB) per projection]) for dY [T, N].
+
+    Gradients come back in their parameters' dtypes; None where a projection has no such parameter
+    (or a frozen bias).
+    """
+    dx = None
+    if need_dx:
+        w = group.dense_weight(dy.dtype, dy.device)
+        dx = dy @ w
+        del w
+    grads = []
+    if group.rank:
+        a, bd = group.adapters(dy.dtype)
+        d = dy @ bd  # [T, R]
+        if need_dx:
+            _update_blocks(dx, d, a.t(), group.scale, group, by_rows=False)
+        first = next(p for p in group.parts if p[3] is not None)
+        d_a = (d.t() @ x2).to(first[3].dtype)  # [R, in]; each adapter's rows are a contiguous block
+        if group.scale != 1.0:
+            d_a.mul_(group.scale)
+        # [N, R], of which only the diagonal blocks are used: one GEMM instead of m, at m times
+        # the (small: 2 T N R) arithmetic.
+        d_b = (dy.t() @ xa).to(first[4].dtype)
+    for j, (_, _, bias, lora_A, lora_B, scaling) in enumerate(group.parts):
+        rows = group.rows(j)
+        dbias = dy[:, rows].sum(0).to(bias.dtype) if bias is not None and bias.requires_grad else None
+        if lora_A is None:
+            grads.append((dbias, None, None))
+            continue
+        cols = group.cols(j)
+        # mul, not mul_: a fresh contiguous tensor, not a strided view into d_b.
+        grads.append((dbias, d_a[cols].to(lora_A.dtype), d_b[rows, cols].to(lora_B.dtype).mul(float(scaling))))
+    return dx, grads

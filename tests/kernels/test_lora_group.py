@@ -1,0 +1,112 @@
+"""Grouped projections (kernels/lora_group.py): Q|K|V and gate|up of NF4 bases as one GEMM.
+
+The fused ops take this path whenever every base in the group is NF4; each case below is checked
+against peft's own layers (tolerances in lora_checks): adapters of different ranks and scales
+(folded into the block-diagonal B), a projection without adapter, biases, a total rank above one
+kernel tile (block-wise updates), bf16, and the per-step cache of the concatenated adapters.
+"""
+
+import pytest
+import torch
+
+from tuneforge.kernels.lora import lora_mlp, lora_qkv
+from tuneforge.kernels.lora_group import ProjectionGroup, groupable
+from tuneforge.kernels.lora import LoRAProjection
+from tuneforge.testing import tiny_model
+
+from lora_checks import DEVICE, HIDDEN_ACT, Attention, assert_close, lora_params, outputs_and_grads, peft_wrap, to_4bit
+
+QKV = ["q_proj", "k_proj", "v_proj"]
+CASES = {
+    "same-r8": dict(r=8),
+    "ranks-and-alphas-differ": dict(r=8, rank_pattern={"k_proj": 4, "v_proj": 12}, alpha_pattern={"v_proj": 5}),
+    "rslora-r32-above-one-tile": dict(r=32, rslora=True),  # total rank 96 > 64: one update per block
+}
+
+
+def _group(*layers) -> ProjectionGroup:
+    parts = [LoRAProjection.from_module(layer).as_args() for layer in layers]
+    assert groupable(parts)
+    return ProjectionGroup(parts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_qkv_group_matches_peft(case, bias, dtype):
+    config = dict(CASES[case])
+    attn = peft_wrap(Attention("nf4", bias=bias), QKV, config.pop("r"), dtype, **config)
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    group = _group(*layers)
+    assert group.folded == (case == "ranks-and-alphas-differ")
+    x = torch.randn(2, 7, 72, device=DEVICE, dtype=dtype)
+    params = lora_params(*layers)
+    got = outputs_and_grads(lambda t: lora_qkv(t, *layers), x, params)
+    want = outputs_and_grads(lambda t: tuple(layer(t) for layer in layers), x, params)
+    assert_close(got[0] + got[1], want[0] + want[1], dtype)
+
+
+def test_qkv_group_outputs_are_column_blocks_of_one_gemm():
+    attn = peft_wrap(Attention("nf4", bias=False), ["q_proj", "v_proj"], 8)  # K without adapter
+    q, k, v = lora_qkv(torch.randn(3, 72, device=DEVICE, requires_grad=True), attn.q_proj, attn.k_proj, attn.v_proj)
+    assert q._base is not None and q._base is k._base is v._base
+    assert q._base.shape == (3, 96) and [t.shape[-1] for t in (q, k, v)] == [48, 24, 24]
+
+
+@pytest.mark.parametrize(
+    "activation,dtype,ranks",
+    [
+        ("silu", torch.float32, {}),
+        ("gelu_tanh", torch.float32, {"up_proj": 4}),
+        ("gelu", torch.float32, {}),
+        ("silu", torch.bfloat16, {"gate_proj": 16}),
+        ("gelu_tanh", torch.bfloat16, {}),
+    ],
+)
+def test_mlp_group_matches_peft(activation, dtype, ranks):
+    """gate|up as one GEMM, the activation reading both halves of its output in place, and the
+    backward kernel turning that buffer into d[gate | up]."""
+    model = tiny_model("llama", hidden_act=HIDDEN_ACT[activation])
+    mlp = model.model.layers[0].mlp
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(mlp, name, to_4bit(getattr(mlp, name)))
+    peft_model = peft_wrap(model, ["gate_proj", "up_proj", "down_proj"], 8, dtype, rank_pattern=ranks)
+    mlp = peft_model.model.layers[0].mlp
+    layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    _group(mlp.gate_proj, mlp.up_proj)
+    x = torch.randn(2, 9, 64, device=DEVICE, dtype=dtype)
+    params = lora_params(*layers)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        got = outputs_and_grads(lambda t: lora_mlp(t, *layers, activation=activation), x, params)
+    assert (18, 2 * 176) in saved  # [g | u] kept as one buffer
+    want = outputs_and_grads(mlp, x, params)
+    assert_close(got[0] + got[1], want[0] + want[1], dtype)
+
+
+def test_concatenated_adapters_follow_optimizer_steps_and_in_place_writes():
+    """A and the block-diagonal B are cached per optimizer step: after a step, or an in-place
+    write into an adapter, the group computes with the new values."""
+    attn = peft_wrap(Attention("nf4", bias=False), QKV, 8)
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    params = lora_params(*layers)
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    x = torch.randn(4, 72, device=DEVICE)
+    for change in ("first call", "optimizer step", "in-place write"):
+        if change == "optimizer step":
+            sum(y.square().sum() for y in lora_qkv(x, *layers)).backward()
+            optimizer.step()
+        elif change == "in-place write":
+            with torch.no_grad():
+                attn.k_proj.lora_B.default.weight.mul_(-3.0)
+        with torch.no_grad():
+            got = lora_qkv(x, *layers)
+            want = tuple(layer(x) for layer in layers)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=change)
+
+
+def test_dense_bases_are_not_grouped():
+    attn = peft_wrap(Attention("dense", bias=False), QKV, 8)
+    parts = [LoRAProjection.from_module(layer).as_args() for layer in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert not groupable(parts) and not groupable(parts[:1])
