@@ -72,7 +72,9 @@ def launch_rank_update_(y: torch.Tensor, xa: torch.Tensor, b_t: torch.Tensor, sc
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
     _rank_update_kernel[grid](
         y, xa, b_t, rows, cols, r, y.stride(0), xa.stride(0), b_t.stride(0), b_t.stride(1), float(scale),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+        # A 64-wide rank (grouped projections) holds three fp32 tiles per program: 8 warps keep
+        # them in registers.
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=8 if block_r >= 64 else 4,
     )
     return y
 
