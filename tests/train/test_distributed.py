@@ -9,19 +9,26 @@ a gradient summed instead of averaged over ranks; with SGD every error shows, li
 Gradient clipping is on and binds (max_grad_norm below every measured norm), so FSDP's norm
 over sharded gradients must be the global one, and the grad norms are compared too.
 
-Tolerances, float32 throughout (on the CPU the trainer keeps even QLoRA adapters fp32):
+Tolerances, float32 (on the CPU the trainer keeps even QLoRA adapters fp32):
   loss, grad norm   rtol 1e-5: the same sums, split in two and added by an all-reduce (float32
                     reassociation: ~1e-7)
   adapter weights   atol 1e-6, 1e-4 of the largest weight (> 1e-2 after three steps): a wrong
                     batch, scale or shard fails by orders of magnitude.
+bf16 (the GPU set-up: FSDP2's mixed-precision policy vs autocast in one process): see TOLERANCES.
+
+Beyond equal numbers, each run counts the memory-saving paths it takes (`watch_fast_paths`):
+on one GPU QLoRA needs 11 GiB at 32k tokens where FSDP2 once took 51 GiB per GPU because its
+loss silently fell back to full logits. Sharded runs must take the same paths, call for call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -35,9 +42,74 @@ ROOT = HERE.parents[2]
 STEPS, GLOBAL_BATCH, RANKS = 3, 4, 2
 LEARNING_RATE, MAX_GRAD_NORM = 1.0, 0.5
 LOSS_RTOL, NORM_RTOL, ADAPTER_ATOL = 1e-5, 1e-5, 1e-6  # see the module docstring
+# bf16: one process under autocast vs FSDP2's bf16 all-gathers: 3.7e-5 / 5.8e-4 / 8e-4 measured
+# (adapter weights up to 0.096), allowed ~5x. A loss rounded to bf16 (12.5625 for 12.5788) is 1e-3 off.
+TOLERANCES = {"float32": (LOSS_RTOL, NORM_RTOL, ADAPTER_ATOL), "bfloat16": (2e-4, 3e-3, 4e-3)}
 
 
 # ---------------------------------------------------------------- the worker (run by torchrun)
+
+CE_CHUNK_ROWS = 4  # the chunked loss's rows per chunk here (a batch holds 2 x 4..10 tokens and more)
+
+
+@contextlib.contextmanager
+def watch_fast_paths(vocab: int, element_size: int):
+    """Count, in this process, the memory-saving paths a training run takes; yields the counts.
+
+      chunked_loss            calls of the chunked loss's autograd Function (one per forward)
+      lm_head_forward         calls of lm_head's own forward (full logits: must stay 0)
+      max_logit_rows          the most rows of any new [..., vocab] tensor any op made: the loss's
+                              chunk (CE_CHUNK_ROWS, forced small) unless full logits existed
+      offloaded_layer_inputs  tensors the offloaded checkpointing packed (one per layer per forward)
+      lora_mlp / lora_qkv / lora_linear   calls of the fused LoRA ops (forward and recompute)
+      bnb_matmul_4bit         bitsandbytes' own 4-bit matmul (peft's path: 0 when all is fused)
+    """
+    from collections import Counter
+
+    import bitsandbytes as bnb
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    import tuneforge.kernels.cross_entropy as cross_entropy
+    import tuneforge.kernels.lora as lora
+    from tuneforge.train.checkpointing import LayerInputOffloader
+
+    counts = Counter(max_logit_rows=0)
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    class LogitRows(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.is_view:  # holds nothing new (lm_head.weight.t() is [hidden, vocab])
+                return out
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab:
+                    counts["max_logit_rows"] = max(counts["max_logit_rows"], t.numel() // vocab)
+            return out
+
+    originals = [(cross_entropy, "LinearCrossEntropyFunction"), (cross_entropy, "_CHUNK_BYTES_CPU"),
+                 (LayerInputOffloader, "pack"), (bnb, "matmul_4bit"),
+                 *((lora, name) for name in ("lora_mlp", "lora_qkv", "lora_linear"))]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in originals]
+    loss_function = cross_entropy.LinearCrossEntropyFunction
+    cross_entropy.LinearCrossEntropyFunction = types.SimpleNamespace(
+        apply=counted("chunked_loss", loss_function.apply))
+    cross_entropy._CHUNK_BYTES_CPU = CE_CHUNK_ROWS * vocab * element_size
+    LayerInputOffloader.pack = counted("offloaded_layer_inputs", LayerInputOffloader.pack)
+    bnb.matmul_4bit = counted("bnb_matmul_4bit", bnb.matmul_4bit)
+    for name in ("lora_mlp", "lora_qkv", "lora_linear"):
+        setattr(lora, name, counted(name, getattr(lora, name)))
+    try:
+        with LogitRows():
+            yield counts
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def synthetic_rows(count: int = 32, seed: int = 0) -> list[dict]:
@@ -60,8 +132,9 @@ def run_worker(spec: dict) -> dict:
     strategy = spec["strategy"]
     if strategy == "fsdp":
         os.environ[distributed.FSDP_ENV] = "true"  # before loading: the NF4 storage dtype depends on it
+    bf16 = spec.get("dtype", "float32") == "bfloat16"
     model, tokenizer = FastLanguageModel.from_pretrained(
-        spec["model_dir"], max_seq_length=64, dtype="float32", load_in_4bit=spec["load_in_4bit"],
+        spec["model_dir"], max_seq_length=64, dtype=spec.get("dtype", "float32"), load_in_4bit=spec["load_in_4bit"],
         use_kernels=spec["kernels"] in ("all", "model"),
     )
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=1,
@@ -72,12 +145,18 @@ def run_worker(spec: dict) -> dict:
         output_dir=spec["out"], max_steps=STEPS, per_device_train_batch_size=spec["batch"],
         learning_rate=LEARNING_RATE, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=MAX_GRAD_NORM, logging_steps=1, save_strategy="no", train_sampling_strategy="sequential",
-        seed=0, max_length=64, dataloader_num_workers=0, disable_tqdm=True, **extra,
+        seed=0, max_length=64, dataloader_num_workers=0, disable_tqdm=True,
+        # bf16 on the CPU: what GPUs run (FSDP2's mixed-precision policy); one process asks for the CPU itself
+        bf16=bf16, use_cpu=bf16 and not torch.cuda.is_available(), **extra,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(synthetic_rows()),
                          processing_class=tokenizer)
     distributed.check_strategy(trainer, None if strategy == "single" else strategy)
-    trainer.train()
+    lm_head = model.get_base_model().lm_head
+    with watch_fast_paths(lm_head.out_features, torch.finfo(lm_head.weight.dtype).bits // 8) as paths:
+        hook = lm_head.register_forward_hook(lambda *_: paths.update(["lm_head_forward"]))
+        trainer.train()
+        hook.remove()
     trainer.save_model(str(Path(spec["out"]) / "adapter"))
 
     wrapped = trainer.model_wrapped
@@ -98,10 +177,23 @@ def run_worker(spec: dict) -> dict:
                                 "quant_state"),
         "kernels": list(getattr(model.get_base_model(), "tuneforge_kernels", []))
         + list(getattr(model.get_base_model(), "tuneforge_lora_kernels", [])),
+        "paths": dict(paths),
+        "outside_forward": _read_base_weight(model.get_base_model().model.layers[0].mlp.down_proj),
     }
     if trainer.args.process_index == 0:
         (Path(spec["out"]) / "result.json").write_text(json.dumps(result))
     return result
+
+
+def _read_base_weight(layer) -> str:
+    """What the fused kernels' weight reader says of `layer` between steps: 'ok', or its error."""
+    from tuneforge.kernels.nf4 import base_weight_parts
+
+    try:
+        base_weight_parts(layer)
+    except ValueError as error:
+        return str(error)
+    return "ok"
 
 
 # ---------------------------------------------------------------- helpers of the tests
@@ -133,21 +225,23 @@ def read_adapter(out: str) -> dict[str, torch.Tensor]:
     return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
 
 
-def assert_same_training(result: dict, reference: dict, out: str, reference_out: str) -> None:
+def assert_same_training(result: dict, reference: dict, out: str, reference_out: str,
+                         dtype: str = "float32") -> None:
     assert result["world_size"] == RANKS and reference["world_size"] == 1
     assert len(result["losses"]) == STEPS
     adapter, expected = read_adapter(out), read_adapter(reference_out)
     assert adapter.keys() == expected.keys() and len(expected) == 28  # 7 projections x 2 layers x A, B
     assert {t.dtype for t in expected.values()} | {t.dtype for t in adapter.values()} == {torch.float32}
+    loss_rtol, norm_rtol, adapter_atol = TOLERANCES[dtype]
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]),
-                               rtol=LOSS_RTOL, atol=0)
+                               rtol=loss_rtol, atol=0)
     torch.testing.assert_close(torch.tensor(result["grad_norms"]), torch.tensor(reference["grad_norms"]),
-                               rtol=NORM_RTOL, atol=0)
+                               rtol=norm_rtol, atol=0)
     assert min(reference["grad_norms"]) > MAX_GRAD_NORM, "clipping must bind for the test to cover it"
     moved = max(t.abs().max().item() for name, t in expected.items() if "lora_B" in name)
     assert moved > 1e-2, "B starts at zero: the adapter must have moved for the comparison to mean anything"
     for name, tensor in expected.items():
-        torch.testing.assert_close(adapter[name], tensor, rtol=0, atol=ADAPTER_ATOL, msg=name)
+        torch.testing.assert_close(adapter[name], tensor, rtol=0, atol=adapter_atol, msg=name)
 
 
 # ---------------------------------------------------------------- distributed runs
@@ -158,12 +252,12 @@ def single_runs(model_dir, tmp_path_factory):
     """The 1-process reference (batch 4), computed once per configuration, in this process."""
     cache = {}
 
-    def get(load_in_4bit: bool, kernels: str):
-        key = (load_in_4bit, kernels)
+    def get(load_in_4bit: bool, kernels: str, dtype: str):
+        key = (load_in_4bit, kernels, dtype)
         if key not in cache:
             out = str(tmp_path_factory.mktemp("single"))
             spec = dict(strategy="single", model_dir=model_dir, out=out, batch=GLOBAL_BATCH,
-                        load_in_4bit=load_in_4bit, checkpointing="unsloth", kernels=kernels)
+                        load_in_4bit=load_in_4bit, checkpointing="unsloth", kernels=kernels, dtype=dtype)
             cache[key] = (run_worker(spec), out)
         return cache[key]
 
@@ -171,21 +265,24 @@ def single_runs(model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "strategy, load_in_4bit, kernels",
+    "strategy, load_in_4bit, kernels, dtype",
     [
-        ("ddp", False, "all"),
-        ("fsdp", False, "all"),
+        ("ddp", False, "all", "float32"),
+        ("fsdp", False, "all", "float32"),
         # QLoRA: the NF4 base sharded by FSDP2, with every kernel (the fused LoRA ops read the
         # quant_state bitsandbytes keeps on the module: FSDP2 all-gathers the weight as a plain tensor).
-        ("fsdp", True, "all"),
+        ("fsdp", True, "all", "float32"),
+        # What GPUs run: bf16 compute, FSDP2's mixed-precision policy (bf16 all-gathers, fp32
+        # gradient reduction, the NF4 bytes stored as bf16) against one process under autocast.
+        ("fsdp", True, "all", "bfloat16"),
     ],
 )
-def test_two_ranks_train_like_one(strategy, load_in_4bit, kernels, model_dir, single_runs, tmp_path):
+def test_two_ranks_train_like_one(strategy, load_in_4bit, kernels, dtype, model_dir, single_runs, tmp_path):
     """Offloaded gradient checkpointing ("unsloth") on throughout."""
-    reference, reference_out = single_runs(load_in_4bit, kernels)
+    reference, reference_out = single_runs(load_in_4bit, kernels, dtype)
     out = str(tmp_path / strategy)
     spec = dict(strategy=strategy, model_dir=model_dir, out=out, batch=GLOBAL_BATCH // RANKS,
-                load_in_4bit=load_in_4bit, checkpointing="unsloth", kernels=kernels)
+                load_in_4bit=load_in_4bit, checkpointing="unsloth", kernels=kernels, dtype=dtype)
     result = launch(spec, RANKS)
 
     if strategy == "ddp":
@@ -198,12 +295,22 @@ def test_two_ranks_train_like_one(strategy, load_in_4bit, kernels, model_dir, si
         (full, local) = result["base_shape"]
         assert local[0] * RANKS == full[0], "the (4-bit) base weight must be sharded too"
         if load_in_4bit:
-            assert result["base_is_4bit"] and result["base_dtype"] == "torch.float32"
+            assert result["base_is_4bit"] and result["base_dtype"] == f"torch.{dtype}"
+        # Between steps a base weight is a shard: the kernels' reader says so instead of misreading it.
+        assert "FSDP2 shard" in result["outside_forward"], result["outside_forward"]
     assert result["kernels"] == reference["kernels"]
     # The patch layer is live: norms, RoPE, MLP, loss (and the fused LoRA ops where asked).
     assert {"rms_norm", "rope", "swiglu", "fused_cross_entropy"} <= set(result["kernels"]), result["kernels"]
     assert ("lora_mlp" in result["kernels"]) == (kernels == "all"), result["kernels"]
-    assert_same_training(result, reference, out, reference_out)
+    # ... and every memory-saving path runs as on one process, call for call: the loss in chunks
+    # (no op ever made more than a chunk of [tokens, vocab] logits, lm_head's forward never ran),
+    # each layer's input offloaded once per forward, every LoRA projection through a fused op.
+    layers = 2
+    expected = {"chunked_loss": STEPS, "max_logit_rows": CE_CHUNK_ROWS, "offloaded_layer_inputs": layers * STEPS,
+                # forward and checkpointed recompute; lora_linear: o_proj
+                "lora_mlp": 2 * layers * STEPS, "lora_qkv": 2 * layers * STEPS, "lora_linear": 2 * layers * STEPS}
+    assert result["paths"] == reference["paths"] == expected, (result["paths"], reference["paths"])
+    assert_same_training(result, reference, out, reference_out, dtype)
 
 
 @pytest.mark.parametrize("strategy", [
@@ -367,8 +474,8 @@ def test_fsdp_arguments_reach_accelerate_with_our_policy(tmp_path):
         fsdp_plugin_args = {"fsdp_version": 2}
 
     distributed.finish_arguments(Bf16Args)
-    assert Bf16Args.fsdp_plugin_args["mixed_precision_policy"] == {
-        "param_dtype": torch.bfloat16, "reduce_dtype": torch.float32, "output_dtype": torch.bfloat16}
+    policy = Bf16Args.fsdp_plugin_args["mixed_precision_policy"]
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
 
 
 @pytest.mark.parametrize("optim, expected", [
@@ -388,16 +495,18 @@ def test_fsdp_replaces_bitsandbytes_optimizers(optim, expected, tmp_path, caplog
     assert str(getattr(plain.optim, "value", plain.optim)) == optim
 
 
-def test_mixed_precision_policy_reduces_in_fp32():
+def test_mixed_precision_policy_reduces_in_fp32_and_leaves_outputs_alone():
+    """fp32 gradient reduction; no output cast, which would round the fp32 loss to bf16."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
     assert distributed.mixed_precision_policy(torch.float32) is None
     for compute in (torch.bfloat16, torch.float16):
         policy = distributed.mixed_precision_policy(compute)
-        assert policy["reduce_dtype"] == torch.float32 and policy["param_dtype"] == compute
-        # accelerate accepts it as the plugin's mixed_precision_policy
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=dict(policy))
-        assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
+        assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (compute, torch.float32, None)
+        # accelerate takes it as the plugin's policy, and its own mixed-precision setting keeps it
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=policy)
+        plugin.set_mixed_precision("bf16")
+        assert plugin.mixed_precision_policy is policy
 
 
 @pytest.mark.parametrize("argv, expected", [

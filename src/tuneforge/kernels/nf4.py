@@ -231,6 +231,12 @@ def base_weight_parts(module: nn.Module):
 
     Nothing is dequantised: weight is the dense [out, in] Parameter (quant_state None) or the
     packed 4-bit data with its QuantState. bias: [out] or None.
+
+    Under FSDP2, inside the forward/backward of the layer's shard unit, the weight is the
+    all-gathered plain tensor (the packed bytes typed as the quant storage dtype): FSDP2 does not
+    keep the Params4bit subclass, so its quant_state is read from the Linear4bit module, where
+    bitsandbytes also keeps it for this case. Outside the unit's forward the weight is a sharded
+    DTensor holding 1/N of the bytes, which nothing can multiply by: a clear error.
     """
     if getattr(module, "fan_in_fan_out", False):
         raise NotImplementedError(f"{type(module).__name__} stores its weight transposed (fan_in_fan_out)")
@@ -239,9 +245,14 @@ def base_weight_parts(module: nn.Module):
     weight = getattr(module, "weight", None)
     if weight is None:
         raise TypeError(f"{type(module).__name__} has no weight; expected a Linear-like layer")
+    if hasattr(weight, "_local_tensor"):  # a DTensor: FSDP2's shard, not gathered here
+        raise ValueError(
+            f"{type(module).__name__}'s weight is an FSDP2 shard (DTensor {tuple(weight._local_tensor.shape)} of "
+            f"{tuple(weight.shape)}); it is whole only inside its shard unit's forward and backward"
+        )
     bias = getattr(module, "bias", None)
     if getattr(weight, "quant_state", None) is None and getattr(module, "quant_state", None) is not None:
-        # Under FSDP2 the gathered weight is a plain tensor; bitsandbytes keeps the state on the module.
+        # FSDP2's gathered weight: a plain tensor; bitsandbytes keeps the state on the module.
         return weight, module.quant_state, bias
     if hasattr(weight, "quant_state") or type(weight).__name__ == "Params4bit":
         if weight.quant_state is None:

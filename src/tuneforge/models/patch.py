@@ -387,10 +387,11 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     """
     original = type(self).forward.__get__(self)
     lm_head = self.get_output_embeddings()
-    if labels is None or type(lm_head) is not nn.Linear:
-        if labels is not None and not getattr(self, "_tuneforge_warned_head", False):
+    why_not = None if labels is None else _unchunkable_head(lm_head)
+    if labels is None or why_not:
+        if why_not and not getattr(self, "_tuneforge_warned_head", False):
             self._tuneforge_warned_head = True
-            logger.warning("lm_head is a %s, not a Linear: the loss uses full logits", type(lm_head).__name__)
+            logger.warning("chunked loss not used: %s; the loss uses full [tokens x vocab] logits", why_not)
         return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                         use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
@@ -407,6 +408,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
     )
     hidden = outputs[0]
+    gathered = _gather_sharded_head(lm_head)
     weight = lm_head.weight
     softcap, scale = self._tuneforge_logits
     loss = fused_linear_cross_entropy(
@@ -414,11 +416,51 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         ignore_index=ignore_index, logit_softcap=softcap, logit_scale=scale,
         num_items_in_batch=num_items_in_batch, shift=shift_labels is None, lm_head_bias=lm_head.bias,
     )
+    if gathered and not any(p.requires_grad for p in lm_head.parameters()):
+        # The loss Function formed every gradient already and its backward never reads the
+        # weight: the gathered [vocab, hidden] copy is freed now, not at the end of backward.
+        lm_head.reshard()
     result = CausalLMOutputWithPast(
         loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
         hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
     )
     return result.to_tuple() if return_dict is False else result
+
+
+def _is_linear_class(module: nn.Module) -> bool:
+    """True for an nn.Linear itself, also once FSDP2's `fully_shard` has swapped the instance's class
+    for its dynamic `FSDP<cls>` subclass (bases: FSDPModule, cls). False for subclasses that change
+    the matmul (bitsandbytes' 4/8-bit layers): the chunked loss multiplies by `weight` directly."""
+    cls = type(module)
+    if cls is nn.Linear:
+        return True
+    bases = cls.__bases__
+    return len(bases) == 2 and bases[0].__name__ == "FSDPModule" and bases[1] is nn.Linear
+
+
+def _unchunkable_head(lm_head: nn.Module) -> str | None:
+    """Why the chunked loss cannot multiply by `lm_head.weight` here (None: it can)."""
+    if not _is_linear_class(lm_head):
+        return f"lm_head is a {type(lm_head).__name__}, not a Linear"
+    if hasattr(lm_head.weight, "_local_tensor") and not hasattr(lm_head, "unshard"):
+        return "lm_head's weight is a sharded DTensor outside an FSDP2 unit we can gather"
+    return None
+
+
+def _gather_sharded_head(lm_head: nn.Module) -> bool:
+    """All-gather an FSDP2-sharded lm_head (True if it was sharded here).
+
+    FSDP2 gathers a unit's weights in its forward pre-hook, and the chunked loss never calls
+    lm_head's forward: it multiplies by the weight itself. When lm_head is a unit of its own
+    (accelerate makes [final norm, lm_head] one, but finds no final norm among a peft model's
+    direct children), its weight is still a DTensor holding 1/N of the rows here, so it is
+    gathered explicitly, the public `FSDPModule.unshard()`. Where lm_head shares a unit with a
+    module that did run (the final norm, tied input embeddings), the weight is already whole.
+    """
+    if not hasattr(lm_head.weight, "_local_tensor"):  # a plain tensor: no FSDP, or already gathered
+        return False
+    lm_head.unshard()
+    return True
 
 
 def _patch_loss(model, spec: FamilySpec) -> str | None:

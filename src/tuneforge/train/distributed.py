@@ -163,18 +163,23 @@ def decoder_layer_classes(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def mixed_precision_policy(compute_dtype: torch.dtype) -> dict[str, torch.dtype] | None:
-    """FSDP2 MixedPrecisionPolicy fields for training in `compute_dtype` (None for fp32: no casts).
+def mixed_precision_policy(compute_dtype: torch.dtype):
+    """The FSDP2 MixedPrecisionPolicy for training in `compute_dtype` (None for fp32: no casts).
 
     param_dtype: parameters are all-gathered and used in the compute dtype (LoRA's fp32 master
       weights included, as under autocast on one GPU);
     reduce_dtype fp32: gradients are averaged across ranks in fp32. accelerate's default
       reduces in bf16, which rounds every LoRA gradient to 8 bits of mantissa before averaging.
-    output_dtype: module outputs in the compute dtype, as without FSDP.
+    output_dtype: none. Layers compute in the compute dtype and return it anyway; accelerate's
+      default (the compute dtype) also casts the root module's output, i.e. the fp32 loss of the
+      chunked cross-entropy, to bf16: a logged loss of 12.5625 where one GPU logs 12.5788.
+      accelerate's dict form insists on an output_dtype, hence the policy object itself.
     """
     if compute_dtype == torch.float32:
         return None
-    return {"param_dtype": compute_dtype, "reduce_dtype": torch.float32, "output_dtype": compute_dtype}
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
 
 
 def fsdp_arguments(model: torch.nn.Module, *, reshard_after_forward: bool = True,
