@@ -7,13 +7,20 @@ random-initialised shape (bench/shapes.py).
 
   scaling  DDP, the same per-GPU batch on 1 then 2 GPUs: tokens/s of the whole job and the ratio
            (2.0 is linear).
-  budget   a per-GPU memory budget B (torch.cuda.set_per_process_memory_fraction) that one GPU
-           cannot train the workload in but FSDP2 over 2 GPUs can. First FSDP2 runs uncapped to
-           measure its peak P; B = P + margin (or --budget-gib); then, both capped at B: 1 GPU
-           (expected: out of memory) and FSDP2 on 2 GPUs (expected: trains). The workload is a
-           long sequence (default 1 x 32768 tokens a GPU): FSDP2 halves the weights on each GPU
-           (~2.8 GiB of 5.6 here), and each rank first loads the whole NF4 model before sharding
-           it, so activations must outweigh that load for the saving to decide.
+  budget   a per-GPU memory budget B (torch.cuda.set_per_process_memory_fraction) under which one
+           GPU cannot train the workload but FSDP2 over 2 GPUs can:
+             1. one GPU trains it uncapped: its peak allocated memory P1 is what it needs;
+             2. B = P1 - --budget-margin-gib (or --budget-gib): one GPU cannot hold its peak
+                under B (reserved >= allocated), so it must run out of memory;
+             3. FSDP2 on 2 GPUs, capped at B (expected: trains), and one GPU capped at B
+                (expected: out of memory at step 1).
+           FSDP2 divides what every GPU holds whole otherwise: the frozen NF4 layers and bf16
+           embeddings, the LoRA weights, their gradients and optimizer state (about half of
+           5.5 GiB here). Activations belong to each GPU's own tokens and are not divided, so
+           the gap stays about the same at any length. The default workload, 1 x 32,768 tokens a
+           GPU, is long enough that FSDP2's training peak (~8.5 GiB expected) is above its load
+           peak (every rank loads the whole NF4 model, ~5.6 GiB, before sharding it), and it
+           leaves FSDP2 ~2 GiB of headroom under B for the allocator's fragmentation.
   fsdp     (optional) FSDP2 tokens/s at the scaling workload, for comparison with DDP.
 
   python bench/distributed.py --model /dev/shm/llama-3.1-8b --phases scaling,budget --out $OUT
@@ -22,10 +29,13 @@ random-initialised shape (bench/shapes.py).
 The model folder is made once if missing. Results append to <out>/distributed.jsonl; the table
 prints at the end and is written to <out>/distributed.md.
 
-Kernels (--kernels on, the default): all on for DDP. FSDP2 runs get the fused LoRA ops only if
-they can read a weight gathered by FSDP2 (a plain tensor; bitsandbytes keeps its quant_state on
-the module), probed in each run, and otherwise peft's LoRA forward with the other kernels on
-("unfused-lora"). The capped 1-GPU run uses whatever the capped FSDP2 run used.
+Each run counts the memory-saving paths it took (column "paths"): the loss in chunks (lm_head's
+own forward, i.e. full [tokens x vocab] logits, never ran), the layer inputs offloaded, the LoRA
+projections through the fused kernels. Kernels (--kernels on, the default): all on. FSDP2 runs
+("auto") first check that the fused LoRA kernels compute a 4-bit layer from the weight FSDP2
+hands over (a plain tensor; bitsandbytes keeps the quant_state on the module) exactly as
+bitsandbytes does, and otherwise use peft's LoRA forward with the other kernels on
+("unfused-lora", with a note). The capped 1-GPU run uses whatever the capped FSDP2 run used.
 """
 
 from __future__ import annotations
@@ -50,20 +60,80 @@ UNFUSED = "unfused-lora"  # model kernels on (norms, RoPE, MLP activation, chunk
 
 
 def fused_lora_reads_fsdp_weights(device) -> bool:
-    """Can the fused LoRA kernels read an NF4 weight as FSDP2 hands it over (a plain tensor)?"""
+    """Do the fused LoRA kernels compute a 4-bit layer from the weight as FSDP2 hands it over?
+
+    FSDP2 all-gathers the packed NF4 bytes into a plain tensor (typed as the quant storage dtype),
+    not bitsandbytes' Params4bit with its quant_state: the kernels must find the state on the
+    module and give bitsandbytes' own result (the training path: 64 rows that need a gradient).
+    """
     import bitsandbytes as bnb
     import torch
 
-    from tuneforge.kernels.nf4 import base_weight_parts
+    from tuneforge.kernels.lora import lora_linear
 
-    layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", quant_storage=torch.bfloat16,
-                              compute_dtype=torch.bfloat16).to(device)
-    layer.weight = torch.nn.Parameter(layer.weight.data.clone(), requires_grad=False)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(256, 128, bias=False, quant_type="nf4", quant_storage=dtype,
+                              compute_dtype=dtype).to(device)
+    x = torch.randn(64, 256, device=device, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        expected = layer(x)
+    layer.weight = torch.nn.Parameter(layer.weight.data.clone(), requires_grad=False)  # FSDP2's gathered tensor
     try:
-        _, quant_state, _ = base_weight_parts(layer)
-    except Exception:  # noqa: BLE001 - any failure means: not readable
+        got = lora_linear(x, layer)
+    except Exception as error:  # noqa: BLE001 - any failure means: not readable
+        print(f"note: fused LoRA on an FSDP2-gathered NF4 weight failed: {type(error).__name__}: {error}", flush=True)
         return False
-    return quant_state is not None
+    error = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+    if error > 1e-2:
+        print(f"note: fused LoRA on an FSDP2-gathered NF4 weight is off by {error:.2e} of the output range",
+              flush=True)
+    return error <= 1e-2
+
+
+def count_fast_paths(model):
+    """Count, in this process, the calls of the memory-saving paths; returns the live Counter.
+
+    chunked_loss (the chunked cross-entropy's Function), full_logits (lm_head's own forward),
+    offloaded_inputs (layer inputs packed by the offloaded checkpointing), fused_lora (the fused
+    LoRA ops, forward and recompute).
+    """
+    import types
+    from collections import Counter
+
+    import tuneforge.kernels.cross_entropy as cross_entropy
+    import tuneforge.kernels.lora as lora
+    from tuneforge.train.checkpointing import LayerInputOffloader
+
+    counts = Counter()
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    # Module attributes, looked up at every call by the code that uses them (this process only).
+    loss_function = cross_entropy.LinearCrossEntropyFunction
+    cross_entropy.LinearCrossEntropyFunction = types.SimpleNamespace(apply=counted("chunked_loss", loss_function.apply))
+    LayerInputOffloader.pack = counted("offloaded_inputs", LayerInputOffloader.pack)
+    for name in ("lora_mlp", "lora_qkv", "lora_linear"):
+        setattr(lora, name, counted("fused_lora", getattr(lora, name)))
+    model.get_output_embeddings().register_forward_hook(lambda *_: counts.update(["full_logits"]))
+    return counts
+
+
+def describe_paths(counts: dict, steps: int) -> str:
+    """One cell of the table: what ran, per step."""
+    if not steps:
+        return "-"
+    per_step = {k: v / steps for k, v in counts.items()}
+    parts = ["loss chunked" if per_step.get("chunked_loss") and not per_step.get("full_logits")
+             else "FULL LOGITS"]
+    parts.append(f"{per_step.get('offloaded_inputs', 0):.0f} inputs offloaded/step"
+                 if per_step.get("offloaded_inputs") else "inputs NOT offloaded")
+    parts.append("LoRA fused" if per_step.get("fused_lora") else "LoRA by peft")
+    return ", ".join(parts)
 
 
 def worker(args) -> None:
@@ -81,9 +151,8 @@ def worker(args) -> None:
         args.kernels = "on" if fused_lora_reads_fsdp_weights(device) else UNFUSED
         result["kernels"] = args.kernels
         if args.kernels == UNFUSED and rank == 0:
-            print("note: the fused LoRA kernels cannot read FSDP2-gathered NF4 weights yet (kernels/nf4."
-                  "base_weight_parts ignores the module's quant_state): peft's LoRA forward, other kernels on",
-                  flush=True)
+            print("note: the fused LoRA kernels do not compute FSDP2-gathered NF4 weights right here: "
+                  "peft's LoRA forward, other kernels on", flush=True)
     model_kernels, lora_kernels = args.kernels in ("on", UNFUSED), args.kernels == "on"
     if cuda:
         torch.cuda.set_device(device)
@@ -94,6 +163,7 @@ def worker(args) -> None:
     out = Path(args.results) / f"rank{rank}.json"
     times: list[float] = []
     phase = "load"
+    paths: dict = {}
 
     def memory() -> dict:
         if not cuda:
@@ -117,6 +187,7 @@ def worker(args) -> None:
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=SEVEN,
                                                  use_gradient_checkpointing="unsloth", random_state=3407,
                                                  use_kernels=lora_kernels)
+        paths = count_fast_paths(model)
         result["load_s"] = round(time.perf_counter() - start, 1)
         result.update({f"load_{k}": v for k, v in memory().items()})
         steps = args.warmup + args.steps
@@ -157,12 +228,13 @@ def worker(args) -> None:
             tokens_per_s=round(args.batch * args.seq * world / median, 1),
             loss_first=losses[0], loss_last=losses[-1], finite=all(math.isfinite(x) for x in losses),
         )
+
     except Exception as error:  # noqa: BLE001 - recorded, then this process ends the job
         oom = isinstance(error, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in str(error)
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         result["error"] = f"{'OOM' if oom else type(error).__name__} during {phase} (step {len(times) + 1}): {first}"
         result["steps"] = len(times)
-    result.update(memory())
+    result.update(memory(), paths=dict(paths))
     out.write_text(json.dumps(result))
     if result["error"]:
         # The other ranks may wait in a collective for this one: end the job, torchrun stops them.
@@ -174,7 +246,7 @@ def worker(args) -> None:
 
 
 def launch(args, run_id: str, nproc: int, strategy: str, batch: int, seq: int, budget: float | None,
-           kernels: str) -> dict:
+           kernels: str, steps: int, warmup: int) -> dict:
     results = Path(args.out) / "runs" / run_id
     results.mkdir(parents=True, exist_ok=True)
     for old in results.glob("rank*.json"):
@@ -182,8 +254,8 @@ def launch(args, run_id: str, nproc: int, strategy: str, batch: int, seq: int, b
     # One GPU: a plain process (no DDP wrapper, no process group), the honest single-GPU baseline.
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command = [sys.executable, *launcher, str(Path(__file__).resolve()), "--worker", "--id", run_id, "--model", str(args.model),
-               "--strategy", strategy, "--batch", str(batch), "--seq", str(seq), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--kernels", kernels, "--results", str(results)]
+               "--strategy", strategy, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps),
+               "--warmup", str(warmup), "--kernels", kernels, "--results", str(results)]
     if budget:
         command += ["--budget-gib", f"{budget:.3f}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
@@ -213,7 +285,7 @@ def launch(args, run_id: str, nproc: int, strategy: str, batch: int, seq: int, b
     if ranks:
         main = next((r for r in ranks if r["rank"] == 0), ranks[0])
         for key in ("tokens_per_s", "step_s_median", "step_s_spread", "loss_first", "loss_last", "finite", "steps",
-                    "wrapper", "optim", "load_s", "device"):
+                    "wrapper", "optim", "load_s", "device", "paths"):
             if key in main:
                 row[key] = main[key]
         for key in ("peak_alloc_gib", "peak_reserved_gib", "load_peak_alloc_gib"):
@@ -231,9 +303,10 @@ def launch(args, run_id: str, nproc: int, strategy: str, batch: int, seq: int, b
 def run_phases(args) -> list[dict]:
     rows = []
     phases = args.phases.split(",")
-    scaling = dict(batch=args.batch, seq=args.seq)
-    budget_load = dict(batch=args.budget_batch, seq=args.budget_seq)
-    fsdp = "auto" if args.kernels == "on" else "off"  # decided in the worker, see fused_lora_reads_fsdp_weights
+    scaling = dict(batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup)
+    budget_load = dict(batch=args.budget_batch, seq=args.budget_seq, steps=args.budget_steps,
+                       warmup=args.budget_warmup)
+    fsdp = "auto" if args.kernels == "on" else args.kernels  # "auto": see fused_lora_reads_fsdp_weights
     if "scaling" in phases:
         rows.append(launch(args, "ddp-1gpu", 1, "ddp", budget=None, kernels=args.kernels, **scaling))
         rows.append(launch(args, "ddp-2gpu", 2, "ddp", budget=None, kernels=args.kernels, **scaling))
@@ -242,12 +315,13 @@ def run_phases(args) -> list[dict]:
     if "budget" in phases:
         budget = args.budget_gib
         if budget is None:
-            free = launch(args, "fsdp-2gpu-uncapped", 2, "fsdp", budget=None, kernels=fsdp, **budget_load)
-            rows.append(free)
-            if free.get("error"):
-                print("budget phase stopped: the uncapped FSDP2 run failed", flush=True)
+            # What one GPU needs: B just below it cannot hold that peak, whatever the allocator does.
+            alone = launch(args, "single-uncapped", 1, "ddp", budget=None, kernels=args.kernels, **budget_load)
+            rows.append(alone)
+            if alone.get("error") or not alone.get("peak_alloc_gib"):
+                print("budget phase stopped: the uncapped 1-GPU run failed", flush=True)
                 return rows
-            budget = free.get("peak_reserved_gib", 0.0) + args.budget_margin_gib
+            budget = alone["peak_alloc_gib"] - args.budget_margin_gib
         sharded = launch(args, "fsdp-2gpu-capped", 2, "fsdp", budget=budget, kernels=fsdp, **budget_load)
         rows.append(sharded)
         # The same kernels as FSDP2 got, or the comparison would measure the kernels, not the sharding.
@@ -258,7 +332,7 @@ def run_phases(args) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     header = ["run", "GPUs", "wrap", "kernels", "batch x seq per GPU", "budget GiB/GPU", "tokens/s (job)",
-              "vs 1 GPU", "peak alloc / reserved GiB (fullest GPU)", "loss first -> last", "result"]
+              "vs 1 GPU", "peak alloc / reserved GiB (fullest GPU)", "loss first -> last", "paths", "result"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     single = {(r["batch"], r["seq"]): r["tokens_per_s"] for r in rows
               if r["strategy"] == "ddp" and r["gpus"] == 1 and r.get("tokens_per_s") and not r.get("budget_gib")}
@@ -270,6 +344,7 @@ def table(rows: list[dict]) -> str:
             f"{tps:,.0f}" if tps else "-", f"{tps / base:.2f}x" if tps and base else "",
             f"{row.get('peak_alloc_gib', '-')} / {row.get('peak_reserved_gib', '-')}",
             f"{row['loss_first']:.4f} -> {row['loss_last']:.4f}" if "loss_last" in row else "",
+            describe_paths(row.get("paths") or {}, row.get("steps") or 0),
             row.get("error") or f"trained {row.get('steps')} steps",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -287,14 +362,16 @@ def summary(rows: list[dict]) -> list[str]:
                      f"{ratio:.2f}x ({'meets' if ratio >= 1.8 else 'below'} the 1.8x target)")
     single, sharded = by_id.get("single-capped"), by_id.get("fsdp-2gpu-capped")
     if single and sharded:
-        budget = sharded["budget_gib"]
-        single_text = ("runs out of memory" if "OOM" in (single.get("error") or "")
-                       else f"did not run out of memory ({single.get('error') or 'trained'})")
+        budget, alone = sharded["budget_gib"], by_id.get("single-uncapped")
+        need = f" (uncapped it peaks at {alone['peak_alloc_gib']:.2f} GiB)" if alone and alone.get("peak_alloc_gib") else ""
+        single_text = (f"runs out of memory{need}" if "OOM" in (single.get("error") or "")
+                       else f"did NOT run out of memory ({single.get('error') or 'trained'}){need}")
         fsdp_text = (f"trains ({sharded.get('steps')} steps, peak {sharded.get('peak_alloc_gib', '-')} GiB allocated, "
                      f"{sharded.get('tokens_per_s', 0):,.0f} tokens/s)" if not sharded.get("error")
                      else f"failed: {sharded['error']}")
+        shown = "shown" if not sharded.get("error") and "OOM" in (single.get("error") or "") else "NOT shown"
         notes.append(f"Budget {budget:.2f} GiB per GPU, {single['batch']} x {single['seq']} tokens per GPU: "
-                     f"one GPU {single_text}; FSDP2 on 2 GPUs {fsdp_text}")
+                     f"FSDP2 on 2 GPUs {fsdp_text}; one GPU {single_text}. Claim {shown}.")
     return notes
 
 
@@ -323,8 +400,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048, help="scaling: sequence length")
     parser.add_argument("--budget-batch", type=int, default=1)
     parser.add_argument("--budget-seq", type=int, default=32768)
-    parser.add_argument("--budget-gib", type=float, help="per-GPU budget; default: the uncapped FSDP2 peak + margin")
-    parser.add_argument("--budget-margin-gib", type=float, default=0.75)
+    parser.add_argument("--budget-gib", type=float,
+                        help="per-GPU budget; default: the uncapped 1-GPU peak allocated minus the margin")
+    parser.add_argument("--budget-margin-gib", type=float, default=0.5)
+    parser.add_argument("--budget-steps", type=int, default=3, help="budget runs: timed steps (peaks come at step 1)")
+    parser.add_argument("--budget-warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--kernels", choices=["on", "off", "auto", UNFUSED], default="on",
