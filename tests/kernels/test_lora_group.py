@@ -110,3 +110,58 @@ def test_dense_bases_are_not_grouped():
     attn = peft_wrap(Attention("dense", bias=False), QKV, 8)
     parts = [LoRAProjection.from_module(layer).as_args() for layer in (attn.q_proj, attn.k_proj, attn.v_proj)]
     assert not groupable(parts) and not groupable(parts[:1])
+
+
+def test_a_kernel_that_does_not_build_turns_grouping_off_with_a_warning(monkeypatch, caplog):
+    """On a GPU the grouped kernels are built once per configuration before use; one that fails
+    to build (here: simulated) leaves the per-projection path, with a warning, and the same result."""
+    import logging
+
+    import triton.runtime.errors
+
+    import tuneforge.kernels.lora as lora
+
+    monkeypatch.setitem(lora._groups, "on", True)
+    monkeypatch.setitem(lora._groups, "built", set())
+    monkeypatch.setattr(lora, "_checks_builds", lambda x: True)
+    built = []
+
+    def fails(group, x, activation):
+        built.append(activation)
+        raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(lora, "_build_group_kernels", fails)
+    attn = peft_wrap(Attention("nf4", bias=False), QKV, 8)
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    x = torch.randn(5, 72, device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="tuneforge.kernels.lora"):
+        got = outputs_and_grads(lambda t: lora_qkv(t, *layers), x, lora_params(*layers))
+    assert built == [None] and lora._groups["on"] is False
+    assert "grouped LoRA projections off" in caplog.text and "OutOfResources" in caplog.text
+    assert got[0][0]._base is None  # per-projection outputs, not column views
+    want = outputs_and_grads(lambda t: tuple(layer(t) for layer in layers), x, lora_params(*layers))
+    assert_close(got[0] + got[1], want[0] + want[1], torch.float32)
+
+
+def test_grouping_can_be_switched_off(monkeypatch):
+    import tuneforge.kernels.lora as lora
+
+    monkeypatch.setitem(lora._groups, "on", False)
+    attn = peft_wrap(Attention("nf4", bias=False), QKV, 8)
+    q, _, _ = lora_qkv(torch.randn(3, 72, device=DEVICE), attn.q_proj, attn.k_proj, attn.v_proj)
+    assert q._base is None
+
+
+@pytest.mark.parametrize("r", [8, 32], ids=["one-tile", "block-wise"])
+def test_kernel_build_check_runs_every_grouped_kernel_once(r):
+    """What the GPU build check runs (here under the interpreter): it must work at the real widths."""
+    import tuneforge.kernels.lora as lora
+
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    for name in ("gate_proj", "up_proj"):
+        setattr(mlp, name, to_4bit(getattr(mlp, name)))
+    mlp = peft_wrap(model, ["gate_proj", "up_proj"], r).model.layers[0].mlp
+    group = _group(mlp.gate_proj, mlp.up_proj)
+    for dtype in (torch.float32, torch.bfloat16):
+        lora._build_group_kernels(group, torch.zeros(1, 64, dtype=dtype, device=DEVICE), "silu")

@@ -29,6 +29,8 @@ for 3+ rows of 16-bit X, the weight's rounding to X's dtype inside the dot diffe
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +38,7 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
-from tuneforge.kernels._utils import check_device
+from tuneforge.kernels._utils import check_device, elementwise_launch
 from tuneforge.kernels.geglu import _gelu_and_grad, geglu
 from tuneforge.kernels.nf4_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from tuneforge.kernels.nf4_gemv import decode_matmul, nf4_matmul_unsupported
@@ -48,6 +50,7 @@ from tuneforge.kernels.nf4 import (
     reference_dequantize_nf4,
     round_bf16_rtne,
 )
+from tuneforge.kernels import lora_group
 from tuneforge.kernels.lora_group import ProjectionGroup, group_backward, group_forward, groupable
 from tuneforge.kernels.rank_update import rank_update_
 from tuneforge.kernels.swiglu import swiglu
@@ -174,6 +177,58 @@ def _projection_backward(dy, x, xa, weight, quant_state, bias, lora_A, lora_B, s
     return dx, dbias, dA, dB
 
 
+logger = logging.getLogger(__name__)
+
+# Grouped projections (kernels.lora_group) run unless TUNEFORGE_LORA_GROUPS=0. Their Triton kernels
+# are built at the first use of each configuration; one that fails to build on this GPU turns
+# grouping off for the process, with a warning, and each projection then runs on its own.
+_groups = {"on": os.environ.get("TUNEFORGE_LORA_GROUPS", "1") != "0", "built": set()}
+
+
+def _triton_build_errors() -> tuple[type[BaseException], ...]:
+    import triton.compiler.errors
+    import triton.runtime.errors
+
+    found = [getattr(module, name, None) for module, name in (
+        (triton.compiler.errors, "CompilationError"), (triton.runtime.errors, "OutOfResources"),
+        (triton.runtime.errors, "PTXASError"))]
+    return tuple(error for error in found if error is not None)
+
+
+def _checks_builds(x: torch.Tensor) -> bool:
+    """Kernels are built (and can fail to) on a GPU; the CPU interpreter runs anything."""
+    return x.device.type == "cuda"
+
+
+def _build_group_kernels(group: ProjectionGroup, x: torch.Tensor, activation: str | None) -> None:
+    lora_group.warm_up(group, x.dtype, x.device)
+    if activation is not None:  # the gated kernels over [g | u] halves, at the real width
+        gu = torch.zeros(2, group.out_features, dtype=x.dtype, device=x.device)
+        h = _gated_halves(gu, activation)
+        _gated_backward_inplace(h, gu[:, : h.shape[1]], gu[:, h.shape[1]:], activation)
+
+
+def _group_of(parts: list[tuple], x: torch.Tensor, activation: str | None = None) -> ProjectionGroup | None:
+    """The ProjectionGroup of `parts` for input `x`, or None: grouping off, not groupable, or its
+    kernels failed to build here (logged once)."""
+    if not _groups["on"] or not groupable(parts):
+        return None
+    group = ProjectionGroup(parts)
+    key = (x.device, x.dtype, activation, tuple(group.sizes), group.in_features, tuple(group.ranks))
+    if key in _groups["built"] or not _checks_builds(x):
+        return group
+    try:
+        _build_group_kernels(group, x, activation)
+    except _triton_build_errors() as error:
+        _groups["on"] = False
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        logger.warning("grouped LoRA projections off: a Triton kernel did not build on %s (%s: %s); each "
+                       "projection runs on its own", x.device, type(error).__name__, first_line[:200])
+        return None
+    _groups["built"].add(key)
+    return group
+
+
 def _split_args(projections) -> list[tuple]:
     """Concatenated `LoRAProjection.as_args()` tuples -> one tuple per projection."""
     return [projections[i : i + _N_ARGS] for i in range(0, len(projections), _N_ARGS)]
@@ -203,7 +258,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         ctx.projections = projections
         ctx.x_shape = shape
         parts = _split_args(projections)
-        ctx.group = ProjectionGroup(parts) if groupable(parts) else None
+        ctx.group = _group_of(parts, x2)
         if ctx.group is not None:
             # One GEMM for all: the outputs are column blocks (views) of one [..., N] tensor, so
             # attention rotates q and k out of place (models.patch._rotate).
@@ -255,6 +310,35 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 @triton.jit
+def _gated_backward_inplace_kernel(
+    DH,  # [n] in: d loss / d h;  out: h = act(g) * u (the down projection's input, recomputed)
+    GATE,  # [n] in: g;  out: d loss / d g
+    UP,  # [n] in: u;  out: d loss / d u
+    n,
+    ACT: tl.constexpr,  # 0 silu, 1 gelu (erf), 2 gelu (tanh)
+    ROUND_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Every element is read before its slots are overwritten, and no other element reads them:
+    # in-place is safe and saves three [tokens, intermediate] buffers.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 0:
+        sig = tl.sigmoid(g)
+        act = g * sig
+        dact = sig * (1.0 + g * (1.0 - sig))
+    else:
+        act, dact = _gelu_and_grad(g, ACT == 2)
+    ty = DH.dtype.element_ty
+    tl.store(DH + offs, round_bf16_rtne(act * u, ROUND_BF16).to(ty), mask=mask)
+    tl.store(GATE + offs, round_bf16_rtne(dh * u * dact, ROUND_BF16).to(ty), mask=mask)
+    tl.store(UP + offs, round_bf16_rtne(dh * act, ROUND_BF16).to(ty), mask=mask)
+
+
+@triton.jit
 def _act_and_grad(g, ACT: tl.constexpr):
     """act(g) and act'(g) in fp32; ACT 0 silu, 1 gelu (erf), 2 gelu (tanh)."""
     if ACT == 0:
@@ -286,7 +370,7 @@ def _gated_pairs_kernel(
 
 
 @triton.jit
-def _gated_backward_inplace_kernel(
+def _gated_backward_rows_kernel(
     DH,  # [T, cols] contiguous; in: d loss / d h;  out: h = act(g) * u (the down projection's input, recomputed)
     GATE,  # [T, cols] via stride_gu; in: g;  out: d loss / d g
     UP,  # [T, cols] via stride_gu; in: u;  out: d loss / d u
@@ -295,9 +379,8 @@ def _gated_backward_inplace_kernel(
     ROUND_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # Every element is read before its slots are overwritten, and no other element reads them:
-    # in-place is safe and saves three [tokens, intermediate] buffers. With g and u the halves of
-    # one [T, 2 * cols] buffer, that buffer becomes d[gate | up], the grouped backward's dY.
+    # `_gated_backward_inplace_kernel` by rows, for g and u the halves of one [T, 2 * cols]
+    # buffer: that buffer becomes d[gate | up], the grouped backward's dY.
     row = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = col < cols
@@ -329,16 +412,19 @@ def _gated_halves(gu: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def _gated_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, activation: str) -> None:
-    """dh <- act(g) * u, g <- d gate, u <- d up, in place; dh [T, I] contiguous, g and u [T, I]
-    with unit column stride and one row stride (separate tensors, or the halves of one buffer)."""
+    """dh <- act(g) * u, g <- d gate, u <- d up, in place; dh [T, I] contiguous; g and u [T, I]
+    contiguous (flat kernel), or the halves of one [T, 2 * I] buffer (row kernel)."""
     rows, cols = dh.shape
     if not (rows and cols):
         return
+    extra = dict(ACT=_ACT_CODE[activation], ROUND_BF16=needs_bf16_rounding(dh.dtype))
+    if g.is_contiguous() and u.is_contiguous():
+        block, num_warps = elementwise_launch(dh.numel())
+        _gated_backward_inplace_kernel[(triton.cdiv(dh.numel(), block),)](
+            dh, g, u, dh.numel(), BLOCK=block, num_warps=num_warps, **extra)
+        return
     grid, block, num_warps = _row_launch(rows, cols)
-    _gated_backward_inplace_kernel[grid](
-        dh, g, u, cols, g.stride(0), ACT=_ACT_CODE[activation], ROUND_BF16=needs_bf16_rounding(dh.dtype),
-        BLOCK=block, num_warps=num_warps,
-    )
+    _gated_backward_rows_kernel[grid](dh, g, u, cols, g.stride(0), BLOCK=block, num_warps=num_warps, **extra)
 
 
 def _gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -365,7 +451,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         gate, up, down = (projections[i * _N_ARGS : (i + 1) * _N_ARGS] for i in range(3))
-        ctx.group = ProjectionGroup([gate, up]) if groupable([gate, up]) else None
+        ctx.group = _group_of([gate, up], x2, activation)
         if ctx.group is not None:  # one GEMM gives [g | u]; the activation reads both halves in place
             gu, xa_gu = group_forward(x2, ctx.group)
             h = _gated_halves(gu, activation)

@@ -26,13 +26,15 @@ nothing; dense 16-bit bases would need a concatenated copy, and keep the per-pro
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tuneforge.kernels.nf4 import dequantize_nf4
 from tuneforge.kernels.rank_update import MAX_RANK, rank_update_
 from tuneforge.kernels.weight_cache import derived_for_compute
 
-__all__ = ["ProjectionGroup", "group_backward", "group_forward", "groupable"]
+__all__ = ["ProjectionGroup", "group_backward", "group_forward", "groupable", "warm_up"]
 
 
 def groupable(parts: list[tuple]) -> bool:
@@ -181,3 +183,17 @@ def group_backward(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor | None, 
         # mul, not mul_: a fresh contiguous tensor, not a strided view into d_b.
         grads.append((dbias, d_a[cols].to(lora_A.dtype), d_b[rows, cols].to(lora_B.dtype).mul(float(scaling))))
     return dx, grads
+
+
+def warm_up(group: ProjectionGroup, dtype: torch.dtype, device: torch.device) -> None:
+    """Run the group's rank updates (forward and dX) once on two-row scratch tensors of the real
+    widths and strides, so a Triton kernel that cannot be built on this GPU shows before any
+    autograd state depends on it."""
+    if not group.rank:
+        return
+    zeros = functools.partial(torch.zeros, dtype=dtype, device=device)
+    d = zeros(2, group.rank)
+    _update_blocks(zeros(2, group.out_features), d, zeros(group.out_features, group.rank), group.scale, group,
+                   by_rows=True)
+    _update_blocks(zeros(2, group.in_features), d, zeros(group.rank, group.in_features).t(), group.scale, group,
+                   by_rows=False)
