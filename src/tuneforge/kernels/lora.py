@@ -310,6 +310,18 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 @triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """act(g) and act'(g) in fp32; ACT 0 silu, 1 gelu (erf), 2 gelu (tanh)."""
+    if ACT == 0:
+        sig = tl.sigmoid(g)
+        act = g * sig
+        dact = sig * (1.0 + g * (1.0 - sig))
+    else:
+        act, dact = _gelu_and_grad(g, ACT == 2)
+    return act, dact
+
+
+@triton.jit
 def _gated_backward_inplace_kernel(
     DH,  # [n] in: d loss / d h;  out: h = act(g) * u (the down projection's input, recomputed)
     GATE,  # [n] in: g;  out: d loss / d g
@@ -326,28 +338,11 @@ def _gated_backward_inplace_kernel(
     dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 0:
-        sig = tl.sigmoid(g)
-        act = g * sig
-        dact = sig * (1.0 + g * (1.0 - sig))
-    else:
-        act, dact = _gelu_and_grad(g, ACT == 2)
+    act, dact = _act_and_grad(g, ACT)
     ty = DH.dtype.element_ty
     tl.store(DH + offs, round_bf16_rtne(act * u, ROUND_BF16).to(ty), mask=mask)
     tl.store(GATE + offs, round_bf16_rtne(dh * u * dact, ROUND_BF16).to(ty), mask=mask)
     tl.store(UP + offs, round_bf16_rtne(dh * act, ROUND_BF16).to(ty), mask=mask)
-
-
-@triton.jit
-def _act_and_grad(g, ACT: tl.constexpr):
-    """act(g) and act'(g) in fp32; ACT 0 silu, 1 gelu (erf), 2 gelu (tanh)."""
-    if ACT == 0:
-        sig = tl.sigmoid(g)
-        act = g * sig
-        dact = sig * (1.0 + g * (1.0 - sig))
-    else:
-        act, dact = _gelu_and_grad(g, ACT == 2)
-    return act, dact
 
 
 @triton.jit
