@@ -276,3 +276,23 @@ def test_offload_on_gpu_supports_a_second_backward_through_the_same_graph():
     loss.backward()
     twice = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert_grads_close(twice, {n: 2 * g for n, g in once.items()}, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["offload", "standard", "none"])
+def test_training_arguments_do_not_replace_offloaded_checkpointing(mode, caplog):
+    """SFTConfig(gradient_checkpointing=True) would make the Trainer re-enable transformers' own
+    checkpointing over the offloaded one; the trainer keeps ours and says so."""
+    from types import SimpleNamespace
+
+    from tuneforge.train.checkpointing import active_mode, keep_offloaded_checkpointing
+
+    model = lora_model()
+    if mode != "none":
+        enable_gradient_checkpointing(model, mode)
+    assert active_mode(model) == (None if mode == "none" else mode)
+    args = SimpleNamespace(gradient_checkpointing=True)
+    with caplog.at_level(logging.WARNING, logger="tuneforge.train.checkpointing"):
+        keep_offloaded_checkpointing(model, args)
+    assert args.gradient_checkpointing is (mode != "offload")
+    assert ("keeping the offloaded one" in caplog.text) is (mode == "offload")
+    assert active_mode(model) == (None if mode == "none" else mode)

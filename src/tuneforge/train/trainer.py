@@ -13,6 +13,7 @@ import trl
 
 from tuneforge.device import has_cuda, is_bfloat16_supported
 from tuneforge.train.callbacks import CsvLogCallback, SummaryCallback
+from tuneforge.train.checkpointing import keep_offloaded_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class SFTTrainer(trl.SFTTrainer):
     def __init__(self, model=None, args=None, *positional, callbacks=None, **kwargs):
         if args is None:
             args = SFTConfig(output_dir="outputs")
+        if model is not None and not isinstance(model, str):
+            keep_offloaded_checkpointing(model, args)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, CsvLogCallback) for c in callbacks):
             callbacks.append(CsvLogCallback(args.output_dir))
