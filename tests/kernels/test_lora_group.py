@@ -165,3 +165,30 @@ def test_kernel_build_check_runs_every_grouped_kernel_once(r):
     group = _group(mlp.gate_proj, mlp.up_proj)
     for dtype in (torch.float32, torch.bfloat16):
         lora._build_group_kernels(group, torch.zeros(1, 64, dtype=dtype, device=DEVICE), "silu")
+
+
+def test_groups_under_autocast_match_peft():
+    """The GPU training set-up: fp32 adapters, bf16 autocast. The groups build their concatenated
+    adapters in bf16 and return fp32 gradients; results agree with peft to bf16 rounding."""
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    for module, names in ((layer.self_attn, QKV), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+        for name in names:
+            setattr(module, name, to_4bit(getattr(module, name)))
+    layer = peft_wrap(model, QKV + ["gate_proj", "up_proj", "down_proj"], 8).model.layers[0]
+    qkv = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+    mlp = (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+    params = lora_params(*qkv, *mlp)
+    x = torch.randn(2, 9, 64, device=DEVICE)
+
+    def block(q_k_v, gated):
+        def run(t):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                return (*q_k_v(t), gated(t))
+        return run
+
+    got = outputs_and_grads(block(lambda t: lora_qkv(t, *qkv), lambda t: lora_mlp(t, *mlp)), x, params)
+    want = outputs_and_grads(block(lambda t: tuple(p(t) for p in qkv), layer.mlp), x, params)
+    assert all(y.dtype == torch.bfloat16 for y in got[0]) and all(g.dtype == torch.float32 for g in got[1])
+    # bitsandbytes' CPU Linear4bit (fp32 compute dtype) is not autocast: peft's outputs stay fp32.
+    assert_close(got[0] + got[1], [y.bfloat16() for y in want[0]] + want[1], torch.bfloat16)
