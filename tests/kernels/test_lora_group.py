@@ -19,6 +19,7 @@ from lora_checks import DEVICE, HIDDEN_ACT, Attention, assert_close, lora_params
 QKV = ["q_proj", "k_proj", "v_proj"]
 CASES = {
     "same-r8": dict(r=8),
+    "scale-one": dict(r=8, alpha_pattern={name: 8 for name in QKV}),  # alpha = r: no scaling launches
     "ranks-and-alphas-differ": dict(r=8, rank_pattern={"k_proj": 4, "v_proj": 12}, alpha_pattern={"v_proj": 5}),
     "rslora-r32-above-one-tile": dict(r=32, rslora=True),  # total rank 96 > 64: one update per block
 }

@@ -159,6 +159,11 @@ def _projection_forward(x, weight, quant_state, bias, lora_A, lora_B, scaling):
     return y, xa
 
 
+def _scaled(product: torch.Tensor, scaling: float) -> torch.Tensor:
+    """product * scaling in place (a fresh GEMM output); no launch for the common scaling 1."""
+    return product if float(scaling) == 1.0 else product.mul_(scaling)
+
+
 def _projection_backward(dy, x, xa, weight, quant_state, bias, lora_A, lora_B, scaling, need_dx, dx=None):
     """(dx, dbias, dA, dB) for one projection; dx accumulates into `dx` when given."""
     dA = dB = dbias = None
@@ -169,9 +174,9 @@ def _projection_backward(dy, x, xa, weight, quant_state, bias, lora_A, lora_B, s
     if bias is not None and bias.requires_grad:
         dbias = dy.sum(0).to(bias.dtype)
     if lora_A is not None:
-        dB = (dy.t() @ xa).mul_(scaling).to(lora_B.dtype)
+        dB = _scaled(dy.t() @ xa, scaling).to(lora_B.dtype)
         dyb = dy @ cast_for_compute(lora_B, dy.dtype)  # [T, r]
-        dA = (dyb.t() @ x).mul_(scaling).to(lora_A.dtype)
+        dA = _scaled(dyb.t() @ x, scaling).to(lora_A.dtype)
         if need_dx:
             rank_update_(dx, dyb, cast_for_compute(lora_A, dy.dtype).t(), scaling)
     return dx, dbias, dA, dB
@@ -493,8 +498,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         if b_d is not None and b_d.requires_grad:
             grads_down[2] = dy2.sum(0).to(b_d.dtype)
         if a_d is not None:
-            grads_down[4] = (dy2.t() @ ha_d).mul_(s_d).to(bb_d.dtype)
-            grads_down[3] = (dyb_d.t() @ h).mul_(s_d).to(a_d.dtype)
+            grads_down[4] = _scaled(dy2.t() @ ha_d, s_d).to(bb_d.dtype)
+            grads_down[3] = _scaled(dyb_d.t() @ h, s_d).to(a_d.dtype)
         del h, dh
 
         need_dx = ctx.needs_input_grad[0]

@@ -98,16 +98,20 @@ class ProjectionGroup:
         owner = next(p[3] for p in parts if p[3] is not None)
         tensors = tuple(t for p in parts for t in (p[3], p[4]))
 
+        # Built once per optimizer step, in as few launches as the ops allow (concatenate, then
+        # cast): the step this is for is bound by launching kernels.
         def build_a():
-            return torch.cat([p[3].detach().to(dtype) for p in parts if p[3] is not None])
+            return torch.cat([p[3].detach() for p in parts if p[3] is not None]).to(dtype)
 
         def build_bd():
-            bd = torch.zeros(self.out_features, self.rank, dtype=dtype, device=owner.device)
-            for j, p in enumerate(parts):
-                if p[3] is not None:
-                    block = p[4].detach().float() * float(p[5]) if self.folded else p[4].detach()
-                    bd[self.rows(j), self.cols(j)] = block.to(dtype)
-            return bd
+            b_dtype = next(p[4].dtype for p in parts if p[4] is not None)
+            blocks = []
+            for p in parts:
+                if p[3] is None:  # rows without columns: this projection has no adapter
+                    blocks.append(torch.zeros(int(p[1].shape[0]), 0, dtype=b_dtype, device=owner.device))
+                else:
+                    blocks.append(p[4].detach() * float(p[5]) if self.folded else p[4].detach())
+            return torch.block_diag(*blocks).to(dtype)
 
         a = derived_for_compute(owner, f"group-A-{dtype}", tensors, build_a)
         bd = derived_for_compute(owner, f"group-Bd-{dtype}-{self.folded}", tensors, build_bd)
@@ -180,8 +184,10 @@ def group_backward(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor | None, 
             grads.append((dbias, None, None))
             continue
         cols = group.cols(j)
-        # mul, not mul_: a fresh contiguous tensor, not a strided view into d_b.
-        grads.append((dbias, d_a[cols].to(lora_A.dtype), d_b[rows, cols].to(lora_B.dtype).mul(float(scaling))))
+        d_lora_b = d_b[rows, cols].to(lora_B.dtype)  # a fresh tensor when the dtype changes, else a view
+        if float(scaling) != 1.0:  # never scale d_b in place through a view: out of place then
+            d_lora_b = d_lora_b.mul(float(scaling)) if d_lora_b._base is not None else d_lora_b.mul_(float(scaling))
+        grads.append((dbias, d_a[cols].to(lora_A.dtype), d_lora_b))
     return dx, grads
 
 
