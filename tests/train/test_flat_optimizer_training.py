@@ -190,3 +190,38 @@ def test_ddp_flat_and_per_tensor_agree_and_ranks_stay_in_step(tmp_path):
         for rank in ranks:  # the same on every rank, flat or not, whichever was built first
             for weights in rank.values():
                 assert torch.equal(weights[name], expected), name
+
+
+def test_in_memory_exports_of_a_flat_trained_model_equal_a_per_tensor_trained_ones(tmp_path, one_thread):
+    """The export paths that read the live model (adapter save, 16-bit merge) while its LoRA
+    matrices are views into the optimizer's buffer."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.export.adapter import save_adapter
+    from tuneforge.export.merge import merge_model
+    from tuneforge.testing import tiny_model
+    from tuneforge.train.optim import build_optimizer
+
+    def files(folder):
+        return {path.name: load_file(path) for path in sorted(folder.glob("*.safetensors"))}
+
+    exported = {}
+    for flat in (True, False):
+        model = get_peft_model(tiny_model("llama", seed=0), LoraConfig(r=72, target_modules="all-linear"))
+        optimizer = build_optimizer(model, optim="adamw_8bit", learning_rate=1e-2, flat=flat)
+        generator = torch.Generator().manual_seed(3)
+        for _ in range(2):
+            ids = torch.randint(0, 317, (2, 12), generator=generator)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        exported[flat] = (files(save_adapter(model, tmp_path / f"adapter-{flat}")),
+                          files(merge_model(model, tmp_path / f"merged-{flat}", dtype="float32")))
+    adapter = next(iter(exported[True][0].values()))
+    assert all(t.abs().min() > 0 for n, t in adapter.items() if "lora_B" in n)  # trained: B starts at 0
+    for ours, theirs in zip(exported[True], exported[False]):
+        assert ours.keys() == theirs.keys() and ours
+        for file, tensors in theirs.items():
+            assert tensors.keys() == ours[file].keys()
+            for name, tensor in tensors.items():
+                assert torch.equal(ours[file][name], tensor), name

@@ -25,6 +25,7 @@ TUNEFORGE_FLAT_OPTIMIZER=0.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -160,7 +161,9 @@ def _flat_wanted(flat: bool | None, optim: str) -> bool:
         return flat
     value = os.environ.get(FLAT_OPTIMIZER_ENV, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"{FLAT_OPTIMIZER_ENV}={value!r}: write 1 (flat buffers, the default) or 0 (one update per tensor)")
+        raise ValueError(
+            f"{FLAT_OPTIMIZER_ENV}={value!r}: write 1 (flat buffers, the default) or 0 (one update per tensor)"
+        )
     if value == "0":
         logger.info("optim=%s: %s=0, bitsandbytes steps each tensor on its own", optim, FLAT_OPTIMIZER_ENV)
     return value == "1"
@@ -348,7 +351,8 @@ class FlatAdamW8bit(bnb_optim.AdamW8bit):
         if any(p in known for p in params) or len(set(params)) != len(params):
             raise ValueError("some parameters appear more than once in the optimizer's parameter groups")
         manager = bnb_optim.GlobalOptimManager.get_instance()
-        overridden = set(manager.pid2config) | {id(getattr(m, name)) for m, name, _ in manager.module_weight_config_triple}
+        overridden = set(manager.pid2config)
+        overridden |= {id(getattr(module, name)) for module, name, _ in manager.module_weight_config_triple}
         candidates: dict[tuple[torch.device, torch.dtype], list[torch.nn.Parameter]] = {}
         alone = []
         for p in params:
@@ -395,7 +399,7 @@ class FlatAdamW8bit(bnb_optim.AdamW8bit):
     def _flatten(self, members: list[torch.nn.Parameter]) -> _FlatBuffer:
         """Copy `members` into one zero-padded buffer and make each a view into it."""
         sizes = [_round_up(p.numel(), self._block) for p in members]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
         flat = torch.zeros(sum(sizes), dtype=members[0].dtype, device=members[0].device)
         zeros = torch.zeros(self._block, dtype=flat.dtype, device=flat.device)
         with torch.no_grad():
@@ -553,13 +557,16 @@ class FlatAdamW8bit(bnb_optim.AdamW8bit):
         if have < len(entries):
             problem = f"{have} of the {len(entries)} tensors that share a flat buffer here have saved state"
         elif len({int(e["step"]) for e in entries}) > 1:
-            problem = f"tensors that share a flat buffer here were stepped {sorted({int(e['step']) for e in entries})} times"
+            steps = sorted({int(e["step"]) for e in entries})
+            problem = f"tensors that share a flat buffer here were stepped {steps} times"
         elif any(set(e) != set(_STATE_ORDER) or e["state1"].dtype != torch.uint8 for e in entries):
             problem = "the saved state is not bitsandbytes' 8-bit AdamW state (32-bit moments, or other keys)"
         elif any(e[key].numel() != p.numel() for e, p in zip(entries, buffer.members) for key in _PER_ELEMENT):
             problem = "saved moments do not match the parameters' sizes"
         if problem:
-            raise ValueError(f"cannot load this optimizer state into flat buffers: {problem}; resume with {FLAT_OPTIMIZER_ENV}=0")
+            raise ValueError(
+                f"cannot load this optimizer state into flat buffers: {problem}; resume with {FLAT_OPTIMIZER_ENV}=0"
+            )
         first = entries[0]
         joined = {}
         for key in _STATE_ORDER:
