@@ -124,3 +124,32 @@ def test_get_base_weight_rejects_what_it_cannot_read():
     int8.weight = bnb.nn.Int8Params(torch.randn(40, 64), requires_grad=False, has_fp16_weights=False)
     with pytest.raises(NotImplementedError, match="8-bit"):
         get_base_weight(int8.to(DEVICE))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax-fp32", "double-quant"])
+@pytest.mark.parametrize("rows", [(48, 24, 24), (176, 176), (7, 33, 5)], ids=["qkv", "gate-up", "odd"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_rows_of_several_weights_in_one_launch_equal_one_by_one(rows, nested, out_dtype):
+    """Q|K|V or gate|up: one launch writes every weight into its row block, bit for bit as
+    dequantize_nf4 of each (odd sizes leave partial blocks and half-used bytes at the seams)."""
+    from tuneforge.kernels.nf4 import dequantize_nf4_rows
+
+    width = 9 if rows == (7, 33, 5) else 72
+    weights = [_quantize((n, width), nested, seed=n + i) for i, n in enumerate(rows)]
+    for _, qs in weights:
+        qs.dtype = out_dtype
+    out = torch.full((sum(rows), width), float("nan"), dtype=out_dtype, device=DEVICE)
+    assert dequantize_nf4_rows(weights, out) is out
+    _assert_identical(out, torch.cat([BF.dequantize_4bit(packed, qs) for packed, qs in weights]))
+
+
+def test_rows_of_mixed_weights_fall_back_to_one_by_one():
+    """Different nesting (or more than three weights) still land in their rows, one launch each."""
+    from tuneforge.kernels.nf4 import dequantize_nf4_rows
+
+    weights = [_quantize((16, 64), nested=True), _quantize((8, 64), nested=False, seed=3)]
+    out = torch.empty(24, 64, device=DEVICE)
+    dequantize_nf4_rows(weights, out)
+    _assert_identical(out, torch.cat([BF.dequantize_4bit(packed, qs) for packed, qs in weights]))
+    with pytest.raises(ValueError, match=r"out must be a contiguous \[24, in\] tensor"):
+        dequantize_nf4_rows(weights, torch.empty(23, 64, device=DEVICE))

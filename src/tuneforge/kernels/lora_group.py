@@ -30,7 +30,7 @@ import functools
 
 import torch
 
-from tuneforge.kernels.nf4 import dequantize_nf4
+from tuneforge.kernels.nf4 import dequantize_nf4_rows
 from tuneforge.kernels.rank_update import MAX_RANK, rank_update_
 from tuneforge.kernels.weight_cache import derived_for_compute
 
@@ -70,11 +70,9 @@ class ProjectionGroup:
         return slice(self.col_starts[j], self.col_starts[j] + self.ranks[j])
 
     def dense_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """W [N, in] in `dtype`: each NF4 weight dequantised into its rows of one buffer."""
+        """W [N, in] in `dtype`: the NF4 weights dequantised into their rows of one buffer (one launch)."""
         w = torch.empty(self.out_features, self.in_features, dtype=dtype, device=device)
-        for j, (weight, quant_state, *_) in enumerate(self.parts):
-            dequantize_nf4(weight, quant_state, out=w[self.rows(j)])
-        return w
+        return dequantize_nf4_rows([(p[0], p[1]) for p in self.parts], w)
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """b [N] in `dtype` (zeros where a projection has none), or None when none has one."""
@@ -192,9 +190,10 @@ def group_backward(dy: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor | None, 
 
 
 def warm_up(group: ProjectionGroup, dtype: torch.dtype, device: torch.device) -> None:
-    """Run the group's rank updates (forward and dX) once on two-row scratch tensors of the real
-    widths and strides, so a Triton kernel that cannot be built on this GPU shows before any
-    autograd state depends on it."""
+    """Run the group's dequantisation and rank updates (forward and dX) once, the updates on
+    two-row scratch tensors of the real widths and strides, so a Triton kernel that cannot be
+    built on this GPU shows before any autograd state depends on it."""
+    group.dense_weight(dtype, device)  # dropped at once: only the build matters
     if not group.rank:
         return
     zeros = functools.partial(torch.zeros, dtype=dtype, device=device)

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from tuneforge.kernels._utils import check_device
 
-__all__ = ["base_weight_parts", "block_absmax", "dense_weight", "dequantize_nf4", "get_base_weight", "reference_dequantize_nf4"]
+__all__ = ["base_weight_parts", "block_absmax", "dense_weight", "dequantize_nf4", "dequantize_nf4_rows", "get_base_weight", "reference_dequantize_nf4"]
 
 
 # Triton's CPU interpreter converts fp32 -> bf16 by truncation, where a GPU rounds to nearest
@@ -89,7 +89,7 @@ def block_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, BL
 
 
 @triton.jit
-def _dequantize_nf4_kernel(
+def _dequantize_block(
     packed_ptr,  # [ceil(n / 2)] uint8: two codes per byte, first element in the high nibble
     code_ptr,  # [16] fp32: the 4-bit data type's values
     absmax_ptr,  # [n_blocks] fp32, or uint8 when NESTED
@@ -98,13 +98,14 @@ def _dequantize_nf4_kernel(
     offset_ptr,  # [1] fp32 (NESTED only)
     out_ptr,  # [n] out dtype
     n,
+    pid,  # which BLOCK of bytes
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr,
     BLOCK: tl.constexpr,  # bytes per program
     ROUND_BF16: tl.constexpr,
 ):
-    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    byte = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     first = 2 * byte  # flattened index of the high-nibble element
     ok_hi = first < n
     packed = tl.load(packed_ptr + byte, mask=ok_hi, other=0).to(tl.int32)
@@ -117,8 +118,41 @@ def _dequantize_nf4_kernel(
     lo = round_bf16_rtne(lo, ROUND_BF16).to(out_ty)
     # One contiguous store of the interleaved pairs: ~25% faster on H100 than two stride-2
     # stores (67 vs 85 us for a 14336x4096 bf16 weight; bitsandbytes: 102 us).
-    out_offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    out_offs = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + out_offs, tl.interleave(hi, lo), mask=out_offs < n)
+
+
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    _dequantize_block(packed_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n,
+                      tl.program_id(0), BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK, ROUND_BF16)
+
+
+@triton.jit
+def _dequantize_nf4_segments_kernel(
+    code_ptr,  # [16] fp32, shared: the segments have one quant_type
+    p0, a0, c0, m0, o0, out0, n0,  # segment 0: packed, absmax, state2 code, state2 absmax, offset, out, n
+    p1, a1, c1, m1, o1, out1, n1,
+    p2, a2, c2, m2, o2, out2, n2,  # a copy of segment 1 when there are two (never reached)
+    programs0, programs01,  # programs of segment 0, and of segments 0 and 1
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    # Two or three weights (Q|K|V, gate|up) in one launch, each program in one of them: the
+    # launch, not the work, is what costs on a step bound by launching kernels.
+    pid = tl.program_id(0)
+    if pid < programs0:
+        _dequantize_block(p0, code_ptr, a0, c0, m0, o0, out0, n0, pid, BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK, ROUND_BF16)
+    elif pid < programs01:
+        _dequantize_block(p1, code_ptr, a1, c1, m1, o1, out1, n1, pid - programs0, BLOCKSIZE, BLOCKSIZE2, NESTED,
+                          BLOCK, ROUND_BF16)
+    else:
+        _dequantize_block(p2, code_ptr, a2, c2, m2, o2, out2, n2, pid - programs01, BLOCKSIZE, BLOCKSIZE2, NESTED,
+                          BLOCK, ROUND_BF16)
 
 
 def _state_parts(weight_packed: torch.Tensor, quant_state):
@@ -204,6 +238,54 @@ def dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dt
         packed, code, absmax, code2, absmax2, offset, out, n,
         BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
         BLOCK=block, ROUND_BF16=needs_bf16_rounding(out_dtype), **extra,
+    )
+    return out
+
+
+def _check_out_rows(weights, out: torch.Tensor) -> None:
+    rows = sum(int(qs.shape[0]) for _, qs in weights)
+    widths = {int(qs.shape[1]) for _, qs in weights if len(qs.shape) == 2}
+    if (len(widths) != 1 or any(len(qs.shape) != 2 for _, qs in weights) or not out.is_contiguous()
+            or tuple(out.shape) != (rows, widths.pop() if widths else -1)):
+        raise ValueError(f"out must be a contiguous [{rows}, in] tensor for weights of shapes "
+                         f"{[tuple(qs.shape) for _, qs in weights]} with one input size, got {tuple(out.shape)}")
+
+
+def dequantize_nf4_rows(weights: list[tuple[torch.Tensor, object]], out: torch.Tensor) -> torch.Tensor:
+    """Several 4-bit weights [n_j, in] dequantised into consecutive row blocks of `out` [sum n_j, in].
+
+    weights: (packed data, QuantState) pairs, as for `dequantize_nf4`. Two or three weights of one
+    quant_type, blocksize and nesting go through one launch (`_dequantize_nf4_segments_kernel`);
+    other sets are dequantised one by one into their rows. Bit-identical to `dequantize_nf4` each.
+    """
+    _check_out_rows(weights, out)
+    states = [qs for _, qs in weights]
+    uniform = len({(qs.quant_type, qs.blocksize, bool(qs.nested)) for qs in states}) == 1
+    starts = [sum(int(qs.shape[0]) for qs in states[:j]) for j in range(len(states))]
+    views = [out[start : start + int(qs.shape[0])] for start, qs in zip(starts, states)]
+    if not (uniform and 2 <= len(weights) <= 3) or any(v.numel() == 0 for v in views):
+        for (packed, qs), view in zip(weights, views):
+            dequantize_nf4(packed, qs, out=view)
+        return out
+    args = [_launch_args(packed, qs) for packed, qs in weights]
+    if len({a[7] for a in args}) != 1:  # state2 blocksizes differ: one by one
+        for (packed, qs), view in zip(weights, views):
+            dequantize_nf4(packed, qs, out=view)
+        return out
+    device = out.device
+    check_device(out)
+    block = 2048 if device.type == "cuda" else 4096
+    programs = [triton.cdiv(a[0].numel(), block) for a in args]
+    segments = []
+    for (packed, n, _, absmax, code2, absmax2, offset, _), view in zip(args, views):
+        segments += [packed, absmax, code2, absmax2, offset, view, n]
+    if len(args) == 2:
+        segments += segments[7:]
+    extra = {"num_warps": 4, "enable_fp_fusion": False} if device.type == "cuda" else {}
+    _dequantize_nf4_segments_kernel[(sum(programs),)](
+        args[0][2], *segments, programs[0], programs[0] + programs[1],
+        BLOCKSIZE=states[0].blocksize, BLOCKSIZE2=args[0][7], NESTED=bool(states[0].nested),
+        BLOCK=block, ROUND_BF16=needs_bf16_rounding(out.dtype), **extra,
     )
     return out
 
