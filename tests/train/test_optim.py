@@ -262,9 +262,12 @@ GROUP_SHAPES = [
 FLAT_LOG = "7 tensors (31,173 elements) in 2 flat buffer(s); 2 stepped one by one (2 with 32-bit state"
 
 
-def make_params(dtype=torch.float32, seed=1):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # CUDA: bitsandbytes' own kernels
+
+
+def make_params(dtype=torch.float32, seed=1, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
-    return [[torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in shapes]
+    return [[torch.nn.Parameter(torch.randn(shape, generator=generator).to(device, dtype)) for shape in shapes]
             for shapes in GROUP_SHAPES]
 
 
@@ -280,12 +283,16 @@ def clone_params(params):
     return [[torch.nn.Parameter(p.detach().clone()) for p in group] for group in params]
 
 
+def to_cpu(params):
+    return [p.detach().cpu() for p in flat(params)]
+
+
 def step_together(pairs, steps, seed=2):
     """`steps` steps of each (optimizer, params) in `pairs` with the same random gradients; after each
     step every group's learning rate halves, as a scheduler would change it."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        grads = [torch.randn(p.shape, generator=generator).to(p.dtype) for p in flat(pairs[0][1])]
+        grads = [torch.randn(p.shape, generator=generator).to(p.device, p.dtype) for p in flat(pairs[0][1])]
         for optimizer, params in pairs:
             for p, grad in zip(flat(params), grads):
                 p.grad = grad.clone()
@@ -306,9 +313,10 @@ def assert_same_state(optimizer, params, reference, reference_params):
             assert torch.equal(ours[key], value) if torch.is_tensor(value) else ours[key] == value, (p.shape, key)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flat_adamw8bit_equals_adamw8bit_bit_for_bit(dtype, caplog):
-    ours, theirs = make_params(dtype), make_params(dtype)
+def test_flat_adamw8bit_equals_adamw8bit_bit_for_bit(dtype, device, caplog):
+    ours, theirs = make_params(dtype, device=device), make_params(dtype, device=device)
     with caplog.at_level(logging.INFO, logger="tuneforge.train.optim"):
         flat_optimizer = FlatAdamW8bit(groups_of(ours), lr=LR)
     reference = bitsandbytes.optim.AdamW8bit(groups_of(theirs), lr=LR)
@@ -341,19 +349,21 @@ def test_parameters_are_block_aligned_views_into_their_buffer():
         assert end == buffer.numel()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("saver, loader", [("flat", "flat"), ("adamw8bit", "flat"), ("flat", "adamw8bit")])
-def test_state_dict_round_trip_continues_like_an_unbroken_run(saver, loader, tmp_path):
+def test_state_dict_round_trip_continues_like_an_unbroken_run(saver, loader, device, tmp_path):
     """Save after 3 steps, load into a new optimizer over copies of the parameters, step on: the
     same as 6 steps in one go. The saved state is AdamW8bit's, so checkpoints cross between them."""
     build = {"flat": FlatAdamW8bit, "adamw8bit": bitsandbytes.optim.AdamW8bit}
-    unbroken_params = make_params()
+    unbroken_params = make_params(device=device)
     unbroken = build[saver](groups_of(unbroken_params), lr=LR)
     step_together([(unbroken, unbroken_params)], steps=3)
     torch.save(unbroken.state_dict(), tmp_path / "optimizer.pt")
 
     resumed_params = clone_params(unbroken_params)
     resumed = build[loader](groups_of(resumed_params), lr=LR)
-    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=False))
+    # Loaded as the Trainer loads it: onto the CPU, tensors only.
+    resumed.load_state_dict(torch.load(tmp_path / "optimizer.pt", map_location="cpu", weights_only=True))
     assert [g["lr"] for g in resumed.param_groups] == [g["lr"] for g in unbroken.param_groups]  # as scheduled
     step_together([(unbroken, unbroken_params), (resumed, resumed_params)], steps=3, seed=5)
     for p, q in zip(flat(resumed_params), flat(unbroken_params)):
