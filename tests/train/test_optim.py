@@ -432,7 +432,7 @@ def test_missing_gradients(caplog):
         assert torch.equal(p, q), p.shape
 
 
-def test_what_cannot_be_flattened_is_stepped_alone_and_still_equal(caplog):
+def test_what_cannot_be_flattened_is_stepped_alone_and_still_equal(monkeypatch, caplog):
     def build():
         generator = torch.Generator().manual_seed(4)
         shared = torch.randn(80, 100, generator=generator)
@@ -447,6 +447,9 @@ def test_what_cannot_be_flattened_is_stepped_alone_and_still_equal(caplog):
 
     ours, theirs = build(), build()
     manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    # bitsandbytes keeps overrides by id() for good: later tensors could reuse these ids.
+    monkeypatch.setattr(manager, "pid2config", {})
+    monkeypatch.setattr(manager, "index2config", {})
     for params in (ours, theirs):
         manager.override_config(params["overridden"], "optim_bits", 32)
     with caplog.at_level(logging.INFO, logger="tuneforge.train.optim"):
@@ -468,6 +471,23 @@ def test_what_cannot_be_flattened_is_stepped_alone_and_still_equal(caplog):
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
     assert flat_optimizer.parameter_state(ours["overridden"])["state1"].dtype == torch.float32
+
+
+def test_size_caps_keep_tensors_alone(monkeypatch, caplog):
+    """Large tensors, and any beyond the flat buffers' total, keep their own update (the step holds
+    a gathered copy of the flattened gradients). Caps shrunk to the test's sizes."""
+    monkeypatch.setattr(optim_module, "MAX_FLAT_TENSOR", 5000)
+    monkeypatch.setattr(optim_module, "MAX_FLAT_TOTAL", 9000)
+    ours, theirs = make_params(), make_params()
+    with caplog.at_level(logging.INFO, logger="tuneforge.train.optim"):
+        flat_optimizer = FlatAdamW8bit(groups_of(ours), lr=LR)
+    assert "2 tensors (8,193 elements) in 1 flat buffer(s); 7 stepped one by one (1 large (> 5,000 elements), " \
+           "2 with 32-bit state (< 4096 elements), 3 beyond the flat buffers' 9,000 elements, " \
+           "1 alone in their group)" in caplog.text
+    reference = bitsandbytes.optim.AdamW8bit(groups_of(theirs), lr=LR)
+    step_together([(flat_optimizer, ours), (reference, theirs)], steps=3)
+    for p, q in zip(flat(ours), flat(theirs)):
+        assert torch.equal(p, q), p.shape
 
 
 def test_a_parameter_whose_storage_was_replaced_is_an_error():

@@ -264,11 +264,13 @@ def create_optimizer_for_trainer(trainer, model: torch.nn.Module | None = None) 
 
 # --- 8-bit AdamW over flat buffers -----------------------------------------------------------
 
-# A tensor this large keeps its own update: its kernel time dwarfs one launch, and gathering its
-# gradient would hold a second copy of it during the step (a trained 128k-row embedding: GiBs).
-MAX_FLAT_TENSOR = 2**24
-# bitsandbytes hands element counts to its kernels as int32.
-MAX_FLAT_BUFFER = 2**30
+# step() holds a gathered copy of the flattened gradients: LoRA r=16 on all 7 projections of an
+# 8B model flattens 42M elements (168 MB in fp32). A tensor above MAX_FLAT_TENSOR elements keeps
+# its own update (its kernel, ~30 us on an H100, already outweighs a launch), and no more than
+# MAX_FLAT_TOTAL elements are flattened, so full fine-tuning or very high ranks do not double
+# their gradient memory. (bitsandbytes' kernels count elements in int32: both stay far below.)
+MAX_FLAT_TENSOR = 2**22
+MAX_FLAT_TOTAL = 2**27
 # The keys of bitsandbytes' 8-bit two-state entry; those not listed as per element or per block
 # are shared by every parameter (step count, quantisation maps).
 _PER_ELEMENT, _PER_BLOCK, _SHARED = ("state1", "state2"), ("absmax1", "absmax2"), ("step", "qmap1", "qmap2")
@@ -297,7 +299,8 @@ class FlatAdamW8bit(bnb_optim.AdamW8bit):
 
     In each parameter group, the tensors bitsandbytes gives 8-bit state (at least `min_8bit_size`
     elements) that are plain, dense, contiguous, trainable Parameters owning their storage, of at
-    most MAX_FLAT_TENSOR elements, are copied into one flat buffer per (device, dtype) and become
+    most MAX_FLAT_TENSOR elements (and MAX_FLAT_TOTAL in all), are copied into one flat buffer per
+    (device, dtype) and become
     views into it (`p.data = flat[a:b].view(p.shape)`): bitsandbytes' in-place update of the buffer
     is the update of the model. Each segment is padded with zeros to a whole number of
     quantisation blocks (256 elements), so every block of the 8-bit moments holds the elements it
@@ -329,6 +332,7 @@ class FlatAdamW8bit(bnb_optim.AdamW8bit):
         self._where: dict[torch.nn.Parameter, tuple[_FlatBuffer, int]] = {}
         self._storages: set[tuple[torch.device, int]] = set()
         self._unflattened: dict[str, int] = {}
+        self._flat_elements = 0  # padded, over all buffers
         self._warned_missing = False
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
         flat = [p for b in self._flat_buffers for p in b.members]
@@ -355,21 +359,27 @@ class FlatAdamW8bit(bnb_optim.AdamW8bit):
         overridden |= {id(getattr(module, name)) for module, name, _ in manager.module_weight_config_triple}
         candidates: dict[tuple[torch.device, torch.dtype], list[torch.nn.Parameter]] = {}
         alone = []
+
+        def step_alone(p, why):
+            alone.append(p)
+            self._unflattened[why] = self._unflattened.get(why, 0) + 1
+
         for p in params:
             why = self._why_alone(p, overridden)
+            if why is None and self._flat_elements + _round_up(p.numel(), self._block) > MAX_FLAT_TOTAL:
+                why = f"beyond the flat buffers' {MAX_FLAT_TOTAL:,} elements"
             if why is None:
                 candidates.setdefault((p.device, p.dtype), []).append(p)
+                self._flat_elements += _round_up(p.numel(), self._block)
             else:
-                alone.append(p)
-                self._unflattened[why] = self._unflattened.get(why, 0) + 1
+                step_alone(p, why)
         buffers = []
         for members in candidates.values():
-            for chunk in _chunks(members, self._block):
-                if len(chunk) == 1:  # nothing to save; its own update is as fast
-                    alone.extend(chunk)
-                    self._unflattened["alone in their group"] = self._unflattened.get("alone in their group", 0) + 1
-                else:
-                    buffers.append(self._flatten(chunk))
+            if len(members) == 1:  # nothing to save: its own update is as fast
+                self._flat_elements -= _round_up(members[0].numel(), self._block)
+                step_alone(members[0], "alone in their group")
+            else:
+                buffers.append(self._flatten(members))
         super().add_param_group({**group, "params": [b.param for b in buffers] + alone})
         self._group_members.append(params)
 
@@ -586,19 +596,6 @@ class FlatAdamW8bit(bnb_optim.AdamW8bit):
 
 def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
-
-
-def _chunks(members: list[torch.nn.Parameter], block: int) -> list[list[torch.nn.Parameter]]:
-    """`members` in runs whose padded sizes stay within MAX_FLAT_BUFFER elements."""
-    chunks, size = [[]], 0
-    for p in members:
-        padded = _round_up(p.numel(), block)
-        if chunks[-1] and size + padded > MAX_FLAT_BUFFER:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(p)
-        size += padded
-    return chunks
 
 
 def _without_step_hooks(step):
