@@ -56,6 +56,8 @@ from tuneforge.kernels.rank_update import rank_update_
 from tuneforge.kernels.swiglu import swiglu
 from tuneforge.kernels.weight_cache import cast_for_compute
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "ACTIVATIONS",
     "LoRALinearFunction",
@@ -181,8 +183,6 @@ def _projection_backward(dy, x, xa, weight, quant_state, bias, lora_A, lora_B, s
             rank_update_(dx, dyb, cast_for_compute(lora_A, dy.dtype).t(), scaling)
     return dx, dbias, dA, dB
 
-
-logger = logging.getLogger(__name__)
 
 # Grouped projections (kernels.lora_group) run unless TUNEFORGE_LORA_GROUPS=0. Their Triton kernels
 # are built at the first use of each configuration; one that fails to build on this GPU turns

@@ -230,10 +230,8 @@ def dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dt
                              f"got {tuple(out.shape)} (contiguous: {out.is_contiguous()}) on {out.device}")
     if n == 0:
         return out
-    block = 2048 if device.type == "cuda" else 4096
+    block, extra = _launch_config(device)
     grid = (triton.cdiv(packed.numel(), block),)
-    # No fused multiply-add on the GPU: bitsandbytes rounds the product before adding the offset.
-    extra = {"num_warps": 4, "enable_fp_fusion": False} if device.type == "cuda" else {}
     _dequantize_nf4_kernel[grid](
         packed, code, absmax, code2, absmax2, offset, out, n,
         BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
@@ -242,49 +240,50 @@ def dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dt
     return out
 
 
-def _check_out_rows(weights, out: torch.Tensor) -> None:
-    rows = sum(int(qs.shape[0]) for _, qs in weights)
-    widths = {int(qs.shape[1]) for _, qs in weights if len(qs.shape) == 2}
-    if (len(widths) != 1 or any(len(qs.shape) != 2 for _, qs in weights) or not out.is_contiguous()
-            or tuple(out.shape) != (rows, widths.pop() if widths else -1)):
-        raise ValueError(f"out must be a contiguous [{rows}, in] tensor for weights of shapes "
-                         f"{[tuple(qs.shape) for _, qs in weights]} with one input size, got {tuple(out.shape)}")
+def _launch_config(device: torch.device) -> tuple[int, dict]:
+    """(bytes per program, launch options) of the dequantisation kernels on `device`."""
+    if device.type != "cuda":
+        return 4096, {}
+    # No fused multiply-add on the GPU: bitsandbytes rounds the product before adding the offset.
+    return 2048, {"num_warps": 4, "enable_fp_fusion": False}
+
+
+def _check_out_rows(shapes: list[tuple], out: torch.Tensor) -> None:
+    if (any(len(shape) != 2 for shape in shapes) or len({shape[1] for shape in shapes}) != 1
+            or not out.is_contiguous() or tuple(out.shape) != (sum(shape[0] for shape in shapes), shapes[0][1])):
+        raise ValueError(f"out must be a contiguous [{sum(shape[0] for shape in shapes)}, in] tensor for weights "
+                         f"of shapes {shapes} with one input size, got {tuple(out.shape)}")
 
 
 def dequantize_nf4_rows(weights: list[tuple[torch.Tensor, object]], out: torch.Tensor) -> torch.Tensor:
     """Several 4-bit weights [n_j, in] dequantised into consecutive row blocks of `out` [sum n_j, in].
 
-    weights: (packed data, QuantState) pairs, as for `dequantize_nf4`. Two or three weights of one
-    quant_type, blocksize and nesting go through one launch (`_dequantize_nf4_segments_kernel`);
-    other sets are dequantised one by one into their rows. Bit-identical to `dequantize_nf4` each.
+    weights: (packed data, QuantState) pairs, as for `dequantize_nf4`. Two or three non-empty
+    weights of one quant_type, blocksize and nesting go through one launch
+    (`_dequantize_nf4_segments_kernel`); other sets are dequantised one by one into their rows.
+    Bit-identical to `dequantize_nf4` each.
     """
-    _check_out_rows(weights, out)
-    states = [qs for _, qs in weights]
-    uniform = len({(qs.quant_type, qs.blocksize, bool(qs.nested)) for qs in states}) == 1
-    starts = [sum(int(qs.shape[0]) for qs in states[:j]) for j in range(len(states))]
-    views = [out[start : start + int(qs.shape[0])] for start, qs in zip(starts, states)]
-    if not (uniform and 2 <= len(weights) <= 3) or any(v.numel() == 0 for v in views):
+    shapes = [tuple(int(d) for d in qs.shape) for _, qs in weights]
+    _check_out_rows(shapes, out)
+    views = out.split([shape[0] for shape in shapes])
+    args = [_launch_args(packed, qs) for packed, qs in weights]  # [7]: state2's blocksize
+    kinds = {(qs.quant_type, qs.blocksize, bool(qs.nested), a[7]) for (_, qs), a in zip(weights, args)}
+    if not (2 <= len(weights) <= 3 and len(kinds) == 1 and all(view.numel() for view in views)):
         for (packed, qs), view in zip(weights, views):
             dequantize_nf4(packed, qs, out=view)
         return out
-    args = [_launch_args(packed, qs) for packed, qs in weights]
-    if len({a[7] for a in args}) != 1:  # state2 blocksizes differ: one by one
-        for (packed, qs), view in zip(weights, views):
-            dequantize_nf4(packed, qs, out=view)
-        return out
-    device = out.device
     check_device(out)
-    block = 2048 if device.type == "cuda" else 4096
+    block, extra = _launch_config(out.device)
     programs = [triton.cdiv(a[0].numel(), block) for a in args]
     segments = []
     for (packed, n, _, absmax, code2, absmax2, offset, _), view in zip(args, views):
         segments += [packed, absmax, code2, absmax2, offset, view, n]
     if len(args) == 2:
         segments += segments[7:]
-    extra = {"num_warps": 4, "enable_fp_fusion": False} if device.type == "cuda" else {}
+    state = weights[0][1]
     _dequantize_nf4_segments_kernel[(sum(programs),)](
         args[0][2], *segments, programs[0], programs[0] + programs[1],
-        BLOCKSIZE=states[0].blocksize, BLOCKSIZE2=args[0][7], NESTED=bool(states[0].nested),
+        BLOCKSIZE=state.blocksize, BLOCKSIZE2=args[0][7], NESTED=bool(state.nested),
         BLOCK=block, ROUND_BF16=needs_bf16_rounding(out.dtype), **extra,
     )
     return out

@@ -34,13 +34,7 @@ def cast_for_compute(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`weight.to(dtype)`, reused from the last call while the weight cannot have changed."""
     if weight.dtype == dtype:
         return weight
-    key = (_optimizer_steps, weight._version, weight.data_ptr(), dtype)
-    cached = getattr(weight, "_tuneforge_cast", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    copy = weight.detach().to(dtype)
-    weight._tuneforge_cast = (key, copy)
-    return copy
+    return derived_for_compute(weight, f"cast-{dtype}", (weight,), lambda: weight.detach().to(dtype))
 
 
 def derived_for_compute(owner: torch.Tensor, tag: str, parts: tuple, build):
