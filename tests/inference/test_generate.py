@@ -17,7 +17,12 @@ import logging
 
 import pytest
 import torch
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from tuneforge.inference import Decoder, enable_fast_generate, transformers_generate
 from tuneforge.inference.generate import WARMUP_STEPS, resolve_call
@@ -213,17 +218,20 @@ def test_streamer_receives_what_transformers_streams(llama):
 # --- sampling ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 3, 0.6),
-                                                       (1.0, 1, 0.3)])
-def test_filters_equal_transformers_warpers(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [
+    (1.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (0.5, 3, 0.6, 0.0), (1.0, 1, 0.3, 0.0),
+    (1.5, 0, 1.0, 0.1), (0.8, 10, 0.9, 0.05), (1.0, 0, 1.0, 1.0),
+])
+def test_filters_equal_transformers_warpers(temperature, top_k, top_p, min_p):
     scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(2))
     scores[0, :4] = scores[0].max()  # ties at the top-k boundary are kept by both
     expected = scores.clone()
     for make, on in ((lambda: TemperatureLogitsWarper(temperature), temperature != 1.0),
-                     (lambda: TopKLogitsWarper(top_k), top_k > 0), (lambda: TopPLogitsWarper(top_p), top_p < 1.0)):
+                     (lambda: TopKLogitsWarper(top_k), top_k > 0), (lambda: TopPLogitsWarper(top_p), top_p < 1.0),
+                     (lambda: MinPLogitsWarper(min_p), min_p > 0.0)):
         if on:  # generate only adds the warpers that change something (their constructors refuse the rest)
             expected = make()(None, expected)
-    assert torch.equal(warp(scores, Sampling(True, temperature, top_k, top_p)), expected)
+    assert torch.equal(warp(scores, Sampling(True, temperature, top_k, top_p, min_p)), expected)
 
 
 def test_exponential_race_samples_the_softmax_distribution():
@@ -267,6 +275,44 @@ def test_sampling_is_seeded_and_stays_inside_top_k_and_top_p(llama):
     assert rank.max() < options["top_k"]
     kept = warp(scores.reshape(-1, scores.shape[-1]), Sampling(True, **options)).isfinite()
     assert kept.gather(-1, first[:, 9:].reshape(-1, 1)).all(), "a token outside the top-p nucleus"
+
+
+def test_min_p_runs_on_the_fast_path_and_stays_inside_its_filter(llama, caplog):
+    """Unsloth's notebooks sample with temperature=1.5, min_p=0.1: the static-cache path takes it."""
+    ids, mask = _prompts(3)
+    options = dict(temperature=20.0, min_p=0.3)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        first = _sample(llama, ids, mask, seed=5, **options)
+    assert not [r for r in caplog.records if r.name == LOGGER], "fell back to transformers' generate"
+    assert not _inner(llama).tuneforge_generate_path.startswith("transformers")
+    assert torch.equal(first, _sample(llama, ids, mask, seed=5, **options))
+    full_mask = torch.cat([mask, torch.ones(3, 10, dtype=mask.dtype, device=mask.device)], dim=1)
+    with torch.no_grad():
+        logits = _inner(llama)(input_ids=first, attention_mask=full_mask).logits[:, 8:-1].float()
+    kept = warp((logits / options["temperature"]).reshape(-1, logits.shape[-1]), Sampling(True, **options)).isfinite()
+    assert kept.gather(-1, first[:, 9:].reshape(-1, 1)).all(), "a token below min_p x the best probability"
+
+
+@pytest.mark.parametrize("how", ["input_ids=", "positional", "inputs="])
+@pytest.mark.parametrize("adapter", [False, True], ids=["plain", "lora"])
+def test_batch_encoding_as_input_ids(folders, how, adapter):
+    """transformers 5's apply_chat_template(..., return_tensors="pt") returns a BatchEncoding, and the
+    notebooks pass it on as generate(input_ids=inputs): its ids and mask are used."""
+    from transformers import BatchEncoding
+
+    llama = _load(folders("llama"), adapter=adapter)
+    ids, mask = _prompts(3)
+    encoding = BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    expected = llama.generate(ids, attention_mask=mask, **options)
+    if how == "positional":
+        got = llama.generate(encoding, **options)
+    elif how == "inputs=":
+        got = llama.generate(inputs=encoding, **options)
+    else:
+        got = llama.generate(input_ids=encoding, **options)
+    assert torch.equal(got, expected)
+    assert not _inner(llama).tuneforge_generate_path.startswith("transformers")
 
 
 # --- what goes to transformers, and switching back ------------------------------------------------------

@@ -73,7 +73,7 @@ _UNTAKEN_ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_t
                       "custom_generate", "use_model_defaults")
 # Generation-config fields the fast path implements.
 _HANDLED = {"max_length", "max_new_tokens", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
-            "top_p", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache",
+            "top_p", "min_p", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache",
             "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
             "transformers_version", "low_memory", "is_assistant"}
 # Fields that only matter for beam search or assisted decoding, which a set num_beams / assistant
@@ -170,9 +170,11 @@ def resolve_call(model, args: tuple, kwargs: dict) -> Call | str:
         temperature = 1.0 if config.temperature is None else float(config.temperature)
         top_k = int(config.top_k or 0)
         top_p = 1.0 if config.top_p is None else float(config.top_p)
-        if not (temperature > 0 and top_k >= 0 and 0 < top_p <= 1):
-            return f"invalid sampling values (temperature={temperature}, top_k={top_k}, top_p={top_p})"
-        sampling = Sampling(True, temperature, top_k, top_p)
+        min_p = 0.0 if config.min_p is None else float(config.min_p)
+        if not (temperature > 0 and top_k >= 0 and 0 < top_p <= 1 and 0 <= min_p <= 1):
+            return (f"invalid sampling values (temperature={temperature}, top_k={top_k}, top_p={top_p}, "
+                    f"min_p={min_p})")
+        sampling = Sampling(True, temperature, top_k, top_p, min_p)
     return Call(inputs, attention_mask, int(max_new), int(min_new), sampling, eos, pad, streamer)
 
 
@@ -493,8 +495,30 @@ def _fall_back(model, reason: str, args, kwargs):
     return type(model).generate(model, *args, **kwargs)
 
 
+def unwrap_encoding(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """`generate(input_ids=enc)` or `generate(enc)` with `enc` a BatchEncoding (or any mapping with
+    input_ids): what `tokenizer.apply_chat_template(..., return_tensors="pt")` returns under
+    transformers 5, and Unsloth's notebooks pass on as input_ids. Its input_ids become the inputs
+    and its attention_mask the mask (unless one is given)."""
+    from collections.abc import Mapping
+
+    key, value = (None, args[0]) if args else next(
+        ((name, kwargs[name]) for name in ("input_ids", "inputs") if name in kwargs), (None, None))
+    if not isinstance(value, Mapping) or "input_ids" not in value:
+        return args, kwargs
+    kwargs = dict(kwargs)
+    if key is None:
+        args = (value["input_ids"], *args[1:])
+    else:
+        kwargs[key] = value["input_ids"]
+    if value.get("attention_mask") is not None:
+        kwargs.setdefault("attention_mask", value["attention_mask"])
+    return args, kwargs
+
+
 def _fast_generate(model, *args, **kwargs):
     """`model.generate` after `enable_fast_generate`: the static-cache path when it takes the call."""
+    args, kwargs = unwrap_encoding(args, kwargs)
     settings = vars(model)["_tuneforge_fast_generate"]
     reason = settings.get("reason") or model_reason(model)
     call = None if reason else resolve_call(model, args, kwargs)

@@ -1,9 +1,9 @@
-"""Next-token choice on the device: EOS blocking, temperature / top-k / top-p, greedy or sampled.
+"""Next-token choice on the device: EOS blocking, temperature / top-k / top-p / min-p, greedy or sampled.
 
 Every function takes and returns tensors of fixed shapes and never reads a value on the host,
 so the whole choice can sit inside a captured CUDA graph. The filters are those of transformers'
-`TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` (in that order, as
-`generate` applies them), tested against them.
+`TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper` and `MinPLogitsWarper` (in that
+order, as `generate` applies them), tested against them.
 
 scores: [B, V] float32 (transformers upcasts the last logits to float32 before processing).
 """
@@ -22,12 +22,14 @@ class Sampling:
     temperature: scores / temperature (1.0: unchanged).
     top_k:       keep the k best scores (0: no limit).
     top_p:       keep the smallest set of best tokens whose probability reaches top_p (1.0: all).
+    min_p:       keep tokens whose probability is at least min_p x the best token's (0.0: all).
     """
 
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
 
 
 def block_tokens(scores: torch.Tensor, token_ids: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
@@ -53,14 +55,23 @@ def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
+def min_p_filter(scores: torch.Tensor, min_p: float) -> torch.Tensor:
+    """-inf where a token's probability is below min_p x the row's best probability (the best token
+    always stays: its probability is >= min_p x itself)."""
+    probs = scores.softmax(dim=-1)
+    return scores.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
 def warp(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """The sampling filters in transformers' order: temperature, top-k, top-p."""
+    """The sampling filters in transformers' order: temperature, top-k, top-p, min-p."""
     if sampling.temperature != 1.0:
         scores = scores / sampling.temperature
     if sampling.top_k:
         scores = top_k_filter(scores, sampling.top_k)
     if sampling.top_p < 1.0:
         scores = top_p_filter(scores, sampling.top_p)
+    if sampling.min_p > 0.0:
+        scores = min_p_filter(scores, sampling.min_p)
     return scores
 
 
