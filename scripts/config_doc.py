@@ -10,17 +10,29 @@ SECTIONS = [("model", config.ModelConfig), ("lora", config.LoraConfig), ("data",
             ("training", config.TrainingConfig)]
 
 
+def _allowed(path: str) -> str:
+    if path in config.RANGES:
+        return config.RANGES[path][1]
+    names = {"training.optim": config.known_optimizers, "training.lr_scheduler_type": config.known_schedulers}
+    if path in names:
+        return ", ".join(f"`{name}`" for name in names[path]())
+    return ""
+
+
 def render() -> str:
     lines = ["# Config reference (`tuneforge train config.yaml`)", "",
              "Generated from `tuneforge/config.py` (`python scripts/config_doc.py`). Every key is optional; the",
-             "defaults make the embedded SmolLM2 demo run. Unknown keys and wrong types are errors naming the key.", ""]
+             "defaults make the embedded SmolLM2 demo run. Unknown keys, wrong types and values outside the allowed",
+             "range are errors naming the key, raised when the config is read (before any model loads). A key",
+             "written twice in one mapping is an error too, and YAML aliases may not expand past "
+             f"{config.MAX_CONFIG_VALUES:,} values.", ""]
     for section, cls in SECTIONS:
-        lines += [f"## `{section}`", "", "| key | type | default |", "|---|---|---|"]
+        lines += [f"## `{section}`", "", "| key | type | default | allowed |", "|---|---|---|---|"]
         hints = typing.get_type_hints(cls)
         defaults = cls()
         for field in dataclasses.fields(cls):
             lines.append(f"| `{field.name}` | `{config._type_name(hints[field.name]).replace(' | ', ' or ')}` | "
-                         f"`{getattr(defaults, field.name)!r}` |")
+                         f"`{getattr(defaults, field.name)!r}` | {_allowed(f'{section}.{field.name}')} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -36,7 +36,7 @@ def test_yaml_values_are_read_and_typed(tmp_path):
         ({"data": {"format": "csv"}}, "config key 'data.format' must be 'auto' | 'alpaca'"),
         ({"lora": {"gradient_checkpointing": "fast"}}, "lora.gradient_checkpointing"),
         ({"training": {"learning_rate": "fast"}}, "training.learning_rate' must be float"),
-        ({"model": {"max_seq_length": 0}}, "model.max_seq_length' must be > 0"),
+        ({"model": {"max_seq_length": 0}}, "model.max_seq_length' must be >= 2"),
         ({"model": {"load_in_4bit": True, "load_in_8bit": True}}, "both true"),
         ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction' must be in"),
         ({"training": 5}, "training: expected a mapping"),

@@ -1,7 +1,8 @@
-"""The `tuneforge` command: train | export | chat | plot.
+"""The `tuneforge` command: train | plan | export | chat | eval | plot.
 
     tuneforge train [config.yaml]        train (no config: the embedded SmolLM2 demo run)
     tuneforge train cfg.yaml --nproc 2   the same on 2 GPUs (DDP; add --fsdp to shard the model)
+    tuneforge plan [config.yaml] [--fit] peak memory and time before training; --fit probes the card
     tuneforge export --adapter OUT ...   adapter / merged 16-bit / merged 4-bit / GGUF
     tuneforge chat --model OUT           chat with a trained adapter or model, tokens streamed
     tuneforge eval --model OUT           loss, perplexity, exact match on held-out prompt/answer pairs
@@ -20,7 +21,8 @@ def _add_train(subparsers) -> None:
     parser.add_argument("config", nargs="?", help="YAML config (omit for the embedded default run)")
     parser.add_argument("--output", help="override training.output_dir")
     parser.add_argument("--max-steps", type=int, help="override training.max_steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in the "
+                        "output folder (checked, falling back to an earlier one if the newest is damaged)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes (GPUs) on this machine: N > 1 relaunches this command under torchrun, "
                              "data-parallel; training.per_device_train_batch_size is per process")
@@ -31,11 +33,13 @@ def _add_train(subparsers) -> None:
 
 
 def _run_train(args) -> int:
-    from tuneforge.config import ConfigError, load_config
+    from tuneforge.config import ConfigError, load_config, with_overrides
     from tuneforge.train import distributed
     from tuneforge.train.run import train
 
     config = load_config(args.config)  # validated before any process is started
+    overrides = {"training.output_dir": args.output, "training.max_steps": args.max_steps}
+    config = with_overrides(config, {key: value for key, value in overrides.items() if value is not None})
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
     if distributed.is_distributed():
@@ -46,10 +50,6 @@ def _run_train(args) -> int:
         return distributed.relaunch(args.nproc, args.argv)
     elif args.fsdp:
         raise ConfigError("--fsdp shards the model over several processes: add --nproc N (N > 1)")
-    if args.output:
-        config.training.output_dir = args.output
-    if args.max_steps is not None:
-        config.training.max_steps = args.max_steps
     train(config, resume=args.resume, strategy="fsdp" if args.fsdp else None)
     return 0
 
@@ -111,6 +111,14 @@ def _run_plot(args) -> int:
     return 0
 
 
+def _add_plan(subparsers) -> None:
+    from tuneforge.planning.command import add_arguments, run
+
+    parser = subparsers.add_parser("plan", help="peak memory and time of a run, before training (--fit: probe the card)")
+    add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
 def _add_export(subparsers) -> None:
     parser = subparsers.add_parser("export", help="export an adapter, a merged model or a GGUF")
     try:
@@ -133,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train(subparsers)
+    _add_plan(subparsers)
     _add_export(subparsers)
     _add_chat(subparsers)
     _add_eval(subparsers)

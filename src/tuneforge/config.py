@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -101,6 +104,88 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _not_negative(value) -> bool:
+    return value >= 0
+
+
+def _seed(value) -> bool:
+    return 0 <= value < 2**32  # numpy's seeds; torch would take more, the run seeds both
+
+
+def _not_empty(value) -> bool:
+    return len(value) > 0
+
+
+# What each key may hold beyond its type: key -> (test, what to write). Checked once, when the
+# config is read, so a wrong value fails before any model loads; docs/config.md lists them.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.name": (_not_empty, "a model folder or name"),
+    "model.max_seq_length": (lambda v: v >= 2, ">= 2"),
+    "lora.r": (_positive, "> 0"),
+    "lora.alpha": (_positive, "> 0"),
+    "lora.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "lora.target_modules": (_not_empty, "a non-empty list of module names or 'all-linear'"),
+    "lora.modules_to_save": (_not_empty, "a non-empty list, or null"),
+    "lora.random_state": (_seed, "in [0, 2^32)"),
+    "data.path": (_not_empty, "a file, a folder or a dataset name"),
+    "data.split": (_not_empty, "a split name such as train"),
+    "data.chat_template": (_not_empty, "a template name, or null"),
+    "data.eval_fraction": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "training.output_dir": (_not_empty, "a folder"),
+    "training.max_steps": (lambda v: v == -1 or v > 0,
+                           "-1 (train for training.num_train_epochs) or a number of steps > 0"),
+    "training.num_train_epochs": (_positive, "> 0"),
+    "training.per_device_train_batch_size": (_positive, "> 0"),
+    "training.gradient_accumulation_steps": (_positive, "> 0"),
+    "training.learning_rate": (_positive, "> 0"),
+    "training.embedding_learning_rate": (_positive, "> 0, or null (the learning_rate)"),
+    "training.warmup_steps": (_not_negative, ">= 0"),
+    "training.weight_decay": (_not_negative, ">= 0"),
+    "training.seed": (_seed, "in [0, 2^32)"),
+    "training.logging_steps": (lambda v: v >= 1, ">= 1"),
+    "training.save_steps": (_not_negative, ">= 0 (0: no intermediate checkpoints)"),
+    "training.save_total_limit": (_not_negative, ">= 0 (0: keep all)"),
+    "training.eval_steps": (_not_negative, ">= 0 (0: once at the end)"),
+    "training.early_stopping_patience": (_not_negative, ">= 0 (0: off)"),
+    "training.early_stopping_threshold": (_not_negative, ">= 0"),
+    "training.max_grad_norm": (_not_negative, ">= 0 (0: no clipping)"),
+}
+
+# transformers' optimizer names that need settings this config has no key for (GaLore / APOLLO
+# target modules, LOMO's own training loop): refused here rather than after the model loaded.
+_OPTIMIZERS_WITHOUT_KEYS = ("galore", "apollo", "lomo")
+# Schedulers that need lr_scheduler_kwargs (min_lr, decay steps) or eval metrics every step.
+_SCHEDULERS_WITHOUT_KEYS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+                            "reduce_lr_on_plateau", "greedy")
+
+
+def known_optimizers() -> list[str]:
+    """training.optim values: transformers' names (tuneforge's own table uses the same spelling)."""
+    from transformers.training_args import OptimizerNames
+
+    return [o.value for o in OptimizerNames if not any(part in o.value for part in _OPTIMIZERS_WITHOUT_KEYS)]
+
+
+def known_schedulers() -> list[str]:
+    """training.lr_scheduler_type values: transformers' schedulers that need no extra settings."""
+    from transformers.trainer_utils import SchedulerType
+
+    return [s.value for s in SchedulerType if s.value not in _SCHEDULERS_WITHOUT_KEYS]
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 80, 80, 6, 6, 3
+
+
+def _short(value) -> str:
+    """repr(value) cut to a line: a value from YAML aliases may stand for billions of items."""
+    return _REPR.repr(value)
+
+
 def _type_name(annotation) -> str:
     origin = typing.get_origin(annotation)
     if origin is Literal:
@@ -179,7 +264,7 @@ def _build(cls, values: dict, where: str):
         value = _coerce(value, annotation)
         if not _matches(value, annotation):
             raise ConfigError(
-                f"config key '{path}' must be {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
+                f"config key '{path}' must be {_type_name(annotation)}, got {_short(value)} ({type(value).__name__})"
             )
         kwargs[key] = value
     config = cls(**kwargs)
@@ -188,18 +273,17 @@ def _build(cls, values: dict, where: str):
 
 
 def _check_ranges(config, where: str) -> None:
-    positive = {
-        "max_seq_length", "r", "alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
-    }
-    for name in positive & {f.name for f in dataclasses.fields(config)}:
-        if getattr(config, name) <= 0:
-            raise ConfigError(f"config key '{where}.{name}' must be > 0, got {getattr(config, name)}")
+    for f in dataclasses.fields(config):
+        path = f"{where}.{f.name}" if where else f.name
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{path}' must be a finite number, got {value}")
+        if path in RANGES and value is not None:
+            test, allowed = RANGES[path]
+            if not test(value):
+                raise ConfigError(f"config key '{path}' must be {allowed}, got {_short(value)}")
     if isinstance(config, ModelConfig) and config.load_in_4bit and config.load_in_8bit:
         raise ConfigError("model.load_in_4bit and model.load_in_8bit are both true: choose one")
-    if isinstance(config, DataConfig) and not 0.0 <= config.eval_fraction < 1.0:
-        raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got {config.eval_fraction}")
-    if isinstance(config, LoraConfig) and not 0.0 <= config.dropout < 1.0:
-        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {config.dropout}")
     if isinstance(config, TrainingConfig):
         _check_training(config)
     if isinstance(config, TrainConfig):
@@ -207,9 +291,13 @@ def _check_ranges(config, where: str) -> None:
 
 
 def _check_training(t: TrainingConfig) -> None:
-    for name in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience"):
-        if getattr(t, name) < 0:
-            raise ConfigError(f"config key 'training.{name}' must be >= 0, got {getattr(t, name)}")
+    for key, value, known in (("optim", t.optim, known_optimizers()),
+                              ("lr_scheduler_type", t.lr_scheduler_type, known_schedulers())):
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"config key 'training.{key}' is {_short(value)}: not a known name; {hint}"
+                              f"known: {', '.join(known)}")
     if isinstance(t.report_to, list):
         for target in t.report_to:
             if target not in REPORT_TARGETS:
@@ -239,6 +327,74 @@ def config_from_dict(values: dict | None) -> TrainConfig:
     return _build(TrainConfig, values or {}, "")
 
 
+def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """`config` with {"section.key": value} replaced, checked as if the YAML had said so
+    (the command line's --output / --max-steps go through here)."""
+    values = config.to_dict()
+    for path, value in overrides.items():
+        section, key = path.split(".")
+        values[section][key] = value
+    try:
+        return config_from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (from the command line)") from None
+
+
+# A config is a few dozen values; YAML aliases (&a / *a) may make a tiny file stand for billions
+# ("billion laughs"). PyYAML shares the aliased objects, so loading is cheap, but anything that
+# walks or prints the values would expand them: the expanded size is counted and capped first.
+MAX_CONFIG_VALUES = 10_000
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one
+    silently, so `learning_rate` written twice would train with a value the user may not see)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise ConfigError(f"line {key_node.start_mark.line + 1}: key {_short(key)} is written twice "
+                                      f"in one mapping (first on line {seen[key] + 1}); keep one")
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _ConfigLoader.construct_mapping)
+
+
+def _expanded_size(value, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values `value` stands for once YAML aliases are written out (memoised by object)."""
+    if not isinstance(value, (list, dict)):
+        return 1
+    key = id(value)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise ConfigError("a YAML alias refers to the mapping or list that holds it (a cycle)")
+    open_.add(key)
+    items = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
+    total = 1
+    for k, v in items:
+        total += _expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_)
+        if total > MAX_CONFIG_VALUES:
+            break
+    open_.discard(key)
+    sizes[key] = total
+    return total
+
+
+def parse_yaml(text: str):
+    """YAML text -> plain values: safe types only, no key twice, at most MAX_CONFIG_VALUES values."""
+    values = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    if _expanded_size(values, {}, set()) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"the YAML stands for more than {MAX_CONFIG_VALUES:,} values once its aliases "
+                          "(&name / *name) are expanded; a config needs a few dozen: write the values out")
+    return values
+
+
 def load_config(path: str | Path | None) -> TrainConfig:
     """Read and validate a YAML config; `None` gives the embedded default run."""
     if path is None:
@@ -247,9 +403,16 @@ def load_config(path: str | Path | None) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text ({error.reason})") from None
+    try:
+        values = parse_yaml(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     try:
         return config_from_dict(values)
     except ConfigError as error:
