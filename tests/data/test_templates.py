@@ -57,6 +57,17 @@ PHI3 = (
     "<|user|>\nWhat is 2+2?<|end|>\n"
     "<|assistant|>\n"
 )
+GEMMA4 = (
+    "<|turn>system\nYou are a helpful assistant.<turn|>\n<|turn>user\nHello!<turn|>\n"
+    "<|turn>model\nHi, how can I help?<turn|>\n<|turn>user\nWhat is 2+2?<turn|>\n"
+)
+GPT_OSS = (
+    "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06"
+    "\n\nReasoning: medium\n\n# Valid channels: analysis, commentary, final. Channel must be included for every "
+    "message.<|end|><|start|>developer<|message|># Instructions\n\nYou are a helpful assistant.<|end|>"
+    "<|start|>user<|message|>Hello!<|end|><|start|>assistant<|channel|>final<|message|>Hi, how can I help?<|return|>"
+    "<|start|>user<|message|>What is 2+2?<|end|>"
+)
 
 # name: (full conversation, PROMPT, end-of-turn token, the two replies as the assistant writes them)
 EXPECTED = {
@@ -71,6 +82,44 @@ EXPECTED = {
         CHATML_PROMPT,
         "<|im_end|>",
         ["Hi, how can I help?<|im_end|>", "<think>\n\n</think>\n\n2+2 equals 4.<|im_end|>"],
+    ),
+    "qwen3-instruct": (CHATML_FULL, CHATML_PROMPT, "<|im_end|>", CHATML_REPLIES),
+    "qwen3-thinking": (
+        CHATML + "<|im_start|>assistant\n<think>\n\n</think>\n\n2+2 equals 4.<|im_end|>\n",
+        CHATML_PROMPT + "<think>\n",
+        "<|im_end|>",
+        ["Hi, how can I help?<|im_end|>", "<think>\n\n</think>\n\n2+2 equals 4.<|im_end|>"],
+    ),
+    "lfm-2": ("<s>" + CHATML_FULL, "<s>" + CHATML_PROMPT, "<|im_end|>", CHATML_REPLIES),
+    "gemma-4": (
+        GEMMA4 + "<|turn>model\n2+2 equals 4.<turn|>\n", GEMMA4 + "<|turn>model\n", "<turn|>",
+        ["Hi, how can I help?<turn|>", "2+2 equals 4.<turn|>"],
+    ),
+    "gemma-4-thinking": (
+        GEMMA4 + "<|turn>model\n2+2 equals 4.<turn|>\n", GEMMA4 + "<|turn>model\n<|channel>thought\n<channel|>",
+        "<turn|>", ["Hi, how can I help?<turn|>", "2+2 equals 4.<turn|>"],
+    ),
+    "vicuna-old": (
+        "<s>You are a helpful assistant.\n### Human: Hello!\n### Assistant: Hi, how can I help?</s>\n"
+        "### Human: What is 2+2?\n### Assistant: 2+2 equals 4.</s>\n",
+        "<s>You are a helpful assistant.\n### Human: Hello!\n### Assistant: Hi, how can I help?</s>\n"
+        "### Human: What is 2+2?\n### Assistant:",
+        "</s>",
+        [" Hi, how can I help?</s>", " 2+2 equals 4.</s>"],
+    ),
+    "unsloth": (
+        "<s>You are a helpful assistant.\n>>> User: Hello!\n>>> Assistant: Hi, how can I help?</s>\n"
+        ">>> User: What is 2+2?\n>>> Assistant: 2+2 equals 4.</s>\n",
+        "<s>You are a helpful assistant.\n>>> User: Hello!\n>>> Assistant: Hi, how can I help?</s>\n"
+        ">>> User: What is 2+2?\n>>> Assistant:",
+        "{eos_token}",
+        [" Hi, how can I help?</s>", " 2+2 equals 4.</s>"],
+    ),
+    "gpt-oss": (
+        GPT_OSS + "<|start|>assistant<|channel|>final<|message|>2+2 equals 4.<|return|>",
+        GPT_OSS + "<|start|>assistant",
+        "<|return|>",
+        ["<|channel|>final<|message|>Hi, how can I help?<|return|>", "<|channel|>final<|message|>2+2 equals 4.<|return|>"],
     ),
     "llama-2": (
         "<s>[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\nHello! [/INST] Hi, how can I help? </s>"
@@ -307,6 +356,22 @@ def test_the_table_is_large_and_every_name_resolves():
                         ("gemma-3", "gemma"), ("mistral-nemo", "mistral-tekken"), ("starling", "openchat"),
                         ("yi", "chatml"), ("phi-3.5", "phi-3.5"), ("command-r", "cohere")]:
         assert resolve_template(typed).name == name
+
+
+# Every name Unsloth's get_chat_template accepts (unsloth/chat_templates.py, CHAT_TEMPLATES keys, 2026-08).
+UNSLOTH_NAMES = [
+    "unsloth", "zephyr", "chatml", "mistral", "llama", "vicuna", "vicuna_old", "vicuna old", "alpaca", "gemma",
+    "gemma_chatml", "gemma2", "gemma2_chatml", "llama-3", "llama3", "phi-3", "phi-35", "phi-3.5", "llama-3.1",
+    "llama-31", "llama-3.2", "llama-3.3", "llama-32", "llama-33", "qwen-2.5", "qwen-25", "qwen25", "qwen2.5",
+    "phi-4", "gemma-3", "gemma3", "qwen-3", "qwen3", "gemma-3n", "gemma3n", "gemma-4", "gemma4", "gemma-4-thinking",
+    "gemma4-thinking", "gpt-oss", "gptoss", "qwen3-instruct", "qwen3-thinking", "lfm-2", "lfm-2.5", "starling",
+    "yi-chat",
+]
+
+
+@pytest.mark.parametrize("name", UNSLOTH_NAMES)
+def test_every_unsloth_template_name_is_accepted(name):
+    assert resolve_template(name).name in EXPECTED
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

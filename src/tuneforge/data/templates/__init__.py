@@ -47,7 +47,8 @@ _AUTO = ("auto", "model", "native", "default")
 
 
 def _normalize(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
+    # Unsloth writes "vicuna_old", "vicuna old" and "gemma2_chatml": one spelling per name here.
+    return "-".join(name.strip().lower().replace("_", " ").split())
 
 
 def _build_index() -> dict[str, ChatTemplate]:

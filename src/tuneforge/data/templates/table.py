@@ -40,6 +40,16 @@ _DEEPSEEK3 = dict(
     end_of_turn="<｜end▁of▁sentence｜>",
 )
 
+_GEMMA4 = dict(
+    system="<|turn>system\n{content}<turn|>\n",
+    user="<|turn>user\n{content}<turn|>\n",
+    assistant_prefix="<|turn>model\n",
+    assistant="{content}<turn|>",
+    assistant_suffix="\n",
+    end_of_turn="<turn|>",
+    trim=("system", "user", "assistant"),
+)
+
 _PHI3 = dict(
     system="<|system|>\n{content}<|end|>\n",
     user="<|user|>\n{content}<|end|>\n",
@@ -51,9 +61,10 @@ _PHI3 = dict(
 
 # Qwen 3: the last assistant reply after the last user turn carries a <think> block (empty when the
 # data has no reasoning); earlier replies lose theirs. Reasoning comes from `reasoning_content` or
-# from a <think>...</think> prefix of the content. enable_thinking=False adds the empty block to the
-# generation prompt, as Qwen's template does.
-_QWEN3_JINJA = (
+# from a <think>...</think> prefix of the content. The generation prompt differs per variant:
+# hybrid Qwen3 adds the empty block when enable_thinking=False (as Qwen's template does); the 2507
+# Thinking models always open a <think> block (the model writes its reasoning first).
+_QWEN3_BODY = (
     "{%- if messages[0]['role'] == 'system' -%}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
     "{%- set loop_messages = messages[1:] -%}"
@@ -84,11 +95,14 @@ _QWEN3_JINJA = (
     "{{- raise_exception('chat template qwen-3: role ' + message['role'] + ' is not supported here') -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
+)
+_QWEN3_JINJA = _QWEN3_BODY + (
     "{%- if add_generation_prompt -%}"
     "{{- '<|im_start|>assistant\\n' -}}"
     "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
     "{%- endif -%}"
 )
+_QWEN3_THINKING_JINJA = _QWEN3_BODY + "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}"
 
 CHAT_TEMPLATES: tuple[ChatTemplate, ...] = (
     # --- ChatML and its family --------------------------------------------------------------------
@@ -112,6 +126,21 @@ CHAT_TEMPLATES: tuple[ChatTemplate, ...] = (
         name="qwen-3", **_CHATML, custom_jinja=_QWEN3_JINJA,
         aliases=("qwen3",),
         source="Qwen3 tokenizer_config.json (without tools)",
+    ),
+    ChatTemplate(
+        name="qwen3-instruct", **_CHATML,
+        aliases=("qwen-3-instruct", "qwen3-instruct-2507", "qwen3-coder"),
+        source="Qwen3-*-Instruct-2507 tokenizer_config.json (without tools): ChatML, no <think> blocks",
+    ),
+    ChatTemplate(
+        name="qwen3-thinking", **_CHATML, custom_jinja=_QWEN3_THINKING_JINJA,
+        aliases=("qwen-3-thinking", "qwen3-thinking-2507"),
+        source="Qwen3-*-Thinking-2507 tokenizer_config.json (without tools): the generation prompt opens <think>",
+    ),
+    ChatTemplate(
+        name="lfm-2", **{**_CHATML, "bos": "{bos_token}"},
+        aliases=("lfm2", "lfm-2.5", "lfm2.5", "liquid", "liquid-lfm2"),
+        source="LiquidAI LFM2 / LFM2.5 tokenizer_config.json: the tokenizer's BOS, then ChatML",
     ),
     ChatTemplate(
         name="smollm2", **_CHATML,
@@ -246,6 +275,19 @@ CHAT_TEMPLATES: tuple[ChatTemplate, ...] = (
         source="gemma-7b-it, gemma-2-9b-it, gemma-3 tokenizer_config.json",
         note="Gemma 1/2 templates refuse a system turn; we put it before the first user turn as Gemma 3 does",
     ),
+    ChatTemplate(
+        name="gemma-4", **_GEMMA4,
+        aliases=("gemma4",),
+        source="Gemma 4 turn format as Unsloth's gemma-4 template writes it (<|turn>role ... <turn|>)",
+        note="no BOS written (as that template); enable_thinking is not read (use gemma-4-thinking); replies are "
+             "kept whole (the reference strips <|channel>...<channel|> thoughts, which would drop them from training)",
+    ),
+    ChatTemplate(
+        name="gemma-4-thinking", **_GEMMA4, generation_prompt="<|turn>model\n<|channel>thought\n<channel|>",
+        aliases=("gemma4-thinking",),
+        source="Unsloth's gemma-4-thinking template: the generation prompt holds an empty thought channel",
+        note="as gemma-4; the prompt is the reference's enable_thinking=False form (its default)",
+    ),
     # --- Phi --------------------------------------------------------------------------------------
     ChatTemplate(
         name="phi-3", **_PHI3,
@@ -303,6 +345,32 @@ CHAT_TEMPLATES: tuple[ChatTemplate, ...] = (
         aliases=("vicuna-1.1", "vicuna-v1.1"),
         source="FastChat conversation template vicuna_v1.1",
         note="BOS written by the template (FastChat leaves it to the Llama tokenizer)",
+    ),
+    ChatTemplate(
+        name="vicuna-old",
+        bos="<s>",
+        system="{content}\n",
+        default_system="A chat between a curious human and an artificial intelligence assistant. "
+                       "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+        user="### Human: {content}\n",
+        assistant_prefix="### Assistant:",
+        assistant=" {content}</s>",
+        assistant_suffix="\n",
+        end_of_turn="</s>",
+        aliases=("vicuna-v0", "vicuna-0"),
+        source="FastChat's original Vicuna format (docs/vicuna_weights_version.md, v0); Unsloth's vicuna_old",
+    ),
+    ChatTemplate(
+        name="unsloth",
+        bos="{bos_token}",
+        system="{content}\n",
+        default_system="You are a helpful assistant to the user",
+        user=">>> User: {content}\n",
+        assistant_prefix=">>> Assistant:",
+        assistant=" {content}{eos_token}",
+        assistant_suffix="\n",
+        end_of_turn="{eos_token}",
+        source="Unsloth's own compact format (>>> User: / >>> Assistant:, the tokenizer's EOS ends a reply)",
     ),
     ChatTemplate(
         name="alpaca",
@@ -402,6 +470,21 @@ CHAT_TEMPLATES: tuple[ChatTemplate, ...] = (
         end_of_turn="<|end_of_turn|>",
         aliases=("openchat-3.5", "starling", "starling-lm"),
         source="openchat/openchat-3.5-0106 and Starling-LM-7B tokenizer_config.json",
+    ),
+    ChatTemplate(
+        name="gpt-oss",
+        bos="<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+            "Knowledge cutoff: 2024-06\n\nReasoning: medium\n\n"
+            "# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>",
+        system="<|start|>developer<|message|># Instructions\n\n{content}<|end|>",
+        user="<|start|>user<|message|>{content}<|end|>",
+        assistant_prefix="<|start|>assistant",
+        assistant="<|channel|>final<|message|>{content}<|return|>",
+        end_of_turn="<|return|>",
+        aliases=("gptoss", "harmony"),
+        source="openai/gpt-oss-20b chat template (harmony): system header, developer instructions, final channel",
+        note="no Current date line (training data must not change with the day), no tools, no analysis channel; "
+             "every reply ends with <|return|> (the reference writes <|end|> for replies in the history)",
     ),
     ChatTemplate(
         name="exaone",
