@@ -1,7 +1,9 @@
 """tuneforge: fast, memory-lean LoRA / QLoRA fine-tuning.
 
 The public names follow Unsloth's so that switching is a change of import. They are resolved
-lazily: `import tuneforge` stays cheap (the CLI's `--help` does not import torch).
+lazily: `import tuneforge` stays cheap (the CLI's `--help` does not import torch), and it patches
+nothing: trl's SFTTrainer stays trl's. Notebooks import `SFTTrainer, SFTConfig` from tuneforge
+instead of trl (README, "Unsloth's notebooks").
 """
 
 __version__ = "0.1.0"
@@ -15,6 +17,8 @@ _PUBLIC = {
     "get_chat_template": ("tuneforge.data.templates", "get_chat_template"),
     "standardize_sharegpt": ("tuneforge.data.formats", "standardize_sharegpt"),
     "train_on_responses_only": ("tuneforge.data.masking", "train_on_responses_only"),
+    "standardize_data_formats": ("tuneforge.chat_templates", "standardize_data_formats"),
+    "to_sharegpt": ("tuneforge.chat_templates", "to_sharegpt"),
 }
 
 __all__ = sorted(_PUBLIC)

@@ -1,0 +1,99 @@
+"""tuneforge.chat_templates: Unsloth's module path, the same functions as tuneforge.data, and the
+notebook helpers to_sharegpt and standardize_data_formats."""
+
+import pytest
+from datasets import Dataset
+
+import tuneforge
+from tuneforge import chat_templates
+from tuneforge.data.errors import DataError
+
+
+def test_unsloth_names_are_tuneforge_data_functions():
+    from tuneforge.data import formats, masking, templates
+
+    assert chat_templates.get_chat_template is templates.get_chat_template
+    assert chat_templates.standardize_sharegpt is formats.standardize_sharegpt
+    assert chat_templates.train_on_responses_only is masking.train_on_responses_only
+    assert tuneforge.to_sharegpt is chat_templates.to_sharegpt
+    assert tuneforge.standardize_data_formats is chat_templates.standardize_data_formats
+    for name in ("qwen3-instruct", "gemma-3", "llama-3.1", "chatml"):
+        assert name in chat_templates.CHAT_TEMPLATES
+
+
+def test_what_is_not_provided_says_what_to_use():
+    with pytest.raises(ImportError, match="apply_chat_template.*not provided.*get_chat_template"):
+        from tuneforge.chat_templates import apply_chat_template  # noqa: F401
+    with pytest.raises(AttributeError):
+        chat_templates.no_such_name  # noqa: B018
+
+
+def test_standardize_data_formats_is_standardize_sharegpt():
+    rows = Dataset.from_list([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}])
+    out = chat_templates.standardize_data_formats(rows, tokenizer=None)
+    assert out[0]["conversations"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+
+
+TITANIC = Dataset.from_list([
+    {"name": "Ann", "age": "30", "city": "Oslo", "survived": "yes"},
+    {"name": "Bob", "age": "", "city": None, "survived": "no"},
+    {"name": "Cy", "age": "7", "city": "Rome", "survived": "yes"},
+])
+
+
+def test_to_sharegpt_merges_columns_and_leaves_out_empty_optional_blocks():
+    out = chat_templates.to_sharegpt(
+        TITANIC, merged_prompt="{name}[[ is {age}]][[ from {city}]].", output_column_name="survived")
+    assert out.column_names == ["conversations"]
+    assert out[0]["conversations"] == [{"from": "human", "value": "Ann is 30 from Oslo."},
+                                       {"from": "gpt", "value": "yes"}]
+    # age "" and city None: both blocks go, and None never reads as "None".
+    assert out[1]["conversations"][0]["value"] == "Bob."
+
+
+def test_to_sharegpt_then_standardize_then_a_template(smollm2_tokenizer):
+    out = chat_templates.standardize_sharegpt(
+        chat_templates.to_sharegpt(TITANIC, merged_prompt="{name}", output_column_name="survived"))
+    tokenizer = chat_templates.get_chat_template(smollm2_tokenizer, "chatml")
+    text = tokenizer.apply_chat_template(out[0]["conversations"], tokenize=False)
+    assert text == "<|im_start|>user\nAnn<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+
+
+def test_conversation_extension_chains_shuffled_rows_repeatably():
+    first = chat_templates.to_sharegpt(TITANIC, merged_prompt="{name}", output_column_name="survived",
+                                       conversation_extension=3, random_state=1)
+    again = chat_templates.to_sharegpt(TITANIC, merged_prompt="{name}", output_column_name="survived",
+                                       conversation_extension=3, random_state=1)
+    assert first.to_list() == again.to_list() and len(first) == 3
+    for k, row in enumerate(first):
+        turns = row["conversations"]
+        assert len(turns) == 6 and [t["from"] for t in turns] == ["human", "gpt"] * 3
+        assert turns[0]["value"] == TITANIC[k]["name"]  # each row starts with its own pair
+    kept = chat_templates.to_sharegpt(TITANIC, merged_prompt="{name}", output_column_name="survived",
+                                      conversation_extension=2, remove_unused_columns=False)
+    assert set(kept.column_names) >= {"conversations", "age", "city"}
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(merged_prompt="{nmae}"), "names column {nmae}"),
+    (dict(merged_prompt="{name}[[ plain ]]"), "names no {column}"),
+    (dict(merged_prompt="{name}", output_column_name="answer"), "output_column_name 'answer'"),
+    (dict(merged_prompt="{name}", conversation_extension=0), "conversation_extension must be >= 1"),
+])
+def test_to_sharegpt_errors_name_the_problem(arguments, message):
+    arguments = {"output_column_name": "survived", **arguments}
+    with pytest.raises(DataError, match=message):
+        chat_templates.to_sharegpt(TITANIC, **arguments)
+
+
+def test_to_sharegpt_refuses_a_dataset_already_in_sharegpt():
+    rows = Dataset.from_list([{"conversations": [{"from": "human", "value": "Hi"}]}])
+    with pytest.raises(DataError, match="already has a conversations column"):
+        chat_templates.to_sharegpt(rows)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
