@@ -139,3 +139,53 @@ class PaddingFreeCollator:
             batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
             batch["max_length_q"] = batch["max_length_k"] = max(seq_lengths)
         return batch
+
+
+def padding_free_batch(batch: Mapping) -> dict:
+    """A collated batch -> the same samples as one padding-free row with varlen boundaries.
+
+    Takes what collators produce: right- or left-padded rows with an attention_mask ([B, S], pads 0),
+    or one padding-free row with restarting position_ids ([1, T], TRL's packing / padding_free).
+    Returns input_ids / labels / position_ids [1, T_real] plus cu_seq_lens_q/k [N+1] (int32) and
+    max_length_q/k (a host int), all on the CPU: computed here, before the batch reaches the GPU,
+    the boundaries cost the training step no device sync. The first label of every sample becomes
+    -100 (it would be predicted from the previous sample's last token); every other label, and so
+    the loss and its token count, is unchanged. A batch it does not recognise (no labels, other
+    keys such as pixel values, a 3-D mask) comes back as it was.
+    """
+    if "input_ids" not in batch or "labels" not in batch or "inputs_embeds" in batch or "cu_seq_lens_q" in batch:
+        return dict(batch)  # not a token batch, or padding-free with boundaries already (TRL's packing)
+    ids, labels = batch["input_ids"], batch["labels"]
+    if ids.dim() != 2 or labels.shape != ids.shape or ids.is_cuda:
+        return dict(batch)
+    known = {"input_ids", "labels", "attention_mask", "position_ids", "use_cache", "seq_lengths"}
+    if set(batch) - known:
+        return dict(batch)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        if mask.shape != ids.shape:
+            return dict(batch)
+        keep = mask.bool()
+        lengths = keep.sum(1).tolist()
+        flat_ids, flat_labels = ids[keep], labels[keep].clone()
+    elif "position_ids" in batch and ids.shape[0] == 1:
+        positions = batch["position_ids"][0]
+        starts = (positions == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            return dict(batch)
+        lengths = [b - a for a, b in zip(starts, starts[1:] + [ids.shape[1]])]
+        flat_ids, flat_labels = ids[0], labels[0].clone()
+    else:
+        return dict(batch)
+    lengths = [n for n in lengths if n > 0]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+    flat_labels[cu[:-1].long()] = IGNORE_INDEX
+    return {
+        "input_ids": flat_ids.unsqueeze(0),
+        "labels": flat_labels.unsqueeze(0),
+        "position_ids": torch.tensor([position_ids_for(lengths)], dtype=torch.long),
+        "use_cache": False,
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths), "max_length_k": max(lengths),
+    }

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tuneforge.kernels.varlen_attention import varlen_attention
 from tuneforge.models.families import FamilySpec
 
 logger = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ def kernels_can_run(model) -> str | None:
 def patch_model(model, spec: FamilySpec | None, enabled: bool | None = None) -> list[str]:
     """Patch `model` in place; returns the names of the patches applied (empty: plain path).
 
-    The names are also stored in `model.tuneforge_kernels` ("rms_norm" / "layer_norm", "rope",
-    "swiglu" / "geglu", "fused_cross_entropy", "nf4_gemv"); the trainer reads "fused_cross_entropy" there.
+    The names are also stored in `model.tuneforge_kernels` ("rms_norm" / "layer_norm", "rope", "varlen",
+    "swiglu" / "geglu", "fused_cross_entropy", "nf4_gemv"); the trainer reads "fused_cross_entropy" and
+    "varlen" there.
     """
     model.tuneforge_kernels = []
     on = kernels_enabled(enabled)
@@ -85,7 +87,7 @@ def patch_model(model, spec: FamilySpec | None, enabled: bool | None = None) -> 
         logger.info("kernels off: %s; plain transformers path", why_not)
         return []
     applied: list[str] = []
-    for patcher in (_patch_norms, _patch_attention, _patch_mlp, _patch_loss, _patch_linear4bit):
+    for patcher in (_patch_norms, _patch_attention, _patch_varlen, _patch_mlp, _patch_loss, _patch_linear4bit):
         name = patcher(model, spec)
         if name:
             applied.append(name)
@@ -256,9 +258,18 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     if sliding is not None:
         extra["sliding_window"] = sliding
     dropout = getattr(self, "attention_dropout", 0.0) if self.training else 0.0
-    out, weights = _attention_interface(self)(
-        self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **extra, **kwargs,
-    )
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is not None and past_key_values is None and input_shape[0] == 1:
+        # A padding-free batch (one row of samples end to end, boundaries in cu_seqlens): per-sample
+        # attention by the varlen kernel instead of a [T, T] block-diagonal mask (kernels/varlen_attention.py).
+        out = varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens,
+                               kwargs["max_length_q"], self.scaling, sliding_window=extra.get("sliding_window"),
+                               softcap=extra.get("softcap"), dropout=dropout)
+        out, weights = out.unsqueeze(0), None
+    else:
+        out, weights = _attention_interface(self)(
+            self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **extra, **kwargs,
+        )
     out = self.o_proj(out.reshape(*input_shape, -1).contiguous())
     residual_dropout = getattr(self, "residual_dropout", 0.0)  # StarCoder2
     if residual_dropout:
@@ -281,6 +292,35 @@ def _patch_attention(model, spec: FamilySpec) -> str | None:
         attn._tuneforge_softcap = spec.attn_softcap and getattr(attn, "attn_logit_softcapping", None) is not None
         attn.forward = types.MethodType(_attention_forward, attn)
     return "rope"
+
+
+def _patch_varlen(model, spec: FamilySpec) -> str | None:
+    """"varlen" when padding-free batches can run the varlen kernel: the attention is ours and every
+    decoder layer hands its keyword arguments (cu_seq_lens_q, max_length_q) on to it.
+
+    Read from the decoder layer's source once, here: some families' layers call self_attn with
+    a fixed argument list (StableLM in transformers 5), and the boundaries would never arrive.
+    Without "varlen", padding-free batches keep transformers' block-diagonal mask (correct, slower).
+    """
+    import inspect
+    import re
+
+    attentions = _decoder_modules(model, "self_attn")
+    if not attentions or any(getattr(a.forward, "__func__", None) is not _attention_forward for _, a in attentions):
+        return None
+    layers = {type(module) for name, module in model.named_modules()
+              if any(attn_name == f"{name}.self_attn" for attn_name, _ in attentions)}
+    for layer in layers:
+        try:
+            source = inspect.getsource(layer.forward)
+        except (OSError, TypeError):
+            return None
+        call = re.search(r"self\.self_attn\((.*?)\n\s*\)", source, re.DOTALL)
+        if call is None or "**kwargs" not in call.group(1):
+            logger.info("%s does not pass keyword arguments to its attention: padding-free batches use "
+                        "transformers' block-diagonal mask instead of the varlen kernel", layer.__name__)
+            return None
+    return "varlen"
 
 
 # --- MLP -------------------------------------------------------------------------------------------
@@ -401,6 +441,14 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
 
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
+    if kwargs.get("cu_seq_lens_q") is not None and past_key_values is None and "varlen" in self.tuneforge_kernels:
+        # A padding-free batch: the patched attention reads the sample boundaries from cu_seq_lens
+        # (varlen kernel). transformers would otherwise detect the packing from position_ids (a
+        # device sync) and build a [T, T] block-diagonal mask that nothing reads (256 MB at 16k
+        # tokens); a mask that is already 4-D is passed through untouched, and this one is empty,
+        # so any attention that did try to read it would fail loudly rather than compute wrongly.
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        attention_mask = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
     ignore_index = kwargs.pop("ignore_index", -100)
     return_dict = kwargs.pop("return_dict", None)  # peft passes None: transformers then returns the dataclass
     outputs = getattr(self, self.base_model_prefix)(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import trl
 
+from tuneforge.data.packing import padding_free_batch
 from tuneforge.device import has_cuda, is_bfloat16_supported
 from tuneforge.train.callbacks import CsvLogCallback, SummaryCallback
 from tuneforge.train.checkpointing import keep_offloaded_checkpointing
@@ -64,6 +65,12 @@ class SFTTrainer(trl.SFTTrainer):
         if not any(isinstance(c, SummaryCallback) for c in callbacks):
             callbacks.append(SummaryCallback(args.output_dir))
         super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
+        if _attention_is_varlen(self.model):
+            # Padded rows and TRL's packed rows both become one padding-free row with sample
+            # boundaries, computed on the CPU in the collator: the patched attention runs the varlen
+            # kernel on them, and no compute is spent on pad tokens (kernels/varlen_attention.py).
+            self.data_collator = PaddingFreeBatches(self.data_collator)
+            logger.info("batches go padding-free (varlen attention): pads dropped, samples kept apart")
         if not has_cuda():
             _adapters_to_fp32(self.model)
         # Resuming through peft upcasts adapter weights to fp32; training must go on in the dtypes
@@ -105,11 +112,16 @@ class SFTTrainer(trl.SFTTrainer):
             # Same scaling as trl/transformers: DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         if mode == "train":
+            # A host int where the batch allows it: `.item()` on a device tensor every step would
+            # stop the CPU from queueing the next kernels until the GPU caught up.
             if "attention_mask" in inputs:
                 tokens = inputs["attention_mask"].sum()
             else:
-                tokens = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
-            self._total_train_tokens += int(self.accelerator.gather_for_metrics(tokens).sum().item())
+                tokens = inputs["input_ids"].numel()
+            if self.accelerator.num_processes > 1:
+                tokens = self.accelerator.gather_for_metrics(
+                    torch.as_tensor(tokens, device=inputs["input_ids"].device)).sum()
+            self._total_train_tokens += int(tokens)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
 
@@ -126,9 +138,27 @@ def _adapters_to_fp32(model) -> None:
         logger.info("CPU run: %d trainable tensors kept in fp32 (TRL had cast them to bf16)", cast)
 
 
+class PaddingFreeBatches:
+    """Wraps a collator: each batch it makes goes through `padding_free_batch` (data/packing.py)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        return padding_free_batch(self.collator(features))
+
+
+def _attention_is_varlen(model) -> bool:
+    """Whether the model's attention is tuneforge's patched one, which reads cu_seq_lens."""
+    return "varlen" in getattr(_base_model(model), "tuneforge_kernels", [])
+
+
 def _has_fused_loss(model) -> bool:
+    return "fused_cross_entropy" in getattr(_base_model(model), "tuneforge_kernels", [])
+
+
+def _base_model(model):
     base = model
     while hasattr(base, "get_base_model"):
         base = base.get_base_model()
-    base = getattr(base, "module", base)  # DDP
-    return "fused_cross_entropy" in getattr(base, "tuneforge_kernels", [])
+    return getattr(base, "module", base)  # DDP
