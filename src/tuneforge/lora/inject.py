@@ -92,7 +92,6 @@ def get_peft_model(
     import peft
 
     from tuneforge.models.loader import family_of
-    from tuneforge.train.checkpointing import enable_gradient_checkpointing
 
     if isinstance(model, peft.PeftModel):
         raise LoRAConfigError("model already has LoRA adapters (it is a PeftModel); load the base model again")
@@ -123,6 +122,14 @@ def get_peft_model(
     # autocast_adapter_dtype (peft's default) keeps adapter weights in fp32 under a 16-bit base, so
     # small updates don't round away.
     peft_model = peft.get_peft_model(model, config)
+    return finish_peft_model(peft_model, spec, use_gradient_checkpointing, use_kernels)
+
+
+def finish_peft_model(peft_model, spec, use_gradient_checkpointing, use_kernels: bool | None = None):
+    """What every LoRA model of ours gets, new (get_peft_model) or reloaded from an adapter folder:
+    gradient checkpointing, the fused LoRA patch, the export methods, a trainable-parameter line."""
+    from tuneforge.train.checkpointing import enable_gradient_checkpointing
+
     enable_gradient_checkpointing(peft_model, use_gradient_checkpointing)
 
     from tuneforge.lora.fused import patch_lora

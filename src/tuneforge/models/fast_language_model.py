@@ -2,10 +2,68 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import torch
 
 from tuneforge.lora.inject import get_peft_model
-from tuneforge.models.loader import load_model
+from tuneforge.models.loader import ModelLoadError, load_model
+
+logger = logging.getLogger(__name__)
+
+
+def adapter_folder(model_name) -> Path | None:
+    """The folder holding adapter_config.json when `model_name` is an adapter folder (what
+    `model.save_pretrained("lora_model")` writes) or a `tuneforge train` run folder; else None."""
+    path = Path(str(model_name)).expanduser()
+    if not path.is_dir():
+        return None
+    if (path / "adapter_config.json").is_file():
+        if (path / "config.json").is_file():
+            logger.info("%s holds both config.json and adapter_config.json: loading it as an adapter", path)
+        return path
+    if (path / "adapter" / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return path / "adapter"
+    return None
+
+
+def _base_of_adapter(folder: Path) -> str:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{folder}/adapter_config.json names no base_model_name_or_path; load the base model "
+                             "with from_pretrained, then peft.PeftModel.from_pretrained(model, folder)")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise NotImplementedError(f"{folder}: peft_type {config['peft_type']!r}; tuneforge reloads LoRA adapters only")
+    return base
+
+
+def _load_adapter(folder: Path, is_trainable: bool, use_gradient_checkpointing, use_kernels, load_kwargs: dict):
+    """Base model from adapter_config.json (loaded as `load_kwargs` ask: 4-bit, dtype, ...), the
+    adapter on it through peft, and what get_peft_model gives a LoRA model (export methods...)."""
+    from peft import PeftModel
+
+    from tuneforge.lora.inject import finish_peft_model
+    from tuneforge.models.loader import _has_tokenizer_files, family_of, fix_tokenizer
+
+    base_name = _base_of_adapter(folder)
+    logger.info("%s is a LoRA adapter: loading its base %s, then the adapter (%s)", folder, base_name,
+                "trainable" if is_trainable else "frozen")
+    model, tokenizer = load_model(base_name, use_kernels=use_kernels, **load_kwargs)
+    if _has_tokenizer_files(folder):
+        # The adapter folder's tokenizer carries what training set: chat template, EOS, padding.
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if load_kwargs.get("fix_tokenizer_", True):
+            fix_tokenizer(tokenizer, model)
+        tokenizer.model_max_length = load_kwargs["max_seq_length"]
+    peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+    checkpointing = (use_gradient_checkpointing if use_gradient_checkpointing is not None else "unsloth") \
+        if is_trainable else False
+    return finish_peft_model(peft_model, family_of(model), checkpointing, use_kernels), tokenizer
 
 
 class FastLanguageModel:
@@ -27,12 +85,20 @@ class FastLanguageModel:
         fast_inference: bool = False,
         use_kernels: bool | None = None,
         attn_implementation: str | None = None,
+        is_trainable: bool = True,
         **kwargs,
     ):
         """Load `model_name` and its tokenizer; returns (model, tokenizer).
 
         model_name: a shipped model ("tuneforge/smollm2-135m-instruct"), a local HF folder, or a Hub
-            id (needs the network; known ids map to their pre-quantised 4-bit twins).
+            id (needs the network; known ids map to their pre-quantised 4-bit twins). A LoRA adapter
+            folder (what `model.save_pretrained("lora_model")` writes; or a `tuneforge train` run
+            folder) loads its base model from adapter_config.json with the arguments given here
+            (4-bit or not, dtype, max_seq_length) and the adapter on top, as Unsloth does.
+        is_trainable: for an adapter folder: True (default, as Unsloth) loads the adapter trainable,
+            with gradient checkpointing (`use_gradient_checkpointing`, default "unsloth"), to go on
+            training; False loads it frozen, for inference. Either way the model has the export
+            methods (save_pretrained_merged, save_pretrained_gguf, ...).
         dtype: None/"auto" picks bf16 on Ampere+ GPUs, fp16 on older GPUs, fp32 on the CPU.
         load_in_4bit: NF4 with double quantisation (bitsandbytes); load_in_8bit: LLM.int8.
         rope_scaling: explicit RoPE parameters; otherwise set when max_seq_length exceeds the
@@ -46,8 +112,7 @@ class FastLanguageModel:
             raise NotImplementedError(
                 "fast_inference=True (vLLM) is not supported by tuneforge; use FastLanguageModel.for_inference"
             )
-        model, tokenizer = load_model(
-            model_name,
+        load_kwargs = dict(
             max_seq_length=max_seq_length,
             dtype=dtype,
             load_in_4bit=load_in_4bit,
@@ -60,9 +125,15 @@ class FastLanguageModel:
             trust_remote_code=trust_remote_code,
             revision=revision,
             attn_implementation=attn_implementation,
-            use_kernels=use_kernels,
             **kwargs,
         )
+        folder = adapter_folder(model_name)
+        if folder is not None:
+            if full_finetuning:
+                raise ValueError(f"{model_name} is a LoRA adapter folder; full_finetuning=True needs a full model "
+                                 "(save one with save_pretrained_merged(..., save_method='merged_16bit'))")
+            return _load_adapter(folder, is_trainable, use_gradient_checkpointing, use_kernels, load_kwargs)
+        model, tokenizer = load_model(model_name, use_kernels=use_kernels, **load_kwargs)
         if use_gradient_checkpointing is not None:
             # Unsloth accepts it here too; it takes effect in get_peft_model.
             model.tuneforge_gradient_checkpointing = use_gradient_checkpointing
@@ -71,8 +142,22 @@ class FastLanguageModel:
     @staticmethod
     def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
                        bias: str = "none", use_gradient_checkpointing=None, random_state: int = 3407,
-                       use_rslora: bool = False, modules_to_save=None, **kwargs):
-        """Add LoRA adapters (see tuneforge.lora.inject.get_peft_model)."""
+                       use_rslora: bool = False, modules_to_save=None, finetune_vision_layers: bool = False,
+                       finetune_language_layers: bool = True, finetune_attention_modules: bool = True,
+                       finetune_mlp_modules: bool = True, **kwargs):
+        """Add LoRA adapters (see tuneforge.lora.inject.get_peft_model).
+
+        finetune_*: Unsloth's FastModel arguments. With target_modules=None, attention and/or MLP
+        projections are chosen by finetune_attention_modules / finetune_mlp_modules (the family's
+        defaults, split by kind). Vision layers are not supported (text models only), and
+        finetune_language_layers=False would leave nothing to train: both raise.
+        """
+        if finetune_vision_layers:
+            raise NotImplementedError("finetune_vision_layers=True: tuneforge trains text models only; pass False")
+        if not finetune_language_layers:
+            raise ValueError("finetune_language_layers=False leaves no layer to train in a text model")
+        if not (finetune_attention_modules and finetune_mlp_modules):
+            target_modules = _targets_by_kind(model, target_modules, finetune_attention_modules, finetune_mlp_modules)
         if use_gradient_checkpointing is None:
             use_gradient_checkpointing = getattr(model, "tuneforge_gradient_checkpointing", "unsloth")
         return get_peft_model(
@@ -115,6 +200,28 @@ class FastLanguageModel:
             enable_gradient_checkpointing(model, getattr(base, "tuneforge_gradient_checkpointing", True))
             base.tuneforge_resume_checkpointing = False
         return model
+
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "dense", "c_attn", "out_proj",
+              "Wqkv")
+
+
+def _targets_by_kind(model, target_modules, attention: bool, mlp: bool) -> list[str]:
+    """The family's LoRA targets restricted to attention or MLP projections (FastModel's switches)."""
+    from tuneforge.models.loader import family_of
+
+    if target_modules is not None:
+        raise ValueError("pass either target_modules or finetune_attention_modules / finetune_mlp_modules=False, "
+                         "not both")
+    if not attention and not mlp:
+        raise ValueError("finetune_attention_modules=False and finetune_mlp_modules=False leave nothing to train")
+    spec = family_of(model)
+    if spec is None:
+        raise NotImplementedError("finetune_attention_modules / finetune_mlp_modules need a known family's projection "
+                                  "names; pass target_modules=[...] instead")
+    chosen = [name for name in spec.lora_targets if (name in _ATTENTION) == attention]  # exactly one of the two is on
+    logger.info("LoRA targets (%s only): %s", "attention" if attention else "MLP", ", ".join(chosen))
+    return chosen
 
 
 @torch.no_grad()
