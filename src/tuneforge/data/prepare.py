@@ -37,10 +37,13 @@ def _check_args(max_seq_length, overflow, text_stride):
         raise DataError(f"text_stride must be in [0, max_seq_length), got {text_stride}")
 
 
-def apply_overflow(dataset, max_seq_length: int, overflow: str, *, locate=None):
-    """Apply the overlong policy to a tokenized dataset (input_ids, labels); logs what it did."""
+def apply_overflow(dataset, max_seq_length: int, overflow: str, *, locate=None, stats=None):
+    """Apply the overlong policy to a tokenized dataset (input_ids, labels); logs what it did
+    (and counts it in `stats`, a data.report.PrepareStats, when given)."""
     lengths = [len(ids) for ids in dataset["input_ids"]]
     long_rows = [i for i, n in enumerate(lengths) if n > max_seq_length]
+    if stats is not None:
+        stats.max_seq_length, stats.overflow = max_seq_length, overflow
     if not long_rows:
         return dataset
     if overflow == "error":
@@ -57,6 +60,8 @@ def apply_overflow(dataset, max_seq_length: int, overflow: str, *, locate=None):
         drop = set(long_rows)
         kept = dataset.select([i for i in range(len(lengths)) if i not in drop])
         logger.warning("overflow=drop: dropped %d of %d rows longer than %d tokens", len(drop), len(lengths), max_seq_length)
+        if stats is not None:
+            stats.dropped[f"longer than max_seq_length={max_seq_length} (overflow=drop)"] = len(drop)
         if len(kept) == 0:
             raise DataError(f"overflow=drop left no rows: every row is longer than max_seq_length={max_seq_length}")
         return kept
@@ -67,11 +72,15 @@ def apply_overflow(dataset, max_seq_length: int, overflow: str, *, locate=None):
     truncated = dataset.map(cut, desc="truncating")
     empty = [i for i in long_rows if all(label == IGNORE_INDEX for label in truncated[i]["labels"])]
     logger.warning("overflow=truncate: cut %d of %d rows to %d tokens", len(long_rows), len(lengths), max_seq_length)
+    if stats is not None:
+        stats.truncated[f"longer than max_seq_length={max_seq_length} (overflow=truncate)"] = len(long_rows) - len(empty)
     if empty:
         drop = set(empty)
         truncated = truncated.select([i for i in range(len(lengths)) if i not in drop])
         logger.warning("overflow=truncate: dropped %d rows whose assistant turns all lay beyond %d tokens",
                        len(empty), max_seq_length)
+        if stats is not None:
+            stats.dropped[f"no assistant token within max_seq_length={max_seq_length}"] = len(empty)
     return truncated
 
 
@@ -89,6 +98,7 @@ def prepare_dataset(
     packing: bool = False,
     text_stride: int = 0,
     num_proc: int | None = None,
+    stats=None,
 ):
     """Load, format, template, tokenize, label, check lengths and optionally pack a dataset.
 
@@ -100,6 +110,8 @@ def prepare_dataset(
     train_on_responses_only: labels only on assistant tokens (else on every token).
     packing: group samples into rows of max_seq_length with restarting position_ids.
     text_stride: overlap between windows of raw text.
+    stats: a data.report.PrepareStats to fill with what happened to the rows (read, dropped,
+        truncated, the rows before packing) for the dataset report.
     Returns a datasets.Dataset with input_ids, labels (and position_ids, seq_lengths when packing).
     """
     from tuneforge.data.formats import to_conversations
@@ -110,6 +122,8 @@ def prepare_dataset(
 
     _check_args(max_seq_length, overflow, text_stride)
     records, locate = load_records(source, split=split)
+    if stats is not None:
+        stats.rows_read, stats.max_seq_length = len(records), max_seq_length
     standard, detected = to_conversations(
         records, format, field_map, locate=locate, require_assistant=train_on_responses_only
     )
@@ -138,11 +152,16 @@ def prepare_dataset(
         if differing:
             logger.info("tokenizing: %d of %d rows tokenize differently at a prompt/reply boundary than in one "
                         "piece; kept the piecewise ids (tuneforge.data.masking explains why)", differing, len(dataset))
-        dataset = apply_overflow(dataset, max_seq_length, overflow, locate=locate)
+        dataset = apply_overflow(dataset, max_seq_length, overflow, locate=locate, stats=stats)
     tokens = sum(len(ids) for ids in dataset["input_ids"])
     trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in dataset["labels"])
     logger.info("data ready: %d rows, %d tokens, %d trained (%.1f%%), format %s",
                 len(dataset), tokens, trained, 100 * trained / max(tokens, 1), detected)
+    if stats is not None:
+        from tuneforge.data.report import template_name
+
+        stats.format, stats.rows = detected, dataset
+        stats.template = None if detected == "text" else template_name(tokenizer, chat_template)
     if packing:
         from tuneforge.data.packing import pack_dataset
 
