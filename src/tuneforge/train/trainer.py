@@ -21,15 +21,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SFTConfig(trl.SFTConfig):
-    """trl.SFTConfig plus `embedding_learning_rate` (for embed_tokens / lm_head when trained).
+    """trl.SFTConfig plus `embedding_learning_rate` (for embed_tokens / lm_head when trained), and
+    Unsloth's notebook arguments.
 
     Precision: leave `bf16`/`fp16` unset (None) to pick bf16 on Ampere+ GPUs, fp16 on older
-    GPUs and fp32 on the CPU.
+    GPUs and fp32 on the CPU. On a machine without CUDA, `fp16=True` (and `bf16=True` without
+    `use_cpu=True`) -- what the notebooks' `fp16=not is_bfloat16_supported()` gives there -- trains
+    in fp32, with a log line (transformers would refuse them).
+    max_seq_length: Unsloth's (and older trl's) name for `max_length`.
+    max_length: None (default) takes the model's `max_seq_length` (set by
+        `FastLanguageModel.from_pretrained`) in SFTTrainer, as Unsloth does; a model without one
+        gets no truncation.
     """
 
     embedding_learning_rate: float | None = field(
         default=None, metadata={"help": "learning rate of embed_tokens / lm_head when they are trained"}
     )
+    max_seq_length: int | None = field(default=None, metadata={"help": "Unsloth's name for max_length"})
+    max_length: int | None = None
     # get_peft_model already set up checkpointing (possibly offloaded); the trainer must not
     # re-enable the standard one over it.
     gradient_checkpointing: bool = False
@@ -46,19 +55,105 @@ class SFTConfig(trl.SFTConfig):
             self.fp16 = has_cuda() and not self.bf16
         if self.report_to is None:
             self.report_to = "none"
+        if self.max_seq_length is not None:
+            if self.max_length is not None and self.max_length != self.max_seq_length:
+                raise ValueError(f"SFTConfig: max_seq_length={self.max_seq_length} and max_length={self.max_length} "
+                                 "disagree; max_seq_length is the older name of max_length, pass one of them")
+            self.max_length = self.max_seq_length
         distributed.configure_arguments(self)
+        _precision_for_cpu(self)
         super().__post_init__()
         distributed.finish_arguments(self)
+        self.max_seq_length = self.max_length
+
+
+def _precision_for_cpu(args) -> None:
+    """fp16 / bf16 asked for on a machine without CUDA: fp32 instead, said in a log line."""
+    if has_cuda():
+        return
+    if args.fp16:
+        logger.warning("fp16=True but there is no CUDA GPU: training in fp32 on the CPU (fp16 mixed precision "
+                       "needs a GPU)")
+        args.fp16 = False
+    if args.bf16 and not args.use_cpu:
+        logger.warning("bf16=True but there is no CUDA GPU: training in fp32 on the CPU (pass use_cpu=True to "
+                       "train under bf16 autocast on the CPU, ~20x slower with 4-bit weights)")
+        args.bf16 = False
+
+
+# Arguments that older trl took in SFTTrainer(...) and Unsloth's notebooks still pass there; trl now
+# reads them from SFTConfig, so they move into `args` (max_seq_length under its new name, max_length).
+TRAINER_LEVEL_CONFIG = ("dataset_text_field", "max_seq_length", "packing", "dataset_num_proc", "dataset_kwargs",
+                        "neftune_noise_alpha", "eos_token", "padding_free", "packing_strategy",
+                        "completion_only_loss", "assistant_only_loss", "model_init_kwargs")
+# Arguments older trl took that it no longer has, and what to do instead.
+_REMOVED = {
+    "dataset_batch_size": "trl tokenizes with datasets' default batch size now; remove it",
+    "num_of_sequences": "packing is exact now (packing=True); remove it",
+    "chars_per_token": "packing is exact now (packing=True); remove it",
+    "infinite": "remove it (set max_steps or num_train_epochs)",
+}
+
+
+def as_sft_config(args) -> SFTConfig:
+    """`args` as tuneforge's SFTConfig: None -> defaults (output_dir "outputs"); a transformers
+    TrainingArguments or trl.SFTConfig (what the notebooks import) -> the same values in ours, so
+    the device-dependent precision and the model's max_seq_length apply."""
+    from dataclasses import fields
+
+    if args is None:
+        return SFTConfig(output_dir="outputs")
+    if isinstance(args, SFTConfig):
+        return args
+    ours = {f.name for f in fields(SFTConfig) if f.init}
+    values = {f.name: getattr(args, f.name) for f in fields(args) if f.init and f.name in ours}
+    if not isinstance(args, trl.SFTConfig):
+        values.pop("max_length", None)  # TrainingArguments has none; SFTConfig's default applies
+    logger.info("SFTTrainer: %s converted to tuneforge.SFTConfig", type(args).__name__)
+    return SFTConfig(**values)
+
+
+def _arguments_into_config(args: SFTConfig, moved: dict) -> None:
+    for name, value in moved.items():
+        target = "max_length" if name == "max_seq_length" else name
+        logger.info("SFTTrainer(%s=%r): moved into SFTConfig.%s (trl reads it there now)", name, value, target)
+        setattr(args, target, value)
+        if target == "max_length":
+            args.max_seq_length = value
 
 
 class SFTTrainer(trl.SFTTrainer):
-    """Drop-in for trl.SFTTrainer (same arguments)."""
+    """Drop-in for trl.SFTTrainer (same arguments), also taking Unsloth's notebook arguments.
 
-    def __init__(self, model=None, args=None, *positional, callbacks=None, **kwargs):
-        if args is None:
-            args = SFTConfig(output_dir="outputs")
+    tokenizer: the older name of `processing_class`.
+    dataset_text_field, max_seq_length, packing, dataset_num_proc, ... (TRAINER_LEVEL_CONFIG):
+        older trl's trainer-level arguments, moved into `args` with a log line.
+    args: a tuneforge SFTConfig, or a trl SFTConfig / transformers TrainingArguments (converted).
+    The model's `max_seq_length` is the truncation length unless `args` sets max_length.
+    """
+
+    def __init__(self, model=None, args=None, *positional, callbacks=None, tokenizer=None, **kwargs):
+        removed = sorted(name for name in kwargs if name in _REMOVED)
+        if removed:
+            raise TypeError("SFTTrainer: " + "; ".join(f"{name} is no longer a trl argument: {_REMOVED[name]}"
+                                                         for name in removed))
+        args = as_sft_config(args)
+        _arguments_into_config(args, {name: kwargs.pop(name) for name in TRAINER_LEVEL_CONFIG if name in kwargs})
+        if tokenizer is not None:
+            if kwargs.get("processing_class") not in (None, tokenizer):
+                raise ValueError("SFTTrainer: tokenizer= and processing_class= name two different tokenizers; "
+                                 "tokenizer is the older name of processing_class, pass one")
+            kwargs["processing_class"] = tokenizer
+        if args.max_length is None and getattr(model, "max_seq_length", None):
+            args.max_length = args.max_seq_length = int(model.max_seq_length)
+            logger.info("SFTTrainer: max_length = the model's max_seq_length, %d", args.max_length)
         if model is not None and not isinstance(model, str):
             keep_offloaded_checkpointing(model, args)
+            from tuneforge.integration.bnb import prevent_cpu_repack
+
+            # A model that generated on an AVX512-BF16 CPU (for_inference) is back in bitsandbytes'
+            # standard layout before anything (FSDP2, the fused kernels) reads it, and stays so.
+            prevent_cpu_repack(model)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, CsvLogCallback) for c in callbacks):
             callbacks.append(CsvLogCallback(args.output_dir))
