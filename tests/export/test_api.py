@@ -32,6 +32,16 @@ def test_save_pretrained_merged_methods(model, tmp_path, save_method):
     assert (got - want).abs().max() < tolerance * want.abs().max()
 
 
+def test_merged_4bit_forced_is_merged_4bit(model, tmp_path):
+    """Unsloth's notebooks write save_method="merged_4bit_forced": the same NF4 export."""
+    from safetensors.torch import load_file
+
+    forced = model.save_pretrained_merged(tmp_path / "forced", None, save_method="merged_4bit_forced")
+    plain = model.save_pretrained_merged(tmp_path / "plain", None, save_method="merged_4bit")
+    got, want = load_file(forced / "model.safetensors"), load_file(plain / "model.safetensors")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_unknown_and_unsupported_arguments_are_errors(model, tmp_path):
     with pytest.raises(ValueError, match="save_method"):
         model.save_pretrained_merged(tmp_path, None, save_method="merged_8bit")
@@ -51,6 +61,7 @@ def test_save_pretrained_gguf_writes_file_and_modelfile(smollm2_dir, tmp_path):
     paths = model.save_pretrained_gguf(tmp_path / "tiny", tokenizer, quantization_method="not_quantized")
     assert [p.name for p in paths] == ["tiny.F16.gguf"]
     assert (tmp_path / "tiny" / "Modelfile").is_file()
+    assert (tmp_path / "tiny" / "Modelfile").read_text().startswith("FROM ./tiny.F16.gguf\n")
     llm = llama_cpp_quiet(paths[0], n_ctx=64, logits_all=True)
     try:
         llm.eval([5, 17, 42])
@@ -62,3 +73,22 @@ def test_save_pretrained_gguf_writes_file_and_modelfile(smollm2_dir, tmp_path):
     with torch.no_grad():
         want = model(torch.tensor([[5, 17, 42]])).logits[0, -1].numpy()
     assert abs(got - want).max() < 0.02 * abs(want).max() + 1e-3
+
+
+def test_one_modelfile_per_folder_follows_the_latest_call(smollm2_dir, tmp_path, caplog):
+    """Notebooks save several quantisations into one folder, one cell each: the folder keeps one
+    Modelfile, FROM the GGUF of the latest call, and the replacement is logged."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = attach_export_methods(lora_model(tiny_model("llama", seed=0, vocab_size=49152)))
+    model.save_pretrained_gguf(tmp_path / "model", tokenizer, quantization_method=["f16", "q8_0"])
+    modelfile = tmp_path / "model" / "Modelfile"
+    assert modelfile.read_text().startswith("FROM ./model.F16.gguf\n")
+    with caplog.at_level(logging.WARNING, logger="tuneforge.export"):
+        model.save_pretrained_gguf(tmp_path / "model", tokenizer, quantization_method="q8_0")
+    assert modelfile.read_text().startswith("FROM ./model.Q8_0.gguf\n")
+    assert "pointed at ./model.F16.gguf; it now points at ./model.Q8_0.gguf" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["Modelfile", "model.F16.gguf", "model.Q8_0.gguf"]

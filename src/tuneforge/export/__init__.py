@@ -86,33 +86,52 @@ def save_pretrained_gguf(model, save_directory: str | Path, tokenizer, quantizat
     paths = save_gguf(ModuleSource(model), tokenizer, save_directory, quantization_method,
                       basename=save_directory.name or "model")
     if modelfile:
+        _replacing_modelfile(save_directory / "Modelfile", paths[0])
         base = _base(model)
         write_modelfile(paths[0], tokenizer, getattr(base, "generation_config", None),
                         num_ctx=min(4096, getattr(base.config, "max_position_embeddings", 4096)))
+        if len(paths) > 1:
+            log.info("Modelfile: FROM ./%s (the first method asked for); for another file, edit its FROM line",
+                     paths[0].name)
     return paths
+
+
+def _replacing_modelfile(modelfile: Path, gguf: Path) -> None:
+    """One Modelfile per folder: a later call (the notebooks save f16, q8_0, q4_k_m into one folder
+    in separate cells) points it at its own file, and says which file it pointed at before."""
+    if not modelfile.is_file():
+        return
+    previous = next((line[len("FROM "):].strip() for line in modelfile.read_text().splitlines()
+                     if line.startswith("FROM ")), None)
+    if previous and previous != f"./{gguf.name}":
+        log.warning("%s pointed at %s; it now points at ./%s (the GGUF of this call)", modelfile, previous, gguf.name)
 
 
 def push_to_hub_merged(model, repo_id: str, tokenizer=None, save_method: str = "merged_16bit",
                        token: str | None = None, private: bool = False, **kwargs) -> str:
-    """save_pretrained_merged into a temporary folder, then upload it to `repo_id`."""
-    from tuneforge.export.hub import push_folder, require_online
+    """save_pretrained_merged into a temporary folder, then upload it to `repo_id`.
 
-    require_online(repo_id)  # fail before the (possibly long) merge
+    The Hub, the token and the repo are checked first (hub.open_repo), so an unreachable Hub fails
+    in seconds, before the (possibly long) merge."""
+    from tuneforge.export.hub import open_repo, push_folder
+
+    open_repo(repo_id, token=token, private=private)
     with tempfile.TemporaryDirectory() as folder:
         save_pretrained_merged(model, folder, tokenizer, save_method=save_method, **kwargs)
-        return push_folder(folder, repo_id, token=token, private=private)
+        return push_folder(folder, repo_id, token=token, private=private, temporary=True)
 
 
 def push_to_hub_gguf(model, repo_id: str, tokenizer, quantization_method="q8_0", token: str | None = None,
                      private: bool = False, **kwargs) -> str:
-    """save_pretrained_gguf into a temporary folder, then upload the GGUF file(s) and Modelfile."""
-    from tuneforge.export.hub import push_folder, require_online
+    """save_pretrained_gguf into a temporary folder, then upload the GGUF file(s) and Modelfile
+    (the Hub checked first, as push_to_hub_merged)."""
+    from tuneforge.export.hub import open_repo, push_folder
 
-    require_online(repo_id)
+    open_repo(repo_id, token=token, private=private)
     with tempfile.TemporaryDirectory() as folder:
         target = Path(folder) / repo_id.split("/")[-1]
         save_pretrained_gguf(model, target, tokenizer, quantization_method=quantization_method, **kwargs)
-        return push_folder(target, repo_id, token=token, private=private)
+        return push_folder(target, repo_id, token=token, private=private, temporary=True)
 
 
 EXPORT_METHODS = {
