@@ -14,6 +14,9 @@ never points at data still in the page cache. Replacing an existing folder takes
 (old aside, new in); a crash between them leaves `.<name>.old-<pid>-*` beside a missing target,
 which `recover_replaced` (run by the next `atomic_folder` on that target) moves back.
 
+`file_problem` reads a saved file back cheaply (a safetensors header and its data length, a torch
+zip archive's checksums, JSON) and says what is wrong with it, for resume, export and chat.
+
 Imports nothing from tuneforge: train (checkpoints, the adapter) and export use it alike.
 """
 
@@ -21,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import os
 import secrets
 import shutil
+import zipfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -35,6 +41,12 @@ _REPLACED = ".old-"
 
 def _sibling(target: Path, kind: str) -> Path:
     return target.with_name(f".{target.name}{kind}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def staging_path(target: str | Path) -> Path:
+    """A fresh name beside `target` for writing what will become it (`swap_into_place`), which
+    `recover_replaced` removes if this process dies before the swap."""
+    return _sibling(Path(target), _STAGING)
 
 
 def _pid_of(sibling: Path, kind: str) -> int | None:
@@ -72,7 +84,7 @@ def recover_replaced(target: str | Path) -> None:
     for staging in _siblings(target, _STAGING):
         if not _alive(_pid_of(staging, _STAGING)):
             logger.info("removing %s, left by a writer that was killed", staging)
-            _remove(staging)
+            remove(staging)
     for old in _siblings(target, _REPLACED):
         if _alive(_pid_of(old, _REPLACED)):
             continue
@@ -80,10 +92,10 @@ def recover_replaced(target: str | Path) -> None:
             logger.warning("restoring %s from %s (a replacement was cut off mid-swap)", target, old)
             os.rename(old, target)
         else:
-            _remove(old)
+            remove(old)
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -91,7 +103,7 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for root, _, files in os.walk(folder):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
@@ -137,10 +149,10 @@ def atomic_folder(target: str | Path, fsync: bool = True):
     try:
         yield staging
         if fsync:
-            _fsync_tree(staging)
+            fsync_tree(staging)
         swap_into_place(staging, target)
     except BaseException:
-        _remove(staging)
+        remove(staging)
         raise
 
 
@@ -154,7 +166,7 @@ def swap_into_place(staging: Path, target: Path) -> None:
         except BaseException:
             os.rename(old, target)
             raise
-        _remove(old)
+        remove(old)
     else:
         os.rename(staging, target)
     _fsync_dir(target.parent)
@@ -173,13 +185,64 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Pat
                 os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
-        _remove(temporary)
+        remove(temporary)
         raise
     return path
 
 
 def atomic_write_text(path: str | Path, text: str, fsync: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back: is a file whole? (A truncated file must be a one-line error, not a traceback
+# from deep inside safetensors or torch.load.)
+# ---------------------------------------------------------------------------------------------
+
+
+def file_problem(file: Path) -> str | None:
+    """A structural check of one saved file: safetensors (header + data length), torch's zip
+    archives (.pt/.pth/.bin: every member's CRC), JSON. None when it reads whole."""
+    name = file.name
+    try:
+        if name.endswith(".safetensors"):
+            return safetensors_problem(file)
+        if name.endswith((".pt", ".pth", ".bin")):
+            if not zipfile.is_zipfile(file):
+                return f"{name} is truncated or not a torch file"
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+            return f"{name} is damaged (member {bad} fails its checksum)" if bad else None
+        if name.endswith(".json"):
+            json.loads(file.read_text())
+    except (zipfile.BadZipFile, EOFError, ValueError, UnicodeDecodeError, OSError) as error:
+        return f"{name} cannot be read ({type(error).__name__}: {str(error)[:100]})"
+    return None
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """None if `file` holds a whole safetensors header and all the data it announces."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{file.name} is truncated ({size} bytes)"
+        header_length = int.from_bytes(head, "little")
+        if 8 + header_length > size:
+            return f"{file.name} is truncated (its header alone needs {8 + header_length} bytes, it has {size})"
+        header = json.loads(handle.read(header_length))
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + header_length + end != size:
+        return f"{file.name} is truncated ({size} bytes, its header announces {8 + header_length + end})"
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def folder_is_empty(folder: str | Path) -> bool:

@@ -30,6 +30,13 @@ def load_for_chat(model: str, load_in_4bit: bool = True):
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        from tuneforge.export.command import adapter_problem
+        from tuneforge.models.loader import ModelLoadError
+
+        problem = adapter_problem(path)
+        if problem:
+            raise ModelLoadError(problem)
+
         base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         length = _sequence_length(path, fallback=_sequence_length(Path(base_name)))
         base, tokenizer = FastLanguageModel.from_pretrained(base_name, load_in_4bit=load_in_4bit,

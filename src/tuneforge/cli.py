@@ -23,6 +23,10 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--max-steps", type=int, help="override training.max_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in the "
                         "output folder (checked, falling back to an earlier one if the newest is damaged)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in the output folder (without it, a used folder is refused)")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: continue although the config, data or model differ from the run's")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes (GPUs) on this machine: N > 1 relaunches this command under torchrun, "
                              "data-parallel; training.per_device_train_batch_size is per process")
@@ -40,6 +44,10 @@ def _run_train(args) -> int:
     config = load_config(args.config)  # validated before any process is started
     overrides = {"training.output_dir": args.output, "training.max_steps": args.max_steps}
     config = with_overrides(config, {key: value for key, value in overrides.items() if value is not None})
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in the output folder and --overwrite replaces it: choose one")
+    if args.allow_changes and not args.resume:
+        raise ConfigError("--allow-changes only means something with --resume")
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
     if distributed.is_distributed():
@@ -50,7 +58,8 @@ def _run_train(args) -> int:
         return distributed.relaunch(args.nproc, args.argv)
     elif args.fsdp:
         raise ConfigError("--fsdp shards the model over several processes: add --nproc N (N > 1)")
-    train(config, resume=args.resume, strategy="fsdp" if args.fsdp else None)
+    train(config, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes,
+          strategy="fsdp" if args.fsdp else None)
     return 0
 
 
@@ -157,20 +166,27 @@ def main(argv: list[str] | None = None) -> int:
     from tuneforge.config import ConfigError
     from tuneforge.data.errors import DataError
     from tuneforge.models.loader import ModelLoadError
-    from tuneforge.train.guards import NonFiniteError
+    from tuneforge.train.guards import Interrupted, NonFiniteError
     from tuneforge.train.resume import ResumeError
 
+    from tuneforge.export.command import ExportError
     from tuneforge.export.gguf_arch import UnsupportedForGGUF
     from tuneforge.export.gguf_tokenizer import UnsupportedTokenizer
     from tuneforge.export.hub import HubUnavailable
     from tuneforge.lora.inject import LoRAConfigError
 
-    expected = (ConfigError, ModelLoadError, FileNotFoundError, DataError, ResumeError, NonFiniteError,
+    expected = (ConfigError, ModelLoadError, FileNotFoundError, DataError, ResumeError, NonFiniteError, ExportError,
                 LoRAConfigError, HubUnavailable, UnsupportedForGGUF, UnsupportedTokenizer, NotImplementedError)
     try:
         return int(args.handler(args) or 0)
     except expected as error:
         return _fail(str(error))
+    except Interrupted as error:  # Ctrl-C during training, after the checkpoint and adapter were saved
+        print(f"tuneforge: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("tuneforge: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

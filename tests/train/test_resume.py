@@ -112,11 +112,15 @@ def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_run(run_c
 
 
 def _fake_checkpoint(folder: Path, step: int, *, tear: str | None = None) -> Path:
+    from safetensors.torch import save_file
+
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+    if tear != "no adapter_model.safetensors":
+        save_file({"lora_A": torch.ones(2, 3)}, path / "adapter_model.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         if tear != f"no {name}":
-            (path / name).write_bytes(b"x")
+            torch.save({"step": step}, path / name)
     state = json.dumps({"global_step": step, "log_history": []})
     if tear == "truncated state":
         (path / "trainer_state.json").write_text(state[: len(state) // 2])
@@ -153,13 +157,11 @@ def test_resume_with_nothing_to_resume_from_says_so(tmp_path, run_config, capsys
     assert "no complete checkpoint" in error and "checkpoint-2: no trainer_state.json" in error
 
 
-def test_resume_warns_about_config_changes_that_break_exactness(caplog):
+def test_resume_names_config_changes_that_break_exactness():
     from tuneforge.config import TrainConfig
-    from tuneforge.train.run import _warn_config_changes
+    from tuneforge.train.run_folder import differences, run_identity
 
     before, now = TrainConfig(), TrainConfig()
     now.training.learning_rate, now.training.max_steps = 1e-3, 500
-    with caplog.at_level(logging.WARNING):
-        _warn_config_changes(before.to_dict(), now.to_dict())
-    assert "training.learning_rate changed from 0.0002 to 0.001" in caplog.text
-    assert "max_steps" not in caplog.text  # extending a run is what resuming is for
+    changed = differences(run_identity(before), run_identity(now))
+    assert changed == ["training.learning_rate: 0.0002 -> 0.001"]  # extending a run is what resuming is for

@@ -16,6 +16,7 @@ the error says the file is missing.
 from __future__ import annotations
 
 import bisect
+import csv
 import json
 import logging
 import os
@@ -51,33 +52,133 @@ def _offline() -> bool:
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _json_error(path: Path, original: Exception) -> DataError:
-    """Find the row of a JSON/JSONL file that broke the loader, for a message that names it."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        row = 0
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                return DataError(f"invalid JSON on line {line_number}: {error.msg}", source=str(path), row=row)
-            if not isinstance(record, dict):
-                return DataError(f"line {line_number} is a {type(record).__name__}, expected a JSON object",
-                                 source=str(path), row=row)
-            row += 1
+class _Duplicated(dict):
+    """A JSON object in which a key was written twice (json keeps the last value silently)."""
+
+    key: str = ""
+
+
+def _object(pairs):
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen, duplicated = set(), _Duplicated(record)
+        for key, _ in pairs:
+            if key in seen:
+                duplicated.key = key
+                break
+            seen.add(key)
+        return duplicated
+    return record
+
+
+def _duplicated_key(value, where: str = "") -> tuple[str, str] | None:
+    """(key, field path) of the first object in `value` that wrote a key twice."""
+    if isinstance(value, _Duplicated):
+        return value.key, f"{where}.{value.key}" if where else value.key
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{k}]", v) for k, v in enumerate(value))
     else:
+        return None
+    for key, item in items:
+        path = f"{where}{key}" if str(key).startswith("[") else (f"{where}.{key}" if where else str(key))
+        found = _duplicated_key(item, path)
+        if found:
+            return found
+    return None
+
+
+def _utf8_lines(path: Path):
+    """(line number, text) of a file, every byte checked as UTF-8 (a BOM allowed): pyarrow keeps
+    invalid bytes in a string column and fails only when the row is read, far from here."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"line {number}, byte {error.start + 1} of the line: not UTF-8 text "
+                                f"({raw[error.start:error.start + 4]!r}); re-save the file as UTF-8",
+                                source=str(path)) from None
+
+
+def _check_json(path: Path) -> None:
+    """Check a JSON / JSON Lines file as datasets will read it, naming the line, row and field of
+    the first problem: bytes that are not UTF-8, invalid JSON, a row that is not an object, a key
+    written twice in one object."""
+    lines = _utf8_lines(path)
+    first = next((text for _, text in _utf8_lines(path) if text.strip()), "")
+    if path.suffix.lower() == ".jsonl" or not first.lstrip().startswith("["):
+        row = 0
         try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            return DataError(f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}", source=str(path))
-        if not isinstance(records, list):
-            return DataError("expected a JSON list of objects (or JSON Lines)", source=str(path))
-        for row, record in enumerate(records):
-            if not isinstance(record, dict):
-                return DataError(f"is a {type(record).__name__}, expected a JSON object", source=str(path), row=row)
-    return DataError(f"cannot be read: {original}", source=str(path))
+            for line_number, line in lines:
+                if not line.strip():
+                    continue
+                _check_json_line(path, line, line_number, row)
+                row += 1
+        except DataError as error:
+            raise error.located(row=row) from None
+        return
+    text = "".join(line for _, line in lines)
+    try:
+        records = json.loads(text, object_pairs_hook=_object)
+    except json.JSONDecodeError as error:
+        raise DataError(f"invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}",
+                        source=str(path)) from None
+    if not isinstance(records, list):
+        raise DataError("expected a JSON list of objects (or JSON Lines)", source=str(path))
+    for row, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"is a {type(record).__name__}, expected a JSON object", source=str(path), row=row)
+        duplicated = _duplicated_key(record)
+        if duplicated:
+            raise DataError(f"key {duplicated[0]!r} is written twice in one object (JSON keeps the last value "
+                            "silently); keep one", source=str(path), row=row, field=duplicated[1])
+
+
+def _check_json_line(path: Path, line: str, line_number: int, row: int) -> None:
+    try:
+        record = json.loads(line, object_pairs_hook=_object)
+    except json.JSONDecodeError as error:
+        raise DataError(f"invalid JSON on line {line_number}: {error.msg}", source=str(path), row=row) from None
+    if not isinstance(record, dict):
+        raise DataError(f"line {line_number} is a {type(record).__name__}, expected a JSON object",
+                        source=str(path), row=row)
+    duplicated = _duplicated_key(record)
+    if duplicated:
+        raise DataError(f"line {line_number}: key {duplicated[0]!r} is written twice in one object "
+                        "(JSON keeps the last value silently); keep one", source=str(path), row=row,
+                        field=duplicated[1])
+
+
+def _check_csv(path: Path, strict: bool = False) -> None:
+    """Check a CSV file: UTF-8 throughout, no column name twice (pandas would rename the second
+    'output.1' silently); with `strict`, also every row's field count and quoting, naming the line."""
+    lines = (text for _, text in _utf8_lines(path))
+    reader = csv.reader(lines, strict=strict)
+    header, row = None, -1
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError("has no header row", source=str(path))
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:
+            raise DataError(f"the header names column(s) {twice} twice; rename one", source=str(path),
+                            field=twice[0])
+        if not strict:
+            for row, _ in enumerate(reader):  # the UTF-8 check of every line
+                pass
+            return
+        for row, fields in enumerate(reader):
+            if fields and len(fields) != len(header):
+                raise DataError(f"line {reader.line_num}: {len(fields)} fields, the header has {len(header)}",
+                                source=str(path), row=row)
+    except csv.Error as error:
+        raise DataError(f"line {reader.line_num}: broken CSV ({error})", source=str(path), row=row + 1) from None
+    except DataError as error:  # a line that is not UTF-8: name its row
+        raise (error.located(row=row + 1) if header is not None and error.field is None else error) from None
 
 
 def _load_file(path: Path):
@@ -88,12 +189,18 @@ def _load_file(path: Path):
         raise DataError(f"unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}", source=str(path))
     if path.stat().st_size == 0:
         raise DataError("the file is empty", source=str(path))
+    if builder == "json":
+        _check_json(path)
+    elif builder == "csv":
+        _check_csv(path)
     try:
         dataset = load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # datasets wraps parser errors in several types; we re-locate them
-        if builder == "json":
-            raise _json_error(path, error) from error
-        raise DataError(f"cannot be read as {builder}: {error}", source=str(path)) from error
+        if builder == "csv":
+            _check_csv(path, strict=True)
+        cause = error.__cause__ or error.__context__ or error
+        raise DataError(f"cannot be read as {builder}: {type(cause).__name__}: {str(cause)[:300]}",
+                        source=str(path)) from error
     return dataset
 
 

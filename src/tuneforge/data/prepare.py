@@ -81,7 +81,24 @@ def apply_overflow(dataset, max_seq_length: int, overflow: str, *, locate=None, 
                        len(empty), max_seq_length)
         if stats is not None:
             stats.dropped[f"no assistant token within max_seq_length={max_seq_length}"] = len(empty)
+        if len(truncated) == 0:
+            raise _nothing_left_to_train(dataset, empty, max_seq_length, locate)
     return truncated
+
+
+def _nothing_left_to_train(dataset, rows: list[int], max_seq_length: int, locate) -> DataError:
+    """Every row lost all its trained tokens to truncation: name rows and the length that keeps them."""
+    starts = {i: next((k for k, label in enumerate(dataset[i]["labels"]) if label != IGNORE_INDEX),
+                      len(dataset[i]["labels"])) for i in rows}
+    shown = []
+    for i in rows[:3]:
+        where = f"{locate(i)[0]}, row {locate(i)[1]}" if locate else f"row {i}"
+        shown.append(f"{where}: the reply starts at token {starts[i]} of {len(dataset[i]['input_ids'])}")
+    return DataError(
+        f"overflow=truncate left no rows to train on: in all {len(rows)} rows the assistant's reply starts after "
+        f"max_seq_length={max_seq_length} tokens ({'; '.join(shown)}{' ...' if len(rows) > 3 else ''}). "
+        f"Raise model.max_seq_length (>= {min(starts.values()) + 1} keeps at least one row), or shorten the prompts"
+    )
 
 
 def prepare_dataset(

@@ -5,17 +5,30 @@
 
 Works from files alone: the base checkpoint (adapter_config.json's base_model_name_or_path, or
 --base) is read one shard at a time, so a model larger than memory exports.
+
+An export is written whole or not at all: into a staging folder beside --output, renamed into
+place at the end (tuneforge.atomic). A non-empty --output is refused unless --overwrite, which
+replaces it as a whole (no stale model.safetensors beside new shards); an --output that is, or
+holds, the adapter, its run folder or the base model is refused always. A full disk or Ctrl-C
+mid-export leaves --output as it was. A damaged adapter is a one-line error before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
+from tuneforge.atomic import atomic_folder, file_problem, folder_is_empty, is_disk_full
+
 log = logging.getLogger(__name__)
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written where asked, or its input is damaged; the message says what to do."""
 
 FORMATS = ("adapter", "merged_16bit", "merged_4bit", "gguf")
 
@@ -24,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True,
                         help="adapter folder (adapter_config.json) or a `tuneforge train` output folder")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--output", required=True, help="folder to write the export into")
+    parser.add_argument("--output", required=True, help="folder to write the export into (new or empty; see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output as a whole (its old files are removed once the new "
+                             "export is complete)")
     parser.add_argument("--quantization", default="q8_0",
                         help="gguf only: f32, f16, bf16, q8_0, q4_0 ... natively; q4_k_m, q5_k_m, q6_k ... via "
                              "llama.cpp (pip install 'tuneforge[gguf]'); comma-separated for several files")
@@ -47,6 +63,41 @@ def adapter_folder(path: str | Path) -> Path:
     raise FileNotFoundError(f"--adapter {path}: no adapter_config.json there or in {path / 'adapter'}")
 
 
+def adapter_problem(folder: Path) -> str | None:
+    """What makes adapter `folder` unusable (a truncated or unreadable config or weights file), or None."""
+    config = folder / "adapter_config.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as error:
+        return f"{config} cannot be read ({type(error).__name__}); the adapter is damaged"
+    weights = [folder / name for name in ("adapter_model.safetensors", "adapter_model.bin") if (folder / name).is_file()]
+    if not weights:
+        return f"{folder} has adapter_config.json but no adapter_model.safetensors"
+    problem = file_problem(weights[0])
+    if problem:
+        return (f"{folder}: {problem}; the adapter is damaged (a save cut off, a partial copy?): "
+                "export it again from the run's newest checkpoint-N folder, or retrain")
+    return None
+
+
+def check_output(output: Path, overwrite: bool, keep: dict[str, Path]) -> None:
+    """Refuse an --output whose replacement would lose files: one that is (or holds) a folder in
+    `keep` (the adapter, its run folder, the base model), or a non-empty one without --overwrite."""
+    out = output.expanduser().resolve()
+    for what, folder in keep.items():
+        folder = folder.expanduser().resolve()
+        if out == folder or out in folder.parents:
+            raise ExportError(f"--output {output} is {'' if out == folder else 'a folder above '}the {what} "
+                              f"({folder}); writing the export there would replace it: choose another folder")
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output {output} is a file, not a folder")
+    if not folder_is_empty(output) and not overwrite:
+        names = sorted(p.name for p in output.iterdir())
+        raise ExportError(f"--output {output} is not empty ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}): "
+                          "loaders could pick its old files beside the new ones. Pass --overwrite to replace it "
+                          "as a whole, or choose a new folder")
+
+
 def _load_tokenizer(adapter_dir: Path, base_dir: Path):
     from transformers import AutoTokenizer
 
@@ -56,21 +107,50 @@ def _load_tokenizer(adapter_dir: Path, base_dir: Path):
 
 def export(adapter: str | Path, fmt: str, output: str | Path, quantization: str | list[str] = "q8_0",
            base: str | Path | None = None, dtype: str | None = None, max_shard_size: str = "5GB",
-           modelfile: bool = True) -> list[Path]:
-    """The export itself (the CLI's body); returns the files or folder written."""
-    from tuneforge.export.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, copy_tokenizer_files
-    from tuneforge.export.merge import CheckpointSource, copy_side_files, merge_adapter_folder, resolve_base, \
-        resolve_dtype
+           modelfile: bool = True, overwrite: bool = False) -> list[Path]:
+    """The export itself (the CLI's body); returns the files or folder written.
+
+    overwrite: replace a non-empty `output` as a whole; without it such an `output` is refused.
+    """
+    from tuneforge.export.adapter import LoraAdapter
+    from tuneforge.export.merge import resolve_base
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     adapter_dir = adapter_folder(adapter)
+    problem = adapter_problem(adapter_dir)
+    if problem:
+        raise ExportError(problem)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    keep = {"adapter folder": adapter_dir}
+    if adapter_dir.name == "adapter" and (adapter_dir.parent / "config.resolved.json").is_file():
+        keep["run folder"] = adapter_dir.parent
+    if fmt != "adapter":
+        keep["base model folder"] = resolve_base(LoraAdapter.load(adapter_dir), base)
+    check_output(output, overwrite, keep)
+    try:
+        with atomic_folder(output) as staging:
+            written = _write(adapter_dir, fmt, staging, output.name or "model", quantization, base, dtype,
+                             max_shard_size, modelfile)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise ExportError(f"no space left on the device while writing the {fmt} export; nothing was written to "
+                          f"{output}{' (its earlier contents are untouched)' if output.exists() else ''}") from error
+    return [output / path.relative_to(staging) for path in written]
+
+
+def _write(adapter_dir: Path, fmt: str, output: Path, name: str, quantization, base, dtype, max_shard_size,
+           modelfile: bool) -> list[Path]:
+    """Write the export into the (staging) folder `output`; `name` is the final folder's name."""
+    from tuneforge.export.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, copy_tokenizer_files
+    from tuneforge.export.merge import CheckpointSource, copy_side_files, merge_adapter_folder, resolve_base, \
+        resolve_dtype
+
     if fmt == "adapter":
-        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"):
-            if (adapter_dir / name).is_file():
-                shutil.copy2(adapter_dir / name, output / name)
+        for file_name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"):
+            if (adapter_dir / file_name).is_file():
+                shutil.copy2(adapter_dir / file_name, output / file_name)
         copy_tokenizer_files(adapter_dir, output)
         LoraAdapter.load(output)  # the copy must read back as an adapter
         return [output]
@@ -90,7 +170,7 @@ def export(adapter: str | Path, fmt: str, output: str | Path, quantization: str 
 
     methods = [m.strip() for m in quantization.split(",")] if isinstance(quantization, str) else quantization
     tokenizer = _load_tokenizer(adapter_dir, base_dir)
-    paths = save_gguf(source, tokenizer, output, methods, basename=output.name or "model")
+    paths = save_gguf(source, tokenizer, output, methods, basename=name)
     if modelfile:
         from transformers import GenerationConfig
 
@@ -108,7 +188,7 @@ def run(args) -> int:
 
         require_online(args.push_to_hub)  # before the export, not after it
     paths = export(args.adapter, args.format, args.output, args.quantization, base=args.base, dtype=args.dtype,
-                   max_shard_size=args.max_shard_size, modelfile=not args.no_modelfile)
+                   max_shard_size=args.max_shard_size, modelfile=not args.no_modelfile, overwrite=args.overwrite)
     from tuneforge.export.merge import peak_rss_bytes
 
     print(f"exported {args.format} to {args.output} ({', '.join(p.name for p in paths)}) in "

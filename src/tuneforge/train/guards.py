@@ -14,7 +14,11 @@ lowers the scale), so only the loss is checked there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -119,3 +123,79 @@ class NonFiniteGuard(TrainerCallback):
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on Ctrl-C / SIGTERM after saving; the message says where and how to go on."""
+
+    def __init__(self, message: str, step: int | None):
+        super().__init__(message)
+        self.step = step
+
+
+class InterruptGuard(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM while training: finish the optimiser step under way, save a
+    checkpoint (whatever training.save_steps says, so --resume can continue) and stop; `train`
+    then saves the adapter as at the end of a run. A second Ctrl-C stops at once.
+
+    Without this, a Ctrl-C with the default save_steps: 0 lost every finished step: the Trainer
+    only saves on its schedule, and KeyboardInterrupt unwinds past the final save.
+
+        guard = InterruptGuard()
+        with guard.installed():        # the handlers live from here to the adapter's save
+            trainer.train()
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.step: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+            yield self
+            return
+        for name in self.SIGNALS:
+            number = getattr(signal, name)
+            self._previous[number] = signal.signal(number, self._handle)
+        try:
+            yield self
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number, frame):
+        if self.requested:
+            self._restore()
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(number).name
+        print(f"\n{self.signal_name}: finishing this step, then saving a checkpoint and the adapter "
+              "(Ctrl-C again stops at once, losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Ranks may see the signal at different steps: all stop at the first step any saw it.
+            flag = torch.tensor([int(stop)])
+            if torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop and not self.requested:
+                self.signal_name = "SIGINT (on another rank)"
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+            self.step = state.global_step
+        return control

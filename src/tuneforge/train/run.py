@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -10,11 +11,12 @@ import random
 from importlib import resources
 from pathlib import Path
 
+from tuneforge.atomic import atomic_folder, atomic_write_text, is_disk_full
 from tuneforge.config import DEFAULT_DATASET, DEFAULT_HELDOUT, TrainConfig
+from tuneforge.train.run_folder import RESOLVED_CONFIG_NAME, read_resolved
 
 logger = logging.getLogger(__name__)
 
-RESOLVED_CONFIG_NAME = "config.resolved.json"
 ADAPTER_DIRNAME = "adapter"
 HELDOUT_ROWS = 40  # the shipped set's last rows: never trained on by default, scored by `tuneforge eval`
 
@@ -54,29 +56,18 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_run_metadata(config: TrainConfig, output_dir: Path, resume: bool = False) -> None:
+def write_run_metadata(config: TrainConfig, output_dir: Path, identity: dict, resumed_from: Path | None = None,
+                       changes: list[str] = ()) -> None:
+    """config.resolved.json: the config, versions, seed and the run's identity (what a resumed run
+    is checked against); a resume appends where it continued from and what it was allowed to change."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / RESOLVED_CONFIG_NAME
-    if resume and path.is_file():
-        _warn_config_changes(json.loads(path.read_text())["config"], config.to_dict())
-    payload = {"config": config.to_dict(), "versions": versions(), "seed": config.training.seed}
-    path.write_text(json.dumps(payload, indent=2))
-
-
-# Keys a resumed run may change without changing what the finished steps computed.
-_RESUMABLE_CHANGES = {"training.max_steps", "training.num_train_epochs", "training.save_steps",
-                      "training.save_total_limit", "training.logging_steps", "training.report_to"}
-
-
-def _warn_config_changes(before: dict, now: dict, prefix: str = "") -> None:
-    for key in sorted(set(before) | set(now)):
-        path = f"{prefix}{key}"
-        old, new = before.get(key), now.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            _warn_config_changes(old, new, path + ".")
-        elif old != new and path not in _RESUMABLE_CHANGES:
-            logger.warning("--resume: %s changed from %r to %r; the resumed run will not match an "
-                           "uninterrupted one", path, old, new)
+    previous = read_resolved(output_dir) if resumed_from is not None else None
+    resumes = list((previous or {}).get("resumes", []))
+    if resumed_from is not None:
+        resumes.append({"from": resumed_from.name, "changes": list(changes)})
+    payload = {"config": config.to_dict(), "versions": versions(), "seed": config.training.seed,
+               "identity": identity, "resumes": resumes}
+    atomic_write_text(output_dir / RESOLVED_CONFIG_NAME, json.dumps(payload, indent=2))
 
 
 def build_datasets(config: TrainConfig, tokenizer, chat_template: str | None):
@@ -102,31 +93,58 @@ def build_datasets(config: TrainConfig, tokenizer, chat_template: str | None):
     return split["train"], split["test"]
 
 
-def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strategy: str | None = None) -> dict:
+def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strategy: str | None = None,
+          overwrite: bool = False, allow_changes: bool = False) -> dict:
     """Run one training job; returns the summary dict (also written to <output_dir>/summary.json).
 
+    The output folder belongs to this run (`run_folder.claim_output_dir`): a folder holding an
+    earlier run is refused unless `resume` (continue it from its newest complete checkpoint, which
+    must come from the same config, data and model unless `allow_changes`) or `overwrite` (replace
+    it). All of that is checked before the model loads.
     strategy: under torchrun / accelerate launch, "ddp" or "fsdp" (FSDP2, see train.distributed);
       None: fsdp if the launcher asked for it (ACCELERATE_USE_FSDP), else ddp.
+    Raises guards.Interrupted after Ctrl-C / SIGTERM, once the checkpoint and adapter are saved.
     """
+    from tuneforge.train import distributed
+    from tuneforge.train.resume import prepare_resume
+    from tuneforge.train.run_folder import claim_output_dir, differences, identity_of_folder, run_identity
+
+    if resume and overwrite:
+        raise ValueError("resume continues the run in the output folder and overwrite replaces it: choose one")
+    output_dir = Path(config.training.output_dir)
+    claim = claim_output_dir(config, resume=resume, overwrite=overwrite, main_process=distributed.is_main_process())
+    try:
+        identity = run_identity(config)
+        checkpoint, changes = None, []
+        if resume:
+            checkpoint = prepare_resume(output_dir, identity, allow_changes=allow_changes,
+                                        max_steps=config.training.max_steps, tidy=distributed.is_main_process())
+            before = identity_of_folder(output_dir)
+            changes = differences(before, identity) if before else []
+        if distributed.is_main_process():
+            write_run_metadata(config, output_dir, identity, resumed_from=checkpoint, changes=changes)
+        return _train(config, output_dir, identity, checkpoint, extra_callbacks, strategy)
+    finally:
+        claim.release()
+
+
+def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Path | None, extra_callbacks,
+           strategy: str | None) -> dict:
     import numpy as np
     import torch
 
     from tuneforge.models.fast_language_model import FastLanguageModel
     from tuneforge.train import distributed
-    from tuneforge.train.trainer import SFTConfig, SFTTrainer
+    from tuneforge.train.trainer import SFTConfig
 
     from tuneforge.train.callbacks import resolve_report_to
-    from tuneforge.train.guards import NonFiniteError, NonFiniteGuard
-    from tuneforge.train.resume import prepare_resume
+    from tuneforge.train.guards import InterruptGuard, NonFiniteError, NonFiniteGuard
 
     if strategy is None and distributed.is_distributed():
         # `accelerate launch --use_fsdp` says so through the environment.
         strategy = "fsdp" if distributed.fsdp_requested() else "ddp"
     if strategy == "fsdp":
         os.environ[distributed.FSDP_ENV] = "true"  # before loading: NF4 storage FSDP2 can shard
-    output_dir = Path(config.training.output_dir)
-    checkpoint = prepare_resume(output_dir) if resume else None
-    write_run_metadata(config, output_dir, resume=resume)
     seed = config.training.seed
     random.seed(seed)
     np.random.seed(seed)
@@ -195,12 +213,13 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strateg
         disable_tqdm=False,
         **(distributed.fsdp_arguments(model) if strategy == "fsdp" else {}),
     )
-    callbacks = [NonFiniteGuard(output_dir), *resolve_report_to(t.report_to, output_dir), *extra_callbacks]
+    interrupt = InterruptGuard()
+    callbacks = [NonFiniteGuard(output_dir), interrupt, *resolve_report_to(t.report_to, output_dir), *extra_callbacks]
     if t.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
-    trainer = SFTTrainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -208,34 +227,91 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strateg
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.run_identity = identity
     distributed.check_strategy(trainer, strategy)
     if checkpoint is not None:
         _continue_token_count(trainer, checkpoint)
     logger.info("family %s, %d training rows", spec.name if spec else "-", len(train_dataset))
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except NonFiniteError as error:
-        (output_dir / "summary.json").write_text(json.dumps(
-            {"stopped": str(error), "step": error.step,
-             "last_good_checkpoint": str(error.checkpoint) if error.checkpoint else None}, indent=2))
-        raise
-    summary_callback = next(c for c in trainer.callback_handler.callbacks if c.__class__.__name__ == "SummaryCallback")
-    summary = dict(summary_callback.summary)
-    if eval_dataset is not None and args.eval_strategy == "no":
-        summary["final_eval_loss"] = trainer.evaluate()["eval_loss"]
-        logger.info("eval loss at the end: %.4f", summary["final_eval_loss"])
-    adapter_dir = output_dir / ADAPTER_DIRNAME
-    if distributed.is_distributed():
-        # Every rank takes part (FSDP gathers the shards); rank 0 writes the whole adapter.
-        trainer.save_model(str(adapter_dir))
-    else:
-        model.save_pretrained(adapter_dir)
+    with interrupt.installed():
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except NonFiniteError as error:
+            atomic_write_text(output_dir / "summary.json", json.dumps(
+                {"stopped": str(error), "step": error.step,
+                 "last_good_checkpoint": str(error.checkpoint) if error.checkpoint else None}, indent=2))
+            raise
+        except OSError as error:
+            raise _disk_error(error, output_dir, "saving a checkpoint") from error
+        summary_callback = next(c for c in trainer.callback_handler.callbacks
+                                if c.__class__.__name__ == "SummaryCallback")
+        summary = dict(summary_callback.summary)
+        if interrupt.step is not None:
+            summary["interrupted_at_step"] = interrupt.step
+        elif eval_dataset is not None and args.eval_strategy == "no":
+            summary["final_eval_loss"] = trainer.evaluate()["eval_loss"]
+            logger.info("eval loss at the end: %.4f", summary["final_eval_loss"])
+        adapter_dir = output_dir / ADAPTER_DIRNAME
+        try:
+            _save_adapter(trainer, model, tokenizer, adapter_dir)
+        except OSError as error:
+            raise _disk_error(error, output_dir, f"saving the adapter to {adapter_dir}") from error
     summary["adapter"] = str(adapter_dir)
     if trainer.args.should_save:
-        tokenizer.save_pretrained(adapter_dir)
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
         print(f"adapter saved to {adapter_dir}", flush=True)
+    if interrupt.step is not None:
+        from tuneforge.train.guards import Interrupted
+
+        raise Interrupted(f"{interrupt.signal_name} at step {interrupt.step}: saved {output_dir / f'checkpoint-{interrupt.step}'}"
+                          f" and the adapter ({adapter_dir}); add --resume to the same command to continue",
+                          interrupt.step)
     return summary
+
+
+def _save_adapter(trainer, model, tokenizer, adapter_dir: Path) -> None:
+    """The adapter (and tokenizer) written whole into adapter/ or not at all (tuneforge.atomic)."""
+    from tuneforge.train import distributed
+
+    if not distributed.is_distributed():
+        with atomic_folder(adapter_dir) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        return
+    # Every rank takes part (FSDP gathers the shards); rank 0 writes the whole adapter. The staging
+    # name must be the same on every rank, so it is fixed and rank 0 swaps it in.
+    from tuneforge.atomic import remove, swap_into_place
+
+    staging = adapter_dir.with_name(f".{adapter_dir.name}.tmp-distributed")
+    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        try:
+            tokenizer.save_pretrained(staging)
+            swap_into_place(staging, adapter_dir)
+        except BaseException:
+            remove(staging)
+            raise
+
+
+def _disk_error(error: OSError, output_dir: Path, what: str):
+    """A failed write as one clear line (a full disk above all), naming what is still safe."""
+    from tuneforge.train.resume import ResumeError, last_complete_checkpoint
+
+    if not is_disk_full(error) and not isinstance(error, PermissionError):
+        return error
+    last = last_complete_checkpoint(output_dir, deep=False)
+    cause = "no space left on the device" if is_disk_full(error) else f"permission denied ({error.filename})"
+    safe = (f"the last complete checkpoint is {last} (free some space, then --resume continues from it)" if last
+            else "no checkpoint was saved before it (set training.save_steps to keep some)")
+    return ResumeError(f"{cause} while {what}; nothing half-written was kept: {safe}")
+
+
+@functools.cache
+def _trainer_class():
+    """SFTTrainer with whole-or-nothing checkpoints (resume.AtomicCheckpoints)."""
+    from tuneforge.train.resume import AtomicCheckpoints
+    from tuneforge.train.trainer import SFTTrainer
+
+    return type("SFTTrainer", (AtomicCheckpoints, SFTTrainer), {"__module__": __name__})
 
 
 def _continue_token_count(trainer, checkpoint: Path) -> None:
