@@ -65,6 +65,33 @@ def _check_targets_exist(model, target_modules) -> None:
         )
 
 
+def _check_target_parameters(model, target_parameters, lora_dropout) -> None:
+    """Every name in `target_parameters` is a 3-D (stacked experts) parameter of `model`."""
+    if not target_parameters:
+        return
+    if lora_dropout:
+        raise LoRAConfigError(
+            f"lora_dropout={lora_dropout}: LoRA on stacked experts (target_parameters={list(target_parameters)}) "
+            "cannot drop out its input (peft's ParamWrapper); use lora_dropout=0, or target_parameters=[] "
+            "to train the attention only")
+    stacked = {name.rsplit(".", 1)[-1] for name, p in model.named_parameters() if p.dim() == 3}
+    missing = [name for name in target_parameters if name.rsplit(".", 1)[-1] not in stacked]
+    if missing:
+        raise LoRAConfigError(f"target_parameters {missing} are not stacked expert parameters of "
+                              f"{type(model).__name__}; it has {sorted(stacked) or 'none'}")
+
+
+def _patch_experts_lora(peft_model, spec, use_kernels) -> None:
+    """LoRA on stacked experts through kernels.moe (models.moe), on the same switch as the fused LoRA."""
+    from tuneforge.models.moe import patch_moe_lora
+    from tuneforge.models.patch import kernels_enabled
+
+    base = peft_model.get_base_model()
+    enabled = kernels_enabled(use_kernels if use_kernels is not None else getattr(base, "tuneforge_use_kernels", None))
+    base.tuneforge_lora_kernels = [*getattr(base, "tuneforge_lora_kernels", []),
+                                   *patch_moe_lora(peft_model, spec, enabled=enabled)]
+
+
 def get_peft_model(
     model,
     r: int = 16,
@@ -81,6 +108,7 @@ def get_peft_model(
     loftq_config=None,
     max_seq_length: int | None = None,
     use_kernels: bool | None = None,
+    target_parameters: list[str] | None = None,
 ):
     """Wrap `model` (from `FastLanguageModel.from_pretrained`) with LoRA adapters; returns a PeftModel.
 
@@ -88,6 +116,8 @@ def get_peft_model(
     (the seven projections q,k,v,o,gate,up,down for Llama-like models).
     use_gradient_checkpointing: True / "standard" (transformers'), "unsloth" / "offload"
     (layer inputs offloaded to CPU memory), or False.
+    target_parameters: names of stacked 3-D expert parameters for LoRA (peft's target_parameters);
+    None takes the family's experts (("gate_up_proj", "down_proj") for MoE families), [] none.
     """
     import peft
 
@@ -100,6 +130,9 @@ def get_peft_model(
         target_modules = list(spec.lora_targets) if spec else ALL_LINEAR
     _validate(r, lora_alpha, lora_dropout, bias, loftq_config, target_modules)
     _check_targets_exist(model, target_modules)
+    if target_parameters is None:
+        target_parameters = list(spec.experts) if spec else []
+    _check_target_parameters(model, target_parameters, lora_dropout)
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
 
@@ -115,6 +148,7 @@ def get_peft_model(
         modules_to_save=modules_to_save,
         layers_to_transform=layers_to_transform,
         init_lora_weights=init_lora_weights,
+        target_parameters=list(target_parameters) or None,
         task_type="CAUSAL_LM",
     )
     # peft draws lora_A from the global RNG: seed it so the same call gives the same adapter.
@@ -135,6 +169,7 @@ def finish_peft_model(peft_model, spec, use_gradient_checkpointing, use_kernels:
     from tuneforge.lora.fused import patch_lora
 
     patch_lora(peft_model, spec, enabled=use_kernels)  # None: the base model's switch (patch_model)
+    _patch_experts_lora(peft_model, spec, use_kernels)
     try:
         from tuneforge.export import attach_export_methods
     except ImportError:  # the export package is optional at this layer

@@ -270,6 +270,13 @@ def load_model(
         str(compute_dtype).replace("torch.", ""), model.num_parameters() / 1e6,
     )
 
+    if spec is not None and spec.experts and _is_bitsandbytes(quantization) and load_in_4bit:
+        # bitsandbytes quantises nn.Linear only: the stacked 3-D experts (most of a MoE model)
+        # become NF4 here, in tuneforge's own storage (models.moe).
+        from tuneforge.models.moe import quantize_experts
+
+        quantize_experts(model, spec)
+
     from tuneforge.models.patch import patch_model
 
     patch_model(model, spec, enabled=resolve_use_kernels(use_kernels))  # records model.tuneforge_use_kernels

@@ -451,6 +451,8 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         attention_mask = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
     ignore_index = kwargs.pop("ignore_index", -100)
     return_dict = kwargs.pop("return_dict", None)  # peft passes None: transformers then returns the dataclass
+    if kwargs.get("output_router_logits") is None and getattr(self.config, "output_router_logits", False):
+        kwargs["output_router_logits"] = True  # MoE: the config asks for the routers' aux loss
     outputs = getattr(self, self.base_model_prefix)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
@@ -468,8 +470,27 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         # The loss Function formed every gradient already and its backward never reads the
         # weight: the gathered [vocab, hidden] copy is freed now, not at the end of backward.
         lm_head.reshard()
+    if getattr(outputs, "router_logits", None) is not None and kwargs.get("output_router_logits"):
+        return _with_router_aux_loss(self, loss, outputs, attention_mask, return_dict)
     result = CausalLMOutputWithPast(
         loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
+        hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
+    )
+    return result.to_tuple() if return_dict is False else result
+
+
+def _with_router_aux_loss(model, loss, outputs, attention_mask, return_dict):
+    """A MoE model's output with its routers' load-balancing loss, as transformers computes it: the
+    family's own `load_balancing_loss_func`, added to the loss times `router_aux_loss_coef`."""
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+    balancing = sys.modules[type(model).__module__].load_balancing_loss_func
+    # A padding-free batch's empty 4-D mask (see above) is no token mask: every row counts, as without one.
+    mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    aux_loss = balancing(outputs.router_logits, model.num_experts, model.num_experts_per_tok, mask)
+    result = MoeCausalLMOutputWithPast(
+        loss=loss + model.router_aux_loss_coef * aux_loss.to(loss.device), aux_loss=aux_loss, logits=None,
+        past_key_values=getattr(outputs, "past_key_values", None), router_logits=outputs.router_logits,
         hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
     )
     return result.to_tuple() if return_dict is False else result

@@ -39,7 +39,8 @@ class FamilySpec:
                      (over all heads before the reshape: OLMo 2).
     attn_softcap:    attention scores are soft-capped by `config.attn_logit_softcapping` (Gemma 2).
     mlp:             "gated" (down(act(gate(x)) * up(x))), "gated_fused" (gate and up in one
-                     gate_up_proj: Phi-3) or None (a plain two-layer MLP, left as is).
+                     gate_up_proj: Phi-3) or None (a plain two-layer MLP, or a mixture of
+                     experts: see `experts`; left to transformers by the gated-MLP patch).
     activation:      the gated MLP's activation as the family usually configures it ("silu",
                      "gelu_tanh"); the patch reads the model's own config value.
     lora_targets:    the linear layers LoRA targets by default.
@@ -55,6 +56,10 @@ class FamilySpec:
                      re-write the matmul (Falcon's FalconLinear: x @ W.T + b). transformers swaps
                      only modules whose type is exactly nn.Linear for bitsandbytes layers, so a
                      quantised load builds these as nn.Linear (`models.loader`) to get them quantised.
+    experts:         names of the stacked 3-D expert parameters of the family's mixture-of-experts
+                     blocks (transformers 5's `*Experts` modules, e.g. ("gate_up_proj", "down_proj")):
+                     stored as NF4 by a 4-bit load (`models.moe`), LoRA-targeted by default through
+                     peft's `target_parameters`, computed by `kernels.moe`. () for dense families.
     packing:         padding-free packing keeps samples apart: transformers builds the mask from
                      restarting position_ids (tested: packed loss equals the samples one by one).
     """
@@ -78,6 +83,7 @@ class FamilySpec:
     attn_implementation: str = "sdpa"
     tiny_config_overrides: dict = field(default_factory=dict)
     linear_subclasses: tuple[str, ...] = ()
+    experts: tuple[str, ...] = ()
     packing: bool = True
 
     def __post_init__(self):
@@ -112,13 +118,16 @@ def _load_all() -> None:
         gemma,
         gemma2,
         gemma3,
+        gpt_oss,
         granite,
         llama,
         mistral,
+        mixtral,
         olmo2,
         phi3,
         qwen2,
         qwen3,
+        qwen3_moe,
         stablelm,
         starcoder2,
     )

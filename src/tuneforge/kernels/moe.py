@@ -1,0 +1,255 @@
+"""Mixture-of-experts experts: tokens grouped by expert, stacked (dense or NF4) weights, LoRA on the
+stacked weights, in one autograd Function; and `reference_moe`, the same maths in plain PyTorch.
+
+transformers 5 stores a layer's E experts as two stacked 3-D parameters (`gate_up_proj`,
+`down_proj`) and runs them token group by token group. For the rows X_e routed to expert e (with
+routing weights w), and peft's LoRA on the stacked parameters (`target_parameters`: A_e [r, in],
+B_e [out, r], scaling s):
+
+    G_e = X_e W1_e^T + b1_e + s1 (X_e A1_e^T) B1_e^T          [n_e, 2I]   (gate | up, or interleaved)
+    H_e = gate(G_e)                                             [n_e, I]    (the experts module's own
+                                                                             `_apply_gate`: SwiGLU, or
+                                                                             gpt-oss's clamped one)
+    Y_e = H_e W2_e^T + b2_e + s2 (H_e A2_e^T) B2_e^T            [n_e, hidden]
+    out[token] += w * Y_e
+
+peft computes the same thing by materialising W + s B A for every expert and running
+transformers' forward on it; autograd then keeps those dense weights (and, in 4-bit, the
+dequantised ones) alive until the backward. `MoEExperts` never forms W + s B A: it dequantises
+each stacked NF4 weight once per pass (one launch for the whole stack, blocks never straddling
+two experts), keeps the LoRA terms factored, saves only the sort order, G and Y per routed row,
+and dequantises again in the backward. Its backward:
+
+    dY = w * dout[token]            dw = <dout[token], Y>
+    dH = dY W2_e + s2 (dY B2_e) A2_e       dA2_e = s2 (dY B2_e)^T H_e      dB2_e = s2 dY^T (H_e A2_e^T)
+    dG = gate'(G_e)^T dH  (autograd through `_apply_gate` on the saved G_e)
+    dX = dG W1_e + s1 (dG B1_e) A1_e       dA1_e = s1 (dG B1_e)^T X_e      dB1_e = s1 dG^T (X_e A1_e^T)
+
+Frozen weights and biases get no gradient. Routing (the router, its top-k and softmax) stays in
+the family's own module; this op starts from its (top_k_index, top_k_weights).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = ["ExpertProjection", "MoEExperts", "moe_experts", "reference_moe"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExpertProjection:
+    """One stacked projection of E experts: y = x W_e^T + b_e + s (x A_e^T) B_e^T for rows routed to e.
+
+    weight:     dense [E, out, in], or [E, in, out] when `transposed` (gpt-oss stores x @ W);
+                None when `nf4` holds the weight.
+    nf4:        (packed uint8 [E*out*in/2], QuantState) of the stack flattened in its stored
+                orientation (bitsandbytes NF4 layout, see kernels/nf4.py); quant_state.shape is
+                the stored 3-D shape.
+    bias:       [E, out] or None (frozen).
+    lora_A:     [E, r, in] or None (peft's lora_A.weight [r*E, in], reshaped);
+    lora_B:     [E, out, r] (peft's lora_B.weight [out, r*E] as peft's `get_delta_factors` reads it).
+    scaling:    s = lora_alpha / r (or / sqrt(r)).
+    transposed: the stored orientation of `weight` / `nf4`.
+    """
+
+    weight: torch.Tensor | None = None
+    nf4: tuple | None = None
+    bias: torch.Tensor | None = None
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+    scaling: float = 1.0
+    transposed: bool = False
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """All experts' base weights as [E, out, in] in `dtype` (a view when nothing is converted)."""
+        if self.nf4 is not None:
+            packed, quant_state = self.nf4
+            stored = dequantize_stack(packed, quant_state, dtype)
+        else:
+            stored = self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+        return stored.transpose(1, 2) if self.transposed else stored
+
+    def without_lora(self) -> "ExpertProjection":
+        return replace(self, lora_A=None, lora_B=None)
+
+
+def dequantize_stack(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The dense stored-shape stack of an NF4 expert weight: the Triton kernel on a GPU (one launch
+    for all experts), its bit-identical PyTorch reference on the CPU (where Triton only interprets)."""
+    from tuneforge.kernels.nf4 import dequantize_nf4, reference_dequantize_nf4
+
+    if packed.is_cuda:
+        return dequantize_nf4(packed, quant_state, dtype)
+    return reference_dequantize_nf4(packed, quant_state, dtype)
+
+
+def _segments(top_k_index: torch.Tensor, num_experts: int):
+    """(order [T*K], rows [T*K], bounds): routed rows sorted by expert (stable), the token of each
+    sorted row, and per expert with rows its (expert, start, end). One device sync (the counts)."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
+    bounds, start = [], 0
+    for expert, count in enumerate(counts):
+        if count:
+            bounds.append((expert, start, start + count))
+        start += count
+    return order, order // k, bounds
+
+
+def _lora(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float):
+    """s (x a^T) b^T for one expert, or None without LoRA; x: [n, in], a: [r, in], b: [out, r]."""
+    if a is None:
+        return None
+    return (x @ a.t()) @ (b.t() * scaling)
+
+
+def _project(x, weight_e, bias_e, a, b, scaling):
+    """x W_e^T + b_e + s (x A_e^T) B_e^T; weight_e: [out, in]."""
+    y = x @ weight_e.t()
+    if bias_e is not None:
+        y = y + bias_e
+    lora = _lora(x, a, b, scaling)
+    return y if lora is None else y + lora
+
+
+class MoEExperts(torch.autograd.Function):
+    """Forward: hidden [T, H], top_k_index [T, K], top_k_weights [T, K] -> [T, H] (hidden's dtype).
+
+    The base projections come in as `ExpertProjection`s without LoRA (their weights frozen); the
+    LoRA factors A1, B1, A2, B2 ([E, r, in], [E, out, r]) are arguments of their own so autograd
+    returns their gradients. Computes in `compute_dtype`.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, top_k_index, top_k_weights, gate_up, down, apply_gate, compute_dtype, a1, b1, a2, b2):
+        num_experts = (gate_up.nf4[1].shape if gate_up.nf4 is not None else gate_up.weight.shape)[0]
+        order, rows, bounds = _segments(top_k_index, num_experts)
+        x = hidden.to(compute_dtype)[rows]  # [T*K, H] sorted by expert
+        w1, w2 = gate_up.dense(compute_dtype), down.dense(compute_dtype)
+        b1_bias = None if gate_up.bias is None else gate_up.bias.to(compute_dtype)
+        b2_bias = None if down.bias is None else down.bias.to(compute_dtype)
+        a1c, b1c, a2c, b2c = (None if t is None else t.to(compute_dtype) for t in (a1, b1, a2, b2))
+        g_all = x.new_empty(x.shape[0], w1.shape[1])
+        y_all = x.new_empty(x.shape[0], w2.shape[1])
+        for e, start, end in bounds:
+            g = _project(x[start:end], w1[e], None if b1_bias is None else b1_bias[e],
+                         None if a1c is None else a1c[e], None if b1c is None else b1c[e], gate_up.scaling)
+            g_all[start:end] = g
+            y_all[start:end] = _project(apply_gate(g), w2[e], None if b2_bias is None else b2_bias[e],
+                                        None if a2c is None else a2c[e], None if b2c is None else b2c[e], down.scaling)
+        del w1, w2
+        weights_sorted = top_k_weights.reshape(-1)[order]
+        # As transformers: the expert output times its routing weight in their promoted dtype (fp32
+        # for Mixtral's fp32 weights), then cast and summed into the tokens.
+        out = torch.zeros_like(hidden)
+        out.index_add_(0, rows, (y_all * weights_sorted[:, None]).to(hidden.dtype))
+        ctx.save_for_backward(hidden, order, g_all, y_all, weights_sorted, a1, b1, a2, b2)
+        ctx.bounds, ctx.gate_up, ctx.down, ctx.apply_gate, ctx.compute_dtype = bounds, gate_up, down, apply_gate, compute_dtype
+        ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, order, g_all, y_all, weights_sorted, a1, b1, a2, b2 = ctx.saved_tensors
+        cd, k = ctx.compute_dtype, ctx.weights_shape[-1]
+        rows = order // k
+        gate_up, down = ctx.gate_up, ctx.down
+        w1, w2 = gate_up.dense(cd), down.dense(cd)
+        s1, s2 = gate_up.scaling, down.scaling
+        a1c, b1c, a2c, b2c = (None if t is None else t.to(cd) for t in (a1, b1, a2, b2))
+        x = hidden.to(cd)[rows]
+        d_out = grad_out[rows]  # [T*K, H], the output's dtype
+        grad_weights = None
+        if ctx.needs_input_grad[2]:
+            dw_sorted = (d_out.float() * y_all.float()).sum(-1)
+            grad_weights = torch.empty_like(dw_sorted)
+            grad_weights[order] = dw_sorted
+            grad_weights = grad_weights.reshape(ctx.weights_shape).to(ctx.weights_dtype)
+        dy_all = (d_out * weights_sorted[:, None]).to(cd)
+        dx_all = torch.zeros_like(x)
+        grads = {name: None if t is None else torch.zeros(t.shape, dtype=cd, device=t.device)
+                 for name, t in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2))}
+        for e, start, end in ctx.bounds:
+            xe, dy = x[start:end], dy_all[start:end]
+            with torch.enable_grad():
+                g = g_all[start:end].detach().requires_grad_(True)
+                h = ctx.apply_gate(g)
+            dh = dy @ w2[e]
+            if a2c is not None:
+                dy_b = dy @ b2c[e]  # [n, r]
+                dh = dh + (dy_b * s2) @ a2c[e]
+                grads["a2"][e] = (dy_b * s2).t() @ h.detach()
+                grads["b2"][e] = (dy * s2).t() @ (h.detach() @ a2c[e].t())
+            (dg,) = torch.autograd.grad(h, g, dh)
+            dx = dg @ w1[e]
+            if a1c is not None:
+                dg_b = dg @ b1c[e]
+                dx = dx + (dg_b * s1) @ a1c[e]
+                grads["a1"][e] = (dg_b * s1).t() @ xe
+                grads["b1"][e] = (dg * s1).t() @ (xe @ a1c[e].t())
+            dx_all[start:end] = dx
+        grad_hidden = torch.zeros(hidden.shape, dtype=cd, device=hidden.device).index_add_(0, rows, dx_all)
+        out = [grads[name] if grads[name] is None else grads[name].to(t.dtype)
+               for name, t in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2))]
+        return (grad_hidden.to(hidden.dtype), None, grad_weights, None, None, None, None, *out)
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on (as the fused LoRA ops), else hidden's dtype."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return hidden.dtype
+
+
+def moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                gate_up: ExpertProjection, down: ExpertProjection, apply_gate) -> torch.Tensor:
+    """The experts' output for routed tokens, by `MoEExperts`.
+
+    hidden: [T, H]; top_k_index: [T, K] expert ids; top_k_weights: [T, K] routing weights;
+    gate_up / down: the two stacked projections (dense or NF4, optional LoRA and bias);
+    apply_gate: [n, 2I] -> [n, I], the experts module's `_apply_gate`.
+    Returns [T, H] in hidden's dtype.
+    """
+    for projection in (gate_up, down):
+        if projection.weight is not None and projection.weight.requires_grad:
+            raise ValueError("moe_experts computes frozen expert weights (LoRA or QLoRA); a trainable "
+                             "stacked weight (full fine-tuning) takes transformers' own experts forward")
+    with torch.autocast(hidden.device.type, enabled=False):
+        return MoEExperts.apply(hidden, top_k_index, top_k_weights, gate_up.without_lora(), down.without_lora(),
+                                apply_gate, _compute_dtype(hidden), gate_up.lora_A, gate_up.lora_B,
+                                down.lora_A, down.lora_B)
+
+
+def reference_moe(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  gate_up: ExpertProjection, down: ExpertProjection, apply_gate) -> torch.Tensor:
+    """`moe_experts` in plain differentiable PyTorch, computed as transformers + peft do: each
+    stacked weight becomes W + s B A for all experts (dequantised first when NF4), then
+    transformers' eager loop over the experts that have tokens. Same arguments, same result."""
+    dtype = _compute_dtype(hidden)
+
+    def effective(projection):
+        weight = projection.dense(dtype)  # [E, out, in]
+        if projection.lora_A is not None:
+            weight = weight + projection.scaling * (projection.lora_B.to(dtype) @ projection.lora_A.to(dtype))
+        return weight
+
+    w1, w2 = effective(gate_up), effective(down)
+    out = torch.zeros_like(hidden)
+    x = hidden.to(dtype)
+    for e in torch.unique(top_k_index).tolist():
+        token, slot = torch.where(top_k_index == e)
+        g = x[token] @ w1[e].t()
+        if gate_up.bias is not None:
+            g = g + gate_up.bias[e].to(dtype)
+        y = apply_gate(g) @ w2[e].t()
+        if down.bias is not None:
+            y = y + down.bias[e].to(dtype)
+        out = out.index_add(0, token, (y * top_k_weights[token, slot, None]).to(hidden.dtype))
+    return out

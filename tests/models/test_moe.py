@@ -1,0 +1,288 @@
+"""Mixture-of-experts families (qwen3_moe, mixtral, gpt_oss) through the public API, against
+transformers + peft (+ bitsandbytes), on tiny random models (hidden 64, 2 layers, 4 experts, top 2).
+
+- 16-bit: logits equal transformers'.
+- 4-bit: attention in bitsandbytes NF4, the stacked experts in tuneforge's NF4 storage (no dense
+  expert weight left); logits equal the reference, which is transformers + bitsandbytes with each
+  expert stack replaced by its NF4 round trip (bitsandbytes' own quantize / dequantize) running
+  through transformers' own experts module.
+- LoRA on attention and on the stacked experts (peft's target_parameters), fused experts path
+  (kernels.moe): loss and every LoRA gradient equal plain peft's, 16-bit and 4-bit (QLoRA step);
+  the saved adapter reloads with plain transformers + peft to the same logits.
+- plain peft on our NF4 model (kernels off) computes what our fused path does.
+- the routers' aux loss (output_router_logits) is transformers' through the fused loss.
+- generation equals transformers'; a packed row's loss equals its samples run alone; a few
+  QLoRA steps lower the loss and leave the NF4 codes alone; merging after dequantising the experts.
+
+Tolerances: fp32 on the CPU, as tests/models/test_families.py: logits 1e-5, loss rtol 1e-5,
+gradients rtol 1e-4 / atol 1e-6 (the same sums in other orders).
+"""
+
+import peft
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import tuneforge.kernels.moe as moe_kernel
+from tuneforge import FastLanguageModel
+from tuneforge.models.families import get_family
+from tuneforge.models.moe import experts_modules, is_nf4
+from tuneforge.testing.tiny import lora_grads, randomize_lora_b, tiny_batch, tiny_model
+
+FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    made = {}
+
+    def folder(family):
+        if family not in made:
+            made[family] = tmp_path_factory.mktemp(family)
+            tiny_model(family).save_pretrained(made[family])
+        return made[family]
+
+    return folder
+
+
+def _ours(folder, family, load_in_4bit=False, use_kernels=True):
+    model, _ = FastLanguageModel.from_pretrained(
+        str(folder), max_seq_length=64, dtype=torch.float32, load_in_4bit=load_in_4bit,
+        attn_implementation=get_family(family).attn_implementation, use_kernels=use_kernels)
+    return model
+
+
+def _nf4_round_trip(weight):
+    """bitsandbytes' NF4 (double-quantised) round trip of a stacked weight, dequantised as [-1, 64]
+    rows (its CPU dequantize_4bit is wrong for a last dim that is not a multiple of 64)."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight.detach().reshape(-1, 64).contiguous(), blocksize=64,
+                                       compress_statistics=True, quant_type="nf4")
+    return bnbf.dequantize_4bit(packed, state).reshape(weight.shape)
+
+
+def _reference(folder, family, load_in_4bit=False):
+    kwargs = {}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+                                                 attn_implementation=get_family(family).attn_implementation, **kwargs)
+    if load_in_4bit:
+        import bitsandbytes as bnb
+
+        for layer in model.modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                # As tuneforge's load: no CPU repack (bitsandbytes would round the block scales to
+                # bf16 in its first eval forward on an AVX512-BF16 CPU; see integration/bnb.py).
+                layer.support_avx512bf16_for_cpu = False
+        with torch.no_grad():
+            for _, experts in experts_modules(model, get_family(family)):
+                for name in get_family(family).experts:
+                    getattr(experts, name).copy_(_nf4_round_trip(getattr(experts, name)))
+    return model.eval()
+
+
+def _logits(model):
+    ids, mask, _ = tiny_batch()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def _lora_ours(model):
+    ours = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False,
+                                            random_state=3407, use_kernels=True)
+    randomize_lora_b(ours)
+    return ours
+
+
+def _lora_reference(model, family):
+    spec = get_family(family)
+    torch.manual_seed(3407)
+    reference = peft.get_peft_model(model, peft.LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(spec.lora_targets),
+        target_parameters=list(spec.experts), task_type="CAUSAL_LM"))
+    randomize_lora_b(reference)
+    return reference
+
+
+def _step(model, **kwargs):
+    ids, mask, labels = tiny_batch(seed=2)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
+    out.loss.backward()
+    return out
+
+
+def _assert_same_step(ours, reference, family, expected_experts_calls=None):
+    calls = []
+    apply = moe_kernel.MoEExperts.apply
+    moe_kernel.MoEExperts.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        loss = _step(ours).loss
+    finally:
+        moe_kernel.MoEExperts.apply = apply
+    expected = _step(reference).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    grads, expected_grads = lora_grads(ours), lora_grads(reference)
+    spec = get_family(family)
+    # A and B on each attention projection and on each stacked expert weight, in both layers.
+    assert grads.keys() == expected_grads.keys()
+    assert len(grads) == 2 * 2 * (len(spec.lora_targets) + len(spec.experts))
+    for name, grad in expected_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The experts of both layers ran through kernels.moe, not peft's W + s B A.
+    assert len(calls) == (expected_experts_calls if expected_experts_calls is not None else 2)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_16bit_load_equals_transformers(family, folders):
+    ours = _ours(folders(family), family)
+    assert ours.tuneforge_family is get_family(family) and not any(is_nf4(m) for m in ours.modules())
+    torch.testing.assert_close(_logits(ours), _logits(_reference(folders(family), family)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_4bit_load_stores_experts_as_nf4(family, folders):
+    import bitsandbytes as bnb
+
+    ours = _ours(folders(family), family, load_in_4bit=True)
+    spec = get_family(family)
+    experts = experts_modules(ours, spec)
+    assert len(experts) == 2 and all(is_nf4(m) for _, m in experts)
+    for _, module in experts:
+        for name in spec.experts:
+            state = module._tuneforge_nf4[name]
+            assert state.quant_type == "nf4" and state.nested and state.blocksize == 64
+            assert getattr(module, f"{name}_nf4").dtype == torch.uint8
+            stand_in = getattr(module, name)  # no dense copy: one NaN broadcast over the shape
+            assert stand_in.shape == state.shape and stand_in.untyped_storage().nbytes() == 4
+    attention = [m for n, m in ours.named_modules() if n.rsplit(".", 1)[-1] in spec.lora_targets]
+    assert attention and all(isinstance(m, bnb.nn.Linear4bit) for m in attention)
+    # No float tensor of the model is an expert-sized weight any more.
+    stacked = min(p.numel() for _, m in experts for p in (m._tuneforge_nf4[n] for n in spec.experts)
+                  for p in [torch.empty(p.shape, device="meta")])
+    dense = [n for n, t in [*ours.named_parameters(), *ours.named_buffers()]
+             if t.is_floating_point() and t.numel() >= stacked and t.untyped_storage().nbytes() > 4 and "embed" not in n
+             and "lm_head" not in n]
+    assert not dense, dense
+    torch.testing.assert_close(_logits(ours), _logits(_reference(folders(family), family, load_in_4bit=True)),
+                               rtol=1e-5, atol=1e-5)
+
+
+# --- LoRA --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_step_equals_peft_and_adapter_reloads_with_plain_peft(family, folders, tmp_path):
+    ours = _lora_ours(_ours(folders(family), family))
+    assert "moe_lora" in ours.get_base_model().tuneforge_lora_kernels
+    reference = _lora_reference(_reference(folders(family), family), family)
+    _assert_same_step(ours, reference, family)
+
+    ours.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(_reference(folders(family), family), tmp_path)
+    torch.testing.assert_close(_logits(reloaded), _logits(reference), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(ours), _logits(reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_step_equals_peft_on_the_dequantised_reference(family, folders):
+    ours = _lora_ours(_ours(folders(family), family, load_in_4bit=True))
+    reference = _lora_reference(_reference(folders(family), family, load_in_4bit=True), family)
+    _assert_same_step(ours, reference, family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_peft_on_nf4_experts_equals_the_fused_path(family, folders):
+    # Kernels off: peft's ParamWrapper parametrizes the stand-in; the NF4 experts forward applies
+    # that W + s B A to the dequantised weights, as peft does on a 16-bit model.
+    fused = _lora_ours(_ours(folders(family), family, load_in_4bit=True))
+    plain_base = _ours(folders(family), family, load_in_4bit=True, use_kernels=False)
+    plain = FastLanguageModel.get_peft_model(plain_base, r=8, lora_alpha=16, use_gradient_checkpointing=False,
+                                             random_state=3407, use_kernels=False)
+    randomize_lora_b(plain)
+    assert "moe_lora" not in plain.get_base_model().tuneforge_lora_kernels
+    _assert_same_step(plain, fused, family, expected_experts_calls=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_aux_loss_as_transformers(family, folders):
+    ours = _ours(folders(family), family)
+    assert "fused_cross_entropy" in ours.tuneforge_kernels
+    reference = _reference(folders(family), family)
+    got = _step(ours, output_router_logits=True)
+    want = _step(reference, output_router_logits=True)
+    assert got.aux_loss is not None and got.logits is None
+    torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    # The config switch too (router_aux_loss_coef times the aux loss is in the loss).
+    ours.config.output_router_logits = reference.config.output_router_logits = True
+    torch.testing.assert_close(_step(ours).loss, _step(reference).loss, rtol=1e-5, atol=1e-6)
+
+
+# --- generation, packing, training, merging ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_equals_transformers(family, folders):
+    prompt = tiny_batch(batch=1, seq=5, pad=0)[0]
+    ours = FastLanguageModel.for_inference(_ours(folders(family), family))
+    got = ours.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+    want = _reference(folders(family), family).generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+    assert got.shape == (1, 8) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).packing])
+def test_packed_row_loss_equals_samples_one_by_one(family, folders):
+    ours, reference = _ours(folders(family), family), _reference(folders(family), family)
+    ids, _, _ = tiny_batch(batch=2, seq=6, pad=0, seed=5)
+    labels = ids.clone()
+    labels[:, 0] = -100
+    packed = ours(input_ids=ids.reshape(1, -1), labels=labels.reshape(1, -1),
+                  position_ids=torch.arange(6).repeat(2)[None], use_cache=False).loss
+    alone = sum(reference(input_ids=row[None], labels=row[None]).loss for row in ids) / 2
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_training_lowers_the_loss_and_leaves_nf4_alone(family, folders):
+    ours = _lora_ours(_ours(folders(family), family, load_in_4bit=True))
+    frozen = {name: b.clone() for name, b in ours.named_buffers() if name.endswith("_nf4")}
+    assert frozen
+    optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        losses.append(_step(ours).loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(torch.equal(b, frozen[name]) for name, b in ours.named_buffers() if name.endswith("_nf4"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_adapter_equals_the_adapter(family, folders):
+    # peft's ParamWrapper merges W + s B A into the stacked weights; the fused forward is unhooked.
+    ours = _lora_ours(_ours(folders(family), family))
+    want = _logits(ours)
+    merged = ours.merge_and_unload()
+    torch.testing.assert_close(_logits(merged), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dequantised_experts_compute_what_nf4_experts_do(family, folders):
+    # Before a merge or an export of a 4-bit model: the experts become dense parameters holding
+    # exactly the NF4 values, and transformers' own experts forward runs again.
+    from tuneforge.models.moe import dequantize_experts
+
+    ours = _lora_ours(_ours(folders(family), family, load_in_4bit=True))
+    want = _logits(ours)
+    assert dequantize_experts(ours.get_base_model()) == 4
+    assert not any(is_nf4(m) for m in ours.modules())
+    assert all(torch.isfinite(p).all() for p in ours.parameters() if p.is_floating_point())
+    torch.testing.assert_close(_logits(ours), want, rtol=1e-5, atol=1e-5)
