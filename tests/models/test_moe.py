@@ -49,7 +49,18 @@ def _ours(folder, family, load_in_4bit=False, use_kernels=True):
     model, _ = FastLanguageModel.from_pretrained(
         str(folder), max_seq_length=64, dtype=torch.float32, load_in_4bit=load_in_4bit,
         attn_implementation=get_family(family).attn_implementation, use_kernels=use_kernels)
+    _no_cpu_repack(model)
     return model
+
+
+def _no_cpu_repack(model):
+    """bitsandbytes' CPU repack off, as tuneforge's loader does (an eval forward on an AVX512-BF16
+    CPU would otherwise round the attention's block scales to bf16; see integration/bnb.py)."""
+    import bitsandbytes as bnb
+
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
 
 
 def _nf4_round_trip(weight):
@@ -71,13 +82,7 @@ def _reference(folder, family, load_in_4bit=False):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
                                                  attn_implementation=get_family(family).attn_implementation, **kwargs)
     if load_in_4bit:
-        import bitsandbytes as bnb
-
-        for layer in model.modules():
-            if isinstance(layer, bnb.nn.Linear4bit):
-                # As tuneforge's load: no CPU repack (bitsandbytes would round the block scales to
-                # bf16 in its first eval forward on an AVX512-BF16 CPU; see integration/bnb.py).
-                layer.support_avx512bf16_for_cpu = False
+        _no_cpu_repack(model)
         with torch.no_grad():
             for _, experts in experts_modules(model, get_family(family)):
                 for name in get_family(family).experts:
