@@ -205,6 +205,10 @@ def save_adapter(model, save_directory: str | Path, tokenizer=None) -> Path:
     save_directory = Path(save_directory)
     if not hasattr(model, "peft_config"):
         raise TypeError("save_method='lora' needs a peft model (the one get_peft_model returned)")
+    from tuneforge.integration.bnb import standard_layout
+
+    # Before peft's state_dict(): bitsandbytes' own unpacking there re-quantises the block scales.
+    standard_layout(model)
     model.save_pretrained(str(save_directory))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(save_directory))

@@ -168,6 +168,8 @@ class CheckpointSource:
     def _dequantize_bnb4(self, name: str, packed: torch.Tensor) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
+        from tuneforge.integration.bnb import dequantize_4bit
+
         state_key = self._bnb_state[name]
         parts = {state_key[len(name) + 1:]: self._read(state_key)}
         for companion in _BNB4_COMPANIONS:
@@ -175,13 +177,16 @@ class CheckpointSource:
             if key in self._where:
                 parts[companion] = self._read(key)
         state = bnbf.QuantState.from_dict(parts, device=torch.device("cpu"))
-        return bnbf.dequantize_4bit(packed, state).float()
+        return dequantize_4bit(packed, state).float()
 
 
 class ModuleSource:
     """An in-memory (peft) model: its base weights, dequantised where 4-bit, merged in fp32."""
 
     def __init__(self, model, adapter_name: str = "default"):
+        from tuneforge.integration.bnb import standard_layout
+
+        standard_layout(model)  # a weight bitsandbytes repacked for its CPU gemm is read as loaded
         self.model = model
         peft = hasattr(model, "peft_config")
         self.adapter = LoraAdapter.from_peft_model(model, adapter_name) if peft else None
@@ -237,9 +242,9 @@ def _logical_shape(tensor: torch.Tensor) -> tuple[int, ...]:
 def _dequantized(tensor: torch.Tensor) -> torch.Tensor:
     state = getattr(tensor, "quant_state", None)
     if state is not None:  # bitsandbytes Params4bit
-        import bitsandbytes.functional as bnbf
+        from tuneforge.integration.bnb import dequantize_4bit
 
-        return bnbf.dequantize_4bit(tensor.data, state).float().cpu()
+        return dequantize_4bit(tensor).float().cpu()
     if getattr(tensor, "SCB", None) is not None:  # bitsandbytes Int8Params: row-wise absmax / 127
         return (tensor.data.float() * (tensor.SCB.float() / 127.0).unsqueeze(1)).cpu()
     return tensor.detach().cpu()

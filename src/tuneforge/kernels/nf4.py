@@ -166,6 +166,9 @@ def _state_parts(weight_packed: torch.Tensor, quant_state):
         )
     if quant_state.blocksize % 2:
         raise ValueError(f"quant_state.blocksize must be even, got {quant_state.blocksize}")
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError("this weight is in bitsandbytes' CPU-repacked layout (packing_format_for_cpu), not the "
+                         "standard one: call tuneforge.integration.bnb.standard_layout(model) first")
     n = 1
     for d in quant_state.shape:
         n *= int(d)
@@ -338,6 +341,10 @@ def base_weight_parts(module: nn.Module):
     if hasattr(weight, "quant_state") or type(weight).__name__ == "Params4bit":
         if weight.quant_state is None:
             raise ValueError(f"{type(module).__name__}'s 4-bit weight is not quantised yet (quant_state is None)")
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            from tuneforge.integration.bnb import standard_layout
+
+            standard_layout(module)  # bitsandbytes repacked it for its CPU gemm (an eval forward)
         return weight, weight.quant_state, bias
     if hasattr(weight, "SCB") or type(weight).__name__ == "Int8Params":
         raise NotImplementedError(

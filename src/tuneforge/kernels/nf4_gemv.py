@@ -355,4 +355,6 @@ def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
             and nf4_matmul_unsupported(quant_state, x.shape[-1]) is None):
         compute = self.compute_dtype or x.dtype
         return decode_matmul(x.to(compute), weight, quant_state, bias).to(x.dtype)
-    return type(self).forward(self, x)
+    from tuneforge.integration.bnb import linear4bit_forward as bitsandbytes_forward
+
+    return bitsandbytes_forward(self, x)

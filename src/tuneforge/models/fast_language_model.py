@@ -175,8 +175,10 @@ class FastLanguageModel:
         one log line saying why (see tuneforge.inference.generate).
         """
         from tuneforge.inference import enable_fast_generate
+        from tuneforge.integration.bnb import allow_cpu_repack
 
         model.eval()
+        allow_cpu_repack(model)  # bitsandbytes' faster CPU gemm; undone exactly before any read
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.use_cache = True
         if getattr(base, "is_gradient_checkpointing", False):
@@ -190,7 +192,10 @@ class FastLanguageModel:
         is transformers' again and the inference cache and graph are released."""
         from tuneforge.inference import disable_fast_generate
 
+        from tuneforge.integration.bnb import prevent_cpu_repack
+
         disable_fast_generate(model)
+        prevent_cpu_repack(model)  # the standard layout back: training reads the weights
         model.train()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.use_cache = False
