@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -46,3 +47,28 @@ def set_base(adapter_dir, base_dir) -> None:
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = str(base_dir)
     path.write_text(json.dumps(config))
+
+
+def spread_weights(model, seed: int = 0, fp16_exact: bool = False):
+    """Weights of unit-scale activations: attention far from uniform, so a Q/K layout error shows.
+
+    fp16_exact: round every weight to the nearest float16 (kept in fp32), so that an F16 GGUF holds
+    exactly the weights transformers runs and a comparison measures the export, not the rounding.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    offset = 0.0 if model.config.model_type.startswith("gemma") else 1.0  # Gemma's norm is 1 + w
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            is_norm = any(part in name for part in ("norm", "ln_"))
+            if "embed" in name:
+                param.copy_(noise * 0.5)
+            elif param.ndim == 2 and not is_norm:
+                param.copy_(noise / math.sqrt(param.shape[1]))
+            elif is_norm and name.endswith("weight"):
+                param.copy_(offset + 0.2 * noise)
+            else:
+                param.copy_(0.1 * noise)
+            if fp16_exact:
+                param.copy_(param.half().float())
+    return model.eval()

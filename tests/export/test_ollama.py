@@ -7,7 +7,8 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from tuneforge.export.ollama import chat_format_for, go_template, write_modelfile
+from tuneforge.export.ollama import chat_format_for, write_modelfile
+from tuneforge.models.families import all_families
 
 CONVERSATION = [
     {"role": "user", "content": "Hi there"},
@@ -18,7 +19,8 @@ CONVERSATION = [
 
 def render_go(template: str, messages: list[dict]) -> str:
     """Go text/template semantics for the subset the exporter writes: `range .Messages`, `if` /
-    `else if` on `eq .Role "x"`, `.Role` / `.Content`, and `{{-` / `-}}` whitespace trimming."""
+    `else if` on `eq .Role "x"`, `if ne (index .Messages 0).Role "x"`, `.Role` / `.Content`, and
+    `{{-` / `-}}` whitespace trimming."""
     tokens: list[tuple[str, str]] = []
     trim_next = False
     for part in re.split(r"(\{\{.*?\}\})", template):
@@ -43,6 +45,9 @@ def render_go(template: str, messages: list[dict]) -> str:
             elif value == "range .Messages":
                 body, position = parse(position + 1)
                 nodes.append(("range", body))
+            elif value.startswith("if ne (index .Messages 0).Role "):
+                body, position = parse(position + 1)
+                nodes.append(("first_not", (value.split('"')[1], body)))
             elif value.startswith("if "):
                 branches = []
                 condition = value
@@ -70,6 +75,8 @@ def render_go(template: str, messages: list[dict]) -> str:
                 text += message[value]
             elif kind == "range":
                 text += "".join(run(value, m) for m in messages)
+            elif kind == "first_not":
+                text += run(value[1]) if messages[0]["role"] != value[0] else ""
             else:
                 text += next((run(body, message) for role, body in value if message["role"] == role), "")
         return text
@@ -99,7 +106,12 @@ def test_smollm2_modelfile_renders_like_the_jinja_template(smollm2_dir, tmp_path
         assert render_go(template, ollama_messages(text, conversation)) == want
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama-3", "qwen-2.5", "phi-3", "gemma"])
+# Every chat format a family exports with (its default in the family table), plus the common ones.
+FORMATS = sorted({"chatml", "llama-3", "qwen-2.5", "phi-3", "gemma"}
+                 | {spec.chat_template for spec in all_families().values() if spec.gguf_arch})
+
+
+@pytest.mark.parametrize("name", FORMATS)
 def test_table_formats_render_like_their_jinja(name, smollm2_dir, tmp_path):
     from tuneforge.data.templates import get_chat_template
 
@@ -107,11 +119,20 @@ def test_table_formats_render_like_their_jinja(name, smollm2_dir, tmp_path):
     template = chat_format_for(tokenizer)
     assert template is not None and template.name == name
     modelfile = write_modelfile(tmp_path / "m.gguf", tokenizer).read_text()
-    assert f'PARAMETER stop "{template.end_of_turn}"' in modelfile
-    want = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
-    got = render_go(go_template(template), ollama_messages(modelfile, CONVERSATION))
-    # Ollama tokenises with the GGUF's add_bos flag, so the TEMPLATE carries no BOS text.
-    assert got == want.removeprefix(template.bos)
+    # The end of turn (Alpaca's is the tokenizer's EOS) and the next user turn's opener stop Ollama.
+    end_of_turn = template.end_of_turn.replace("{eos_token}", tokenizer.eos_token)
+    assert f'PARAMETER stop "{end_of_turn}"' in modelfile and "{eos_token}" not in modelfile
+    written = re.search(r'^TEMPLATE """(.*?)"""', modelfile, re.S | re.M).group(1)
+    # A format without a system turn (Gemma, Mistral) merges a system message into the first user
+    # turn; Ollama's TEMPLATE sends it as a user turn of its own (logged), so only system-less chats
+    # are compared there.
+    conversations = [CONVERSATION] + ([[{"role": "system", "content": "Be brief."}] + CONVERSATION]
+                                      if template.system is not None else [])
+    for conversation in conversations:
+        want = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        got = render_go(written, ollama_messages(modelfile, conversation))
+        # Ollama tokenises with the GGUF's add_bos flag, so the TEMPLATE carries no BOS text.
+        assert got == want.removeprefix(template.bos)
 
 
 def test_unknown_chat_template_leaves_template_to_the_gguf(smollm2_dir, tmp_path, caplog):

@@ -21,7 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneforge.export.gguf_arch import arch_for, extra_tensors, write_metadata
+from tuneforge.export.gguf_arch import (
+    UnsupportedForGGUF,
+    arch_for,
+    check_config,
+    extra_tensors,
+    stack_target,
+    write_metadata,
+)
 from tuneforge.export.gguf_tokenizer import vocab_from_tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,10 +64,56 @@ def _file_type(method: str):
 
 @dataclass
 class _Planned:
-    hf_name: str
+    """One GGUF tensor: made from one HF tensor, or stacked from several (per-head norms)."""
+
+    sources: list[str]  # HF names, in the order they are stacked
     gguf_name: str
     shape: tuple[int, ...]
     qtype: object  # gguf.GGMLQuantizationType
+
+
+def _model_arch(name: str):
+    import gguf
+
+    return next(arch for arch, arch_name in gguf.MODEL_ARCH_NAMES.items() if arch_name == name)
+
+
+def plan_tensors(infos, arch, config, method: str) -> list[_Planned]:
+    """The GGUF tensors, in the order the source's tensors complete them.
+
+    infos: the source's `TensorInfo`s in streaming order. A stacked tensor (StableLM's per-head
+    q/k norms) is written once its last head has streamed by; a tied output that llama.cpp
+    requires as its own tensor (OLMo 2, StableLM) is the embedding written a second time.
+    """
+    import gguf
+
+    tensor_map = gguf.get_tensor_name_map(_model_arch(arch.name), config.num_hidden_layers)
+    stacks: dict[str, list] = {}
+    for info in infos:
+        target = stack_target(arch, info.name)
+        if target is not None:
+            stacks.setdefault(target[0], []).append((target[1], info))
+    plan: list[_Planned] = []
+    seen: dict[str, int] = {}
+    tied = getattr(config, "tie_word_embeddings", False)
+    for info in infos:
+        target = stack_target(arch, info.name)
+        if target is not None:
+            seen[target[0]] = seen.get(target[0], 0) + 1
+            if seen[target[0]] < len(stacks[target[0]]):
+                continue
+            heads = [head for _, head in sorted(stacks[target[0]], key=lambda item: item[0])]
+            hf_name, shape = target[0], (len(heads), *heads[0].shape)
+            sources = [head.name for head in heads]
+        else:
+            hf_name, shape, sources = info.name, info.shape, [info.name]
+        gguf_name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise UnsupportedForGGUF(f"tensor {hf_name!r} has no GGUF name for architecture {arch.name}")
+        plan.append(_Planned(sources, gguf_name, shape, _choose_type(method, shape, gguf_name)))
+        if gguf_name == "token_embd.weight" and tied and arch.output == "required":
+            plan.append(_Planned(sources, "output.weight", shape, _choose_type(method, shape, "output.weight")))
+    return plan
 
 
 def write_gguf(source, tokenizer, path: str | Path, method: str = "f16", name: str | None = None,
@@ -78,20 +131,11 @@ def write_gguf(source, tokenizer, path: str | Path, method: str = "f16", name: s
         raise ValueError(f"{method} is made by llama.cpp's quantiser: use save_gguf(), not write_gguf()")
     config = AutoConfig.for_model(**_config_kwargs(source.config))
     arch = arch_for(config)
-    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], config.num_hidden_layers)
+    check_config(arch, config)
     vocab = vocab_from_tokenizer(tokenizer, config.vocab_size)
     extras = extra_tensors(arch, config)
-
-    plan: list[_Planned] = []
-    fallback = []
-    for info in source.infos:
-        gguf_name = tensor_map.get_name(info.name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ValueError(f"tensor {info.name!r} has no GGUF name for architecture {arch.name}")
-        qtype = _choose_type(method, info.shape)
-        if len(info.shape) > 1 and qtype != _ggml_type(method):
-            fallback.append(gguf_name)
-        plan.append(_Planned(info.name, gguf_name, info.shape, qtype))
+    plan = plan_tensors(source.infos, arch, config, method)
+    fallback = [item.gguf_name for item in plan if len(item.shape) > 1 and item.qtype != _ggml_type(method)]
     if fallback:
         log.info("%d tensor(s) have rows not a multiple of the %s block; written as F16: %s", len(fallback),
                  method.upper(), ", ".join(fallback[:4]) + (" ..." if len(fallback) > 4 else ""))
@@ -116,16 +160,25 @@ def write_gguf(source, tokenizer, path: str | Path, method: str = "f16", name: s
     writer.write_ti_data_to_file()
     for tensor in extras.values():
         writer.write_tensor_data(tensor.numpy())
-    planned = iter(plan)
     bar = tqdm(total=len(plan), desc=f"writing {path.name}", disable=not progress, unit="tensor")
+    last_use = {name: index for index, item in enumerate(plan) for name in item.sources}
+    ready: dict[str, torch.Tensor] = {}  # streamed tensors that a planned item still needs
+    done = 0
     for hf_name, tensor in source.tensors():
-        item = next(planned)
-        if item.hf_name != hf_name:  # the two passes must agree on order; a bug if not
-            raise RuntimeError(f"tensor order changed between passes: {item.hf_name} vs {hf_name}")
-        data = arch.transform(item.gguf_name, tensor.float(), config)
-        writer.write_tensor_data(_encode(data, item.qtype))
-        bar.update()
+        ready[hf_name] = tensor
+        while done < len(plan) and all(name in ready for name in plan[done].sources):
+            item = plan[done]
+            parts = [ready[name].float() for name in item.sources]
+            data = torch.stack(parts) if len(parts) > 1 else parts[0]
+            writer.write_tensor_data(_encode(arch.transform(item.gguf_name, data, config), item.qtype))
+            for name in item.sources:
+                if last_use[name] == done:
+                    del ready[name]
+            done += 1
+            bar.update()
     bar.close()
+    if done < len(plan):  # the two passes must agree; a bug if not
+        raise RuntimeError(f"the source ended before {plan[done].gguf_name} was written")
     writer.close()
     log.info("wrote %s (%s, %.1f MB)", path, method.upper(), path.stat().st_size / 1e6)
     return path
@@ -139,11 +192,12 @@ def _config_kwargs(config: dict) -> dict:
     return {"model_type": model_type, **kwargs}
 
 
-def _choose_type(method: str, shape: tuple[int, ...]):
+def _choose_type(method: str, shape: tuple[int, ...], gguf_name: str = ""):
     import gguf
 
-    if len(shape) <= 1 or method == "f32":
-        # Norms, biases and other vectors stay F32: llama.cpp reads them as F32 and they are tiny.
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or method == "f32":
+        # Norms (per-head ones are 2-D), biases and other vectors stay F32: llama.cpp's CPU
+        # multiplies activations by them only in F32, and they are tiny.
         return gguf.GGMLQuantizationType.F32
     qtype = _ggml_type(method)
     block, _ = gguf.GGML_QUANT_SIZES[qtype]

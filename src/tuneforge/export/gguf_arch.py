@@ -1,25 +1,54 @@
 """What llama.cpp expects of each architecture, as data: metadata, tensor layout, unsupported configs.
 
-One `GGUFArch` per supported llama.cpp architecture. The GGUF writer asks the table; it never
-branches on a family name. Facts behind the entries (from llama.cpp's loader and converter):
+The family table (`tuneforge.models.families`, field `gguf_arch`) says which llama.cpp
+architecture a family exports to; this module holds one `GGUFArch` per llama.cpp architecture
+saying what that architecture needs. The GGUF writer asks the two tables; it never branches on
+a family name.
 
-- llama: llama.cpp applies "normal" (interleaved-pair) RoPE, so the HF q_proj / k_proj rows,
-  which are laid out for rotate-half RoPE, are permuted per head:
-  `w.reshape(n_head, 2, d_head // 2, in).swapaxes(1, 2).reshape(out, in)`.
-- qwen2: NeoX RoPE like HF, so no permutation; q/k/v carry biases.
-- gemma3: the RMSNorm weight is stored as `w` but applied as `1 + w`; llama.cpp applies it
-  as stored, so the exporter writes `w + 1`. llama.cpp itself scales the token embeddings by
-  sqrt(hidden) (as HF does), so they are written unscaled. Every 6th layer is global
-  attention and the sliding layers use RoPE base 10000: both fixed in llama.cpp, so a config
-  that says otherwise cannot be represented and is refused.
+The facts come from llama.cpp itself, the copy vendored in llama-cpp-python 0.3.36 (the runtime
+the tests load every exported file with): its converter (`conversion/<family>.py`, called by
+`convert_hf_to_gguf.py`), its loader (`src/models/<arch>.cpp`: which keys and tensors it reads,
+which are optional) and `llama_model_rope_type`:
+
+- RoPE: llama, granite and command-r use "normal" RoPE (pairs (2i, 2i+1)); every other
+  architecture here uses NeoX RoPE (pairs (i, i + d/2)) as transformers does. Llama and Granite
+  checkpoints are laid out for rotate-half, so their q_proj / k_proj rows are permuted per head
+  (`permute_rotary`); Cohere's HF RoPE is itself interleaved, so its rows stay as they are.
+- Gemma, Gemma 2, Gemma 3: the RMSNorm weight is applied as `1 + w`; llama.cpp applies it as
+  stored, so the exporter writes `w + 1`. llama.cpp scales the token embeddings by sqrt(hidden)
+  itself. Queries are scaled by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B models).
+- Gemma 2: attention and final-logit soft-capping (keys `attn_logit_softcapping`,
+  `final_logit_softcapping`); Gemma 2 / 3 and OLMo 2: sliding-window layers given per layer
+  (`attention.sliding_window_pattern`, an array of bools) with their own RoPE base.
+- Architectures without sliding windows in llama.cpp (llama for Mistral, starcoder2, qwen2/3,
+  phi3 — whose loader switches SWA off): a model whose layers are windowed is exported with its
+  context length capped at the window, inside which full attention and windowed attention agree.
+- Phi-3: fused `attn_qkv` ([q; k; v] rows as in HF) and `ffn_up` holding [gate; up] (llama.cpp's
+  SwiGLU takes the first half as the gate); partial rotary via `rope.dimension_count`.
+- Falcon: the fused query_key_value is grouped per KV head in HF ([q.., k, v] per group); llama.cpp
+  wants all q rows, then all k, then all v. New-architecture Falcon's `ln_attn` feeds attention
+  (`attn_norm_2`), `ln_mlp` the MLP (`attn_norm`). No biases, no ALiBi, always parallel attention.
+- StableLM: LayerNorm with bias, partial rotary, optional q/k/v biases, optional parallel residual
+  (no `ffn_norm`), optional per-head q/k LayerNorms that llama.cpp wants stacked into one tensor.
+- StarCoder 2: LayerNorm with bias, biases on every projection (required by llama.cpp), GELU MLP.
+- Command-R (Cohere): LayerNorm without bias, parallel attention and MLP, logits times
+  `logit_scale`, output always tied to the embeddings, optional per-head q/k LayerNorms.
+- Granite: the llama graph plus `attention.scale`, `embedding_scale`, `residual_scale` and
+  `logit_scale` (llama.cpp divides the logits by it); head_dim is not read.
+- OLMo 2: post-norms only (`post_attention_norm`, `post_ffw_norm`), RMSNorm over all q / k heads
+  at once (`attn_q_norm` of size hidden); llama.cpp requires a separate output tensor.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import re
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class UnsupportedForGGUF(ValueError):
@@ -28,18 +57,37 @@ class UnsupportedForGGUF(ValueError):
 
 @dataclass(frozen=True)
 class GGUFArch:
-    """name: llama.cpp architecture; model_types: HF `config.model_type` values mapped to it.
+    """One llama.cpp architecture, as the exporter needs to know it.
 
-    permute_qk:  permute q_proj / k_proj rows from rotate-half to interleaved RoPE order.
-    norm_offset: added to every `*norm.weight` (Gemma's `1 + w` RMSNorm).
-    metadata:    writes the arch-specific keys: (writer, config) -> None.
-    check:       raises UnsupportedForGGUF for configs llama.cpp cannot run as HF does.
+    name:           llama.cpp's architecture name (`general.architecture`).
+    permute_qk:     llama.cpp rotates interleaved pairs but the HF rows are rotate-half: permute
+                    q_proj / k_proj rows per head.
+    norm_offset:    added to every `*norm.weight` (Gemma's `1 + w` RMSNorm).
+    layer_norm:     the norms are LayerNorms (eps under `attention.layer_norm_epsilon`), not RMSNorms.
+    sliding_window: llama.cpp runs per-layer sliding windows for this architecture.
+    output:         the output (lm_head) tensor: "optional" (absent means tied), "tied" (llama.cpp
+                    always uses the embeddings) or "required" (a tied model writes it twice).
+    head_dim_keys:  write `attention.key_length` / `value_length` from config.head_dim.
+    activations:    the MLP activations (HF names) llama.cpp's graph computes for this architecture.
+    stacked:        (regex over HF names with one group per head index, HF name of the stack):
+                    per-head tensors llama.cpp reads as one [heads, ...] tensor.
+    kv_heads:       config -> the KV head count, where `num_key_value_heads` is not it (Falcon 7B).
+    transforms:     {GGUF name suffix: (tensor [out, in], config) -> tensor} for layouts that differ.
+    metadata:       writes the architecture's own keys: (writer, config) -> None.
+    check:          raises UnsupportedForGGUF for configs llama.cpp cannot run as HF does.
     """
 
     name: str
-    model_types: tuple[str, ...]
     permute_qk: bool = False
     norm_offset: float = 0.0
+    layer_norm: bool = False
+    sliding_window: bool = False
+    output: str = "optional"
+    head_dim_keys: bool = True
+    activations: tuple[str, ...] = ("silu",)
+    stacked: tuple[tuple[str, str], ...] = ()
+    transforms: dict[str, Callable] = field(default_factory=dict)
+    kv_heads: Callable | None = None
     metadata: Callable | None = None
     check: Callable | None = None
 
@@ -49,6 +97,9 @@ class GGUFArch:
             tensor = permute_rotary(tensor, config.num_attention_heads)
         elif self.permute_qk and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
             tensor = permute_rotary(tensor, config.num_key_value_heads)
+        for suffix, function in self.transforms.items():
+            if gguf_name.endswith(suffix):
+                tensor = function(tensor, config)
         if self.norm_offset and gguf_name.endswith("norm.weight"):
             tensor = tensor + self.norm_offset
         return tensor
@@ -72,24 +123,70 @@ def rope_parameters(config, layer_type: str | None = None) -> dict:
     params = dict(getattr(config, "rope_parameters", None) or {})
     if layer_type is not None and layer_type in params:
         params = dict(params[layer_type])
+    elif "full_attention" in params:
+        params = dict(params["full_attention"])
     return params
 
 
-def _common(writer, config, arch: GGUFArch, rope: dict) -> None:
-    writer.add_context_length(config.max_position_embeddings)
+def rotary_dims(config) -> int:
+    """How many of a head's dimensions are rotated (Phi-3 / StableLM rotate a leading fraction)."""
+    factor = rope_parameters(config).get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    return int(head_dim(config) * factor) if factor is not None else head_dim(config)
+
+
+def windowed_layers(config) -> list[bool]:
+    """Per layer: does the HF model attend through a sliding window there?"""
+    layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return [False] * layers
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return [kind == "sliding_attention" for kind in kinds]
+    return [bool(getattr(config, "use_sliding_window", True))] * layers
+
+
+def _first(config, names: tuple[str, ...]):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    raise UnsupportedForGGUF(f"{config.model_type} config has none of {', '.join(names)}")
+
+
+def _common(writer, config, arch: GGUFArch) -> None:
+    rope = rope_parameters(config)
+    context = config.max_position_embeddings
+    windowed = windowed_layers(config)
+    if any(windowed) and arch.sliding_window:
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_sliding_window_pattern(windowed)
+        local = rope_parameters(config, "sliding_attention")
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedForGGUF(f"{arch.name}: sliding-layer RoPE scaling {local['rope_type']!r} is not exported")
+        writer.add_rope_freq_base_swa(float(local.get("rope_theta", rope.get("rope_theta", 10000.0))))
+    elif any(windowed) and config.sliding_window < context:
+        # llama.cpp runs these layers with full attention: within the window the two agree.
+        log.warning("%s: llama.cpp has no sliding window for this architecture; the GGUF's context length is "
+                    "capped at the model's window (%d tokens, not %d), inside which both attend alike",
+                    arch.name, config.sliding_window, context)
+        context = config.sliding_window
+    writer.add_context_length(context)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_head_count_kv(arch.kv_heads(config) if arch.kv_heads else config.num_key_value_heads)
+    if arch.layer_norm:
+        writer.add_layer_norm_eps(_first(config, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")))
+    else:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     writer.add_vocab_size(config.vocab_size)
-    dim = head_dim(config)
-    writer.add_rope_dimension_count(dim)
-    if dim != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(dim)
-        writer.add_value_length(dim)
+    writer.add_rope_dimension_count(rotary_dims(config))
+    if arch.head_dim_keys and getattr(config, "head_dim", None):
+        writer.add_key_length(head_dim(config))
+        writer.add_value_length(head_dim(config))
     _rope_scaling(writer, rope, arch)
 
 
@@ -128,66 +225,188 @@ def extra_tensors(arch: GGUFArch, config) -> dict[str, torch.Tensor]:
     return {"rope_freqs.weight": (plain / scaled.double()).float()}
 
 
+# --- per-architecture facts ------------------------------------------------------------------
+
+
 def _llama_check(config) -> None:
     if getattr(config, "mlp_bias", False):
         raise UnsupportedForGGUF("llama with mlp_bias=true has no llama.cpp tensor for the MLP biases")
 
 
-def _qwen2_check(config) -> None:
-    if getattr(config, "use_sliding_window", False):
-        raise UnsupportedForGGUF("qwen2 with use_sliding_window=true: llama.cpp's qwen2 has no sliding window")
+def _gemma_query_scale(config, arch: str) -> None:
+    # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B models.
+    big = {"gemma2": 46, "gemma3": 62}.get(arch)
+    expected = (config.hidden_size // config.num_attention_heads if config.num_hidden_layers == big
+                else head_dim(config))
+    if config.query_pre_attn_scalar != expected:
+        raise UnsupportedForGGUF(f"{arch} query_pre_attn_scalar={config.query_pre_attn_scalar}, but llama.cpp "
+                                 f"scales queries by 1/sqrt({expected})")
+
+
+def _gemma2_metadata(writer, config) -> None:
+    if config.attn_logit_softcapping is not None:
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    if config.final_logit_softcapping is not None:
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+
+
+def _gemma2_check(config) -> None:
+    _gemma_query_scale(config, "gemma2")
+    if config.attn_logit_softcapping is None:
+        # llama.cpp's gemma2 always soft-caps the scores (its default cap is 50).
+        raise UnsupportedForGGUF("gemma2 without attn_logit_softcapping: llama.cpp's gemma2 always soft-caps")
 
 
 def _gemma3_metadata(writer, config) -> None:
-    writer.add_sliding_window(config.sliding_window)
-    writer.add_key_length(head_dim(config))
-    writer.add_value_length(head_dim(config))
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
 def _gemma3_check(config) -> None:
-    # llama.cpp fixes these (hparams.set_swa_pattern(6), rope_freq_base_train_swa = 10000).
-    for index, kind in enumerate(getattr(config, "layer_types", None) or []):
-        expected = "sliding_attention" if index % 6 < 5 else "full_attention"
-        if kind != expected:
-            raise UnsupportedForGGUF(f"gemma3 layer {index} is {kind!r}; llama.cpp makes every 6th layer "
-                                     f"global, so it would run it as {expected!r}")
-    local = rope_parameters(config, "sliding_attention")
-    if float(local.get("rope_theta", 10000.0)) != 10000.0 or local.get("rope_type", "default") != "default":
-        raise UnsupportedForGGUF(f"gemma3 sliding-layer RoPE {local} differs from llama.cpp's fixed base 10000")
-    # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-layer 27B.
-    expected = (config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62
-                else head_dim(config))
-    if config.query_pre_attn_scalar != expected:
-        raise UnsupportedForGGUF(f"gemma3 query_pre_attn_scalar={config.query_pre_attn_scalar}, but llama.cpp "
-                                 f"scales queries by 1/sqrt({expected})")
-    for field in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, field, None) is not None:
-            raise UnsupportedForGGUF(f"gemma3 with {field}={getattr(config, field)}: llama.cpp's gemma3 has none")
+    _gemma_query_scale(config, "gemma3")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedForGGUF(f"gemma3 with attn_logit_softcapping={config.attn_logit_softcapping}: "
+                                 "llama.cpp's gemma3 does not soft-cap attention scores")
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedForGGUF("gemma3 with bidirectional attention (an embedding model) is not a causal LM")
 
 
-ARCHES: tuple[GGUFArch, ...] = (
-    GGUFArch("llama", ("llama",), permute_qk=True, check=_llama_check),
-    GGUFArch("qwen2", ("qwen2",), check=_qwen2_check),
-    GGUFArch("gemma3", ("gemma3_text",), norm_offset=1.0, metadata=_gemma3_metadata,
-             check=_gemma3_check),
-)
+def _granite_metadata(writer, config) -> None:
+    writer.add_attention_scale(config.attention_multiplier)
+    writer.add_embedding_scale(config.embedding_multiplier)
+    writer.add_residual_scale(config.residual_multiplier)
+    writer.add_logit_scale(config.logits_scaling)
+
+
+def _granite_check(config) -> None:
+    if head_dim(config) != config.hidden_size // config.num_attention_heads:
+        raise UnsupportedForGGUF("granite with head_dim != hidden_size / heads: llama.cpp's granite ignores head_dim")
+
+
+def _command_r_check(config) -> None:
+    # llama.cpp's command-r reads per-head q/k LayerNorms exactly when the model has 64+ layers
+    # (Command R+), and requires them there.
+    big = config.num_hidden_layers >= 64
+    if bool(getattr(config, "use_qk_norm", False)) != big:
+        raise UnsupportedForGGUF(f"cohere with use_qk_norm={getattr(config, 'use_qk_norm', False)} and "
+                                 f"{config.num_hidden_layers} layers: llama.cpp's command-r has q/k norms "
+                                 "exactly when there are 64 layers or more")
+
+
+def _command_r_metadata(writer, config) -> None:
+    import gguf
+
+    writer.add_logit_scale(config.logit_scale)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+
+def _falcon_kv_heads(config) -> int:
+    # transformers' FalconAttention: one KV head for the old multi-query layout (7B).
+    if config.new_decoder_architecture or not config.multi_query:
+        return config.num_kv_heads
+    return 1
+
+
+def _falcon_qkv(weight: torch.Tensor, config) -> torch.Tensor:
+    """weight: [(n_head + 2 * n_kv) * d, hidden] grouped per KV head ([q.., k, v] per group)
+    -> [all q; all k; all v] rows (llama.cpp's "jploski" layout)."""
+    n_head, n_kv = config.num_attention_heads, _falcon_kv_heads(config)
+    d = config.hidden_size // n_head
+    groups = weight.reshape(n_kv, n_head // n_kv + 2, d, -1)
+    q = groups[:, :-2].reshape(n_head * d, -1)
+    k = groups[:, -2].reshape(n_kv * d, -1)
+    v = groups[:, -1].reshape(n_kv * d, -1)
+    return torch.cat((q, k, v)).reshape(weight.shape)
+
+
+def _falcon_check(config) -> None:
+    for flag, why in (("alibi", "ALiBi positions"), ("bias", "projection biases")):
+        if getattr(config, flag, False):
+            raise UnsupportedForGGUF(f"falcon with {flag}=true: llama.cpp's falcon has no {why}")
+    if not config.parallel_attn:
+        raise UnsupportedForGGUF("falcon with parallel_attn=false: llama.cpp's falcon always runs attention "
+                                 "and MLP in parallel")
+
+
+def _stablelm_metadata(writer, config) -> None:
+    writer.add_parallel_residual(bool(config.use_parallel_residual))
+
+
+def _starcoder2_check(config) -> None:
+    if not config.use_bias:
+        raise UnsupportedForGGUF("starcoder2 with use_bias=false: llama.cpp's starcoder2 requires the biases")
+
+
+def _phi3_metadata(writer, config) -> None:
+    original = getattr(config, "original_max_position_embeddings", None)
+    if original:
+        writer.add_rope_scaling_orig_ctx_len(original)
+
+
+ARCHES: dict[str, GGUFArch] = {arch.name: arch for arch in (
+    GGUFArch("llama", permute_qk=True, check=_llama_check),
+    GGUFArch("qwen2"),
+    GGUFArch("qwen3"),
+    GGUFArch("phi3", metadata=_phi3_metadata),
+    GGUFArch("gemma", norm_offset=1.0, output="tied", activations=("gelu_pytorch_tanh", "gelu")),
+    GGUFArch("gemma2", norm_offset=1.0, output="tied", sliding_window=True, activations=("gelu_pytorch_tanh",),
+             metadata=_gemma2_metadata, check=_gemma2_check),
+    GGUFArch("gemma3", norm_offset=1.0, sliding_window=True, activations=("gelu_pytorch_tanh",),
+             metadata=_gemma3_metadata, check=_gemma3_check),
+    GGUFArch("granite", permute_qk=True, head_dim_keys=False, metadata=_granite_metadata, check=_granite_check),
+    GGUFArch("olmo2", sliding_window=True, output="required"),
+    GGUFArch("command-r", layer_norm=True, output="tied", metadata=_command_r_metadata, check=_command_r_check),
+    GGUFArch("falcon", layer_norm=True, activations=("gelu",), transforms={"attn_qkv.weight": _falcon_qkv},
+             kv_heads=_falcon_kv_heads, check=_falcon_check),
+    GGUFArch("stablelm", layer_norm=True, output="required", metadata=_stablelm_metadata,
+             stacked=((r"(.*\.self_attn\.[qk]_layernorm)\.norms\.(\d+)\.weight$", r"\1.weight"),)),
+    GGUFArch("starcoder2", layer_norm=True, activations=("gelu_pytorch_tanh",), check=_starcoder2_check),
+)}
 
 
 def arch_for(config) -> GGUFArch:
-    for arch in ARCHES:
-        if config.model_type in arch.model_types:
-            return arch
-    known = ", ".join(t for arch in ARCHES for t in arch.model_types)
-    raise UnsupportedForGGUF(f"no GGUF export for model_type {config.model_type!r} yet (supported: {known})")
+    """The llama.cpp architecture a model exports to, from the family table's `gguf_arch`."""
+    from tuneforge.models.families import all_families, family_for_model_type
+
+    family = family_for_model_type(config.model_type)
+    if family is None or family.gguf_arch is None:
+        known = ", ".join(t for spec in all_families().values() if spec.gguf_arch for t in spec.model_types)
+        raise UnsupportedForGGUF(f"no GGUF export for model_type {config.model_type!r} (supported: {known})")
+    return ARCHES[family.gguf_arch]
+
+
+def gguf_model_types() -> set[str]:
+    """Every HF model_type with a GGUF architecture."""
+    from tuneforge.models.families import all_families
+
+    return {t for spec in all_families().values() if spec.gguf_arch in ARCHES for t in spec.model_types}
+
+
+def stack_target(arch: GGUFArch, hf_name: str) -> tuple[str, int] | None:
+    """(HF name of the stacked tensor, head index) when `hf_name` is one head of a stacked tensor."""
+    for pattern, target in arch.stacked:
+        match = re.match(pattern, hf_name)
+        if match:
+            return match.expand(target), int(match.group(2))
+    return None
+
+
+def check_config(arch: GGUFArch, config) -> None:
+    """Raises UnsupportedForGGUF where llama.cpp would run this config differently from transformers."""
+    activation = _first(config, ("hidden_activation", "hidden_act", "activation"))
+    if activation not in arch.activations:
+        raise UnsupportedForGGUF(f"{arch.name} with activation {activation!r}: llama.cpp's {arch.name} computes "
+                                 f"{' / '.join(arch.activations)}")
+    if arch.output == "tied" and not getattr(config, "tie_word_embeddings", True):
+        raise UnsupportedForGGUF(f"{arch.name} with an untied lm_head: llama.cpp's {arch.name} always computes "
+                                 "the logits with the token embeddings")
+    if arch.check is not None:
+        arch.check(config)
 
 
 def write_metadata(writer, arch: GGUFArch, config) -> None:
     """All architecture keys llama.cpp reads for `arch` (general.* and tokenizer.* are elsewhere)."""
-    if arch.check is not None:
-        arch.check(config)
-    layer_type = "full_attention" if arch.name == "gemma3" else None
-    _common(writer, config, arch, rope_parameters(config, layer_type))
+    check_config(arch, config)
+    _common(writer, config, arch)
     if arch.metadata is not None:
         arch.metadata(writer, config)

@@ -5,7 +5,10 @@ table the training data is rendered with), so what Ollama sends the model is wha
 on. The format is the table entry whose Jinja the tokenizer carries, else the entry that renders
 a probe conversation exactly as the tokenizer's own template does. The default system prompt a template inserts
 (SmolLM2's, Qwen's) becomes the Modelfile's SYSTEM line: Ollama then passes it as the first
-message when a conversation has none, as the Jinja template does.
+message when a conversation has none, as the Jinja template does. An empty default system turn
+(Llama 3.1's, which is only its date header) cannot travel as SYSTEM (Ollama drops an empty one),
+so the TEMPLATE writes it itself when the first message is not a system message.
+`{eos_token}` / `{bos_token}` in a format (Alpaca's end of turn) become the tokenizer's own tokens.
 
 BOS is not written into the TEMPLATE: Ollama tokenises with the GGUF's add_bos_token flag.
 """
@@ -72,6 +75,21 @@ def default_system_prompt(tokenizer, template) -> str | None:
     return match.group(1) if match else None
 
 
+def with_special_tokens(template, tokenizer):
+    """`template` with `{eos_token}` / `{bos_token}` replaced by the tokenizer's tokens."""
+    from dataclasses import fields, replace
+
+    tokens = {"{eos_token}": tokenizer.eos_token or "", "{bos_token}": tokenizer.bos_token or ""}
+    changes = {}
+    for item in fields(template):
+        value = getattr(template, item.name)
+        if isinstance(value, str) and item.name != "custom_jinja" and any(key in value for key in tokens):
+            for key, token in tokens.items():
+                value = value.replace(key, token)
+            changes[item.name] = value
+    return replace(template, **changes) if changes else template
+
+
 def _go(piece: str) -> str:
     """A table piece -> Go template text: {content} is the message, other placeholders literal."""
     if "{{" in piece or "}}" in piece:
@@ -79,8 +97,11 @@ def _go(piece: str) -> str:
     return piece.replace("{content}", "{{ .Content }}")
 
 
-def go_template(template) -> str:
-    """The Ollama TEMPLATE for a table `ChatTemplate` (Ollama's `.Messages` form)."""
+def go_template(template, empty_default_system: bool = False) -> str:
+    """The Ollama TEMPLATE for a table `ChatTemplate` (Ollama's `.Messages` form).
+
+    empty_default_system: the format writes an empty system turn when the conversation has none.
+    """
     user = _go(template.user)
     # A format without a system turn (Gemma) gets the system text as a user turn, as Ollama's own
     # Gemma templates do; the Jinja merges it into the first user turn instead.
@@ -92,8 +113,13 @@ def go_template(template) -> str:
     if template.trim:
         log.info("chat format %s strips whitespace around %s text; the Ollama template sends it as is",
                  template.name, ", ".join(template.trim))
+    opening = ""
+    if empty_default_system and template.system is not None:
+        opening = ('{{ if ne (index .Messages 0).Role "system" }}'
+                   f'{template.system.replace("{content}", "")}{{{{ end }}}}')
     # No `{{-` trim markers: they would also eat the newline that ends a turn's text.
     return (
+        f"{opening}"
         "{{ range .Messages }}"
         f'{{{{ if eq .Role "system" }}}}{system}'
         f'{{{{ else if eq .Role "user" }}}}{user}'
@@ -130,8 +156,9 @@ def write_modelfile(gguf_path: str | Path, tokenizer, generation_config=None, nu
         # Ollama falls back to the GGUF's tokenizer.chat_template when the Modelfile has no TEMPLATE.
         log.warning("no Ollama TEMPLATE for this tokenizer's chat template; Ollama will read the GGUF's own")
     else:
-        lines += [f"TEMPLATE {_quote(go_template(template))}", ""]
+        template = with_special_tokens(template, tokenizer)
         system = default_system_prompt(tokenizer, template)
+        lines += [f"TEMPLATE {_quote(go_template(template, empty_default_system=system == ''))}", ""]
         if system:
             lines += [f"SYSTEM {_quote(system)}", ""]
         lines += [f'PARAMETER stop "{stop}"' for stop in stop_tokens(template)]

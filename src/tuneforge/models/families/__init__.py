@@ -62,6 +62,9 @@ class FamilySpec:
                      peft's `target_parameters`, computed by `kernels.moe`. () for dense families.
     packing:         padding-free packing keeps samples apart: transformers builds the mask from
                      restarting position_ids (tested: packed loss equals the samples one by one).
+    gguf_arch:       the llama.cpp architecture the family exports to ("llama" for Mistral too,
+                     "command-r" for Cohere); what that architecture needs is the exporter's table
+                     (`tuneforge.export.gguf_arch`). None: no GGUF export.
     """
 
     name: str
@@ -85,6 +88,7 @@ class FamilySpec:
     linear_subclasses: tuple[str, ...] = ()
     experts: tuple[str, ...] = ()
     packing: bool = True
+    gguf_arch: str | None = None
 
     def __post_init__(self):
         # The table is code, but a typo in it should fail at import, naming the family.

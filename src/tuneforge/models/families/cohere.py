@@ -11,6 +11,7 @@ COHERE = register(
         name="cohere",
         model_types=("cohere",),
         config_class="CohereConfig",
+        gguf_arch="command-r",
         chat_template="cohere",
         norm="layer",
         attention=None,

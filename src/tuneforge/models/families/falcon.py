@@ -12,6 +12,7 @@ FALCON = register(
         name="falcon",
         model_types=("falcon",),
         config_class="FalconConfig",
+        gguf_arch="falcon",
         chat_template="chatml",
         norm="layer",
         attention=None,

@@ -7,6 +7,7 @@ GEMMA = register(
         name="gemma",
         model_types=("gemma",),
         config_class="GemmaConfig",
+        gguf_arch="gemma",
         chat_template="gemma",
         norm="rms_offset",
         activation="gelu_tanh",

@@ -7,6 +7,7 @@ GEMMA2 = register(
         name="gemma2",
         model_types=("gemma2",),
         config_class="Gemma2Config",
+        gguf_arch="gemma2",
         chat_template="gemma",
         norm="rms_offset",
         attn_softcap=True,

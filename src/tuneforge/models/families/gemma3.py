@@ -7,6 +7,7 @@ GEMMA3 = register(
         name="gemma3",
         model_types=("gemma3_text",),
         config_class="Gemma3TextConfig",
+        gguf_arch="gemma3",
         chat_template="gemma",
         norm="rms_offset",
         qk_norm="head",

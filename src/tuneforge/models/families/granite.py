@@ -7,6 +7,7 @@ GRANITE = register(
         name="granite",
         model_types=("granite",),
         config_class="GraniteConfig",
+        gguf_arch="granite",
         chat_template="granite",
         logit_scale_attr="logits_scaling",
         logit_scale_divides=True,

@@ -7,6 +7,7 @@ LLAMA = register(
         name="llama",
         model_types=("llama",),
         config_class="LlamaConfig",
+        gguf_arch="llama",
         chat_template="llama-3.1",
         norm="rms",
         activation="silu",

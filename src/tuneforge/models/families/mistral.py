@@ -7,6 +7,7 @@ MISTRAL = register(
         name="mistral",
         model_types=("mistral",),
         config_class="MistralConfig",
+        gguf_arch="llama",
         chat_template="mistral-v3",
         # v0.1 used a 4096-token sliding window; a window shorter than the test sequence makes
         # the tiny model exercise the sliding-window mask through the patched attention.

@@ -7,6 +7,7 @@ OLMO2 = register(
         name="olmo2",
         model_types=("olmo2",),
         config_class="Olmo2Config",
+        gguf_arch="olmo2",
         chat_template="chatml",
         norm="rms_fp32",
         qk_norm="full",

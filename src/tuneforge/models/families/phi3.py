@@ -11,6 +11,7 @@ PHI3 = register(
         name="phi3",
         model_types=("phi3",),
         config_class="Phi3Config",
+        gguf_arch="phi3",
         chat_template="phi-3",
         qkv="fused",
         mlp="gated_fused",

@@ -7,6 +7,7 @@ QWEN2 = register(
         name="qwen2",
         model_types=("qwen2",),
         config_class="Qwen2Config",
+        gguf_arch="qwen2",
         chat_template="qwen-2.5",
     )
 )

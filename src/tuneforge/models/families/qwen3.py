@@ -7,6 +7,7 @@ QWEN3 = register(
         name="qwen3",
         model_types=("qwen3",),
         config_class="Qwen3Config",
+        gguf_arch="qwen3",
         chat_template="qwen-3",
         qk_norm="head",
         # Qwen3Config's head_dim defaults to 128, not hidden / heads.

@@ -7,6 +7,7 @@ STABLELM = register(
         name="stablelm",
         model_types=("stablelm",),
         config_class="StableLmConfig",
+        gguf_arch="stablelm",
         chat_template="chatml",
         norm="layer",
         tiny_config_overrides={"use_qkv_bias": True, "bos_token_id": 1, "eos_token_id": 2},

@@ -7,6 +7,7 @@ STARCODER2 = register(
         name="starcoder2",
         model_types=("starcoder2",),
         config_class="Starcoder2Config",
+        gguf_arch="starcoder2",
         chat_template="alpaca",
         norm="layer",
         mlp=None,

@@ -1,0 +1,197 @@
+"""Every family exports to GGUF that llama.cpp runs as transformers does, and the family table says so.
+
+Per family with a `gguf_arch` in the family table: the family's tiny random model (its tiny-test
+config, SmolLM2's 49,152-token vocabulary so the file carries a real tokenizer), weights rounded to
+float16 so that an F16 GGUF holds exactly what transformers runs, then
+
+  - F16 GGUF, loaded by llama-cpp-python: next-token logits at every position of several prompts
+    within 2e-3 of the logit range of transformers' (fp32). llama.cpp keeps its KV cache in F16, so
+    ~5e-4 remains; a wrong Q/K layout, norm offset, scale or soft-cap moves logits by ~the range;
+  - Q8_0 GGUF: loads, its logits stay within 5 % of the range, and it generates tokens that
+    transformers ranks among its top five at every step.
+
+Each outcome (with the measured differences) is written to build/family_results as
+`<family>__gguf_f16.json` / `<family>__gguf_q8_0.json`; scripts/family_table.py renders the table's
+"GGUF export" column from them, and the last test fails when the committed column differs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from export_helpers import llama_cpp_quiet, spread_weights
+from transformers import AutoTokenizer
+
+from tuneforge.export.gguf import write_gguf
+from tuneforge.export.gguf_arch import UnsupportedForGGUF
+from tuneforge.export.merge import ModuleSource
+from tuneforge.models.families import all_families
+from tuneforge.testing import tiny_model
+
+pytest.importorskip("llama_cpp", reason="needs the gguf extra: pip install 'tuneforge[gguf]'")
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = Path(os.environ.get("TUNEFORGE_FAMILY_RESULTS", ROOT / "build" / "family_results"))
+_STARTED = time.time()
+FAMILIES = sorted(name for name, spec in all_families().items() if spec.gguf_arch)
+F16_TOLERANCE = 2e-3  # of the logit range
+Q8_TOLERANCE = 0.05
+# Several prompts, each compared up to the GGUF's context length (a model whose sliding window
+# llama.cpp cannot run is exported with its context capped at the window: 16 tokens for the tiny
+# Mistral and StarCoder 2).
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 5, "def add(a, b):\n    return a + b\n",
+         "Paris is the capital of France; Berlin is the capital of", "1, 2, 3, 5, 8, 13, 21, 34"]
+# Config changes on top of the family's tiny-test overrides, and why.
+GGUF_OVERRIDES = {
+    # The family tests' final soft-cap 0.3 squeezes the logits into (-0.3, 0.3), so "of the range"
+    # would weigh F16 rounding 30x; a cap of 3 still bends logits of up to ~5 hard.
+    "gemma2": {"final_logit_softcapping": 3.0},
+}
+# Layouts the family's tiny config does not reach: (id, family, config changes).
+VARIANTS = [
+    ("falcon-7b-multi-query", "falcon", dict(new_decoder_architecture=False, multi_query=True, num_kv_heads=None)),
+    ("stablelm-2-12b-qk-norms-parallel", "stablelm", dict(qk_layernorm=True, use_parallel_residual=True)),
+    ("olmo2-tied-output", "olmo2", dict(tie_word_embeddings=True)),
+]
+
+
+def _family_table_script():
+    spec = importlib.util.spec_from_file_location("family_table", ROOT / "scripts" / "family_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+FAMILY_TABLE = _family_table_script()
+
+
+def recorded(family: str, check: str, **details):
+    """Run a check and write its outcome for the family table (the format scripts/family_table.py reads)."""
+    return FAMILY_TABLE.recorded(RESULTS, family, check, **details)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def model_for(family: str, **changes):
+    overrides = {**GGUF_OVERRIDES.get(family, {}), **changes}
+    return spread_weights(tiny_model(family, vocab_size=49152, **overrides), fp16_exact=True)
+
+
+def prompts(tokenizer, context: int) -> list[list[int]]:
+    return [tokenizer(text, add_special_tokens=False)["input_ids"][:context] for text in TEXTS]
+
+
+def context_length(llm) -> int:
+    return int(llm.metadata[f"{llm.metadata['general.architecture']}.context_length"])
+
+
+def logits_of(llm, ids: list[int]) -> np.ndarray:
+    """[len(ids), vocab] logits of llama.cpp (the model was loaded with logits_all=True)."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def reference(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def relative_differences(llm, model, tokenizer) -> list[float]:
+    """Per prompt: max |llama.cpp - transformers| over every position and token, / the logit range."""
+    out = []
+    for ids in prompts(tokenizer, context_length(llm)):
+        want = reference(model, ids)
+        out.append(float(np.abs(logits_of(llm, ids) - want).max() / (want.max() - want.min())))
+    return out
+
+
+def export(model, tokenizer, folder: Path, method: str) -> Path:
+    # The name stays neutral: llama.cpp tweaks token attributes by the model's name ("phi3").
+    return write_gguf(ModuleSource(model), tokenizer, folder / f"tiny.{method}.gguf", method, name="tiny",
+                      progress=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f16_gguf_logits_equal_transformers(family, tokenizer, tmp_path):
+    with recorded(family, "gguf_f16", arch=all_families()[family].gguf_arch) as record:
+        model = model_for(family)
+        llm = llama_cpp_quiet(export(model, tokenizer, tmp_path, "f16"), n_ctx=128, logits_all=True)
+        try:
+            assert llm.metadata["general.architecture"] == all_families()[family].gguf_arch
+            record["logit_diff"] = relative_differences(llm, model, tokenizer)
+        finally:
+            llm.close()
+        print(f"{family}: max |llama.cpp - transformers| / range per prompt: {record['logit_diff']}")
+        assert max(record["logit_diff"]) < F16_TOLERANCE, record["logit_diff"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_q8_0_gguf_loads_and_generates(family, tokenizer, tmp_path):
+    with recorded(family, "gguf_q8_0") as record:
+        model = model_for(family)
+        llm = llama_cpp_quiet(export(model, tokenizer, tmp_path, "q8_0"), n_ctx=128, logits_all=True)
+        try:
+            record["logit_diff"] = relative_differences(llm, model, tokenizer)
+            ids = prompts(tokenizer, 8)[2]
+            generated = []
+            for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                generated.append(token)
+                if len(generated) == 6:
+                    break
+        finally:
+            llm.close()
+        assert max(record["logit_diff"]) < Q8_TOLERANCE, record["logit_diff"]
+        # Teacher-forced: each token llama.cpp chose is one transformers ranks in its top five.
+        want = reference(model, ids + generated)[len(ids) - 1:-1]
+        ranks = [int((row > row[token]).sum()) for row, token in zip(want, generated)]
+        assert len(generated) == 6 and max(ranks) < 5, ranks
+
+
+@pytest.mark.parametrize("family, changes", [(family, changes) for _, family, changes in VARIANTS],
+                         ids=[name for name, _, _ in VARIANTS])
+def test_layout_variants_equal_transformers(family, changes, tokenizer, tmp_path):
+    model = model_for(family, **changes)
+    llm = llama_cpp_quiet(export(model, tokenizer, tmp_path, "f16"), n_ctx=128, logits_all=True)
+    try:
+        differences = relative_differences(llm, model, tokenizer)
+    finally:
+        llm.close()
+    assert max(differences) < F16_TOLERANCE, differences
+
+
+@pytest.mark.parametrize("family, changes, message", [
+    ("falcon", dict(alibi=True), "ALiBi"),
+    ("falcon", dict(parallel_attn=False), "parallel"),
+    ("starcoder2", dict(use_bias=False), "biases"),
+    ("cohere", dict(use_qk_norm=True), "64 layers"),
+    ("cohere", dict(tie_word_embeddings=False), "untied lm_head"),
+    ("gemma2", dict(query_pre_attn_scalar=256), "query_pre_attn_scalar"),
+    ("llama", dict(hidden_act="gelu"), "activation"),
+])
+def test_configs_llama_cpp_runs_differently_are_refused(family, changes, message, tokenizer, tmp_path):
+    model = tiny_model(family, vocab_size=49152, **changes)
+    with pytest.raises(UnsupportedForGGUF, match=message):
+        export(model, tokenizer, tmp_path, "f16")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_family_table_gguf_column_is_what_this_run_proved():
+    # Last in this file: the committed table's "GGUF export" column must be what this session's
+    # results render (the other columns are tests/models/test_families.py's to check).
+    script = FAMILY_TABLE
+    fresh = script.load_results(RESULTS, since=_STARTED)
+    if not all((family, check) in fresh for family in FAMILIES for check in script.GGUF_CHECKS):
+        pytest.skip("not every family's GGUF check ran in this session (-k, -x?): run the whole file")
+    column = script.gguf_column(fresh)
+    committed = script.read_column((ROOT / "docs" / "families.md").read_text(), "GGUF export")
+    assert committed == column, "docs/families.md GGUF column out of date; run python scripts/family_table.py"
