@@ -1,4 +1,4 @@
-"""Mixture-of-experts families (qwen3_moe, mixtral, gpt_oss) through the public API, against
+"""Mixture-of-experts families (qwen3_moe, mixtral, gpt_oss) and models/moe.py through the public API, against
 transformers + peft (+ bitsandbytes), on tiny random models (hidden 64, 2 layers, 4 experts, top 2).
 
 - 16-bit: logits equal transformers'.
