@@ -179,26 +179,12 @@ def claim_output_dir(config: TrainConfig, *, resume: bool = False, overwrite: bo
     check_not_an_input(config, output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise RunFolderError(f"training.output_dir {output_dir} is a file, not a folder")
+    ours = _check_entries(output_dir, resume, overwrite)  # before the lock: a refused folder gets no lock file
     output_dir.mkdir(parents=True, exist_ok=True)
     claim = Claim(output_dir, _lock(output_dir))
     try:
-        entries = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK_NAME)
-        ours = [name for name in entries if _is_run_entry(name, output_dir)]
-        foreign = [name for name in entries if not _is_run_entry(name, output_dir)]
-        if resume:
-            return claim
-        if foreign:
-            raise RunFolderError(
-                f"training.output_dir {output_dir} holds files that no tuneforge run wrote ({', '.join(foreign[:5])}"
-                f"{' ...' if len(foreign) > 5 else ''}); a run needs a folder of its own: choose an empty or new one")
-        if ours and not _holds_work(output_dir, ours):
-            logger.info("%s holds only the set-up of a run that never trained a step (%s): reusing it",
-                        output_dir, ", ".join(ours))
-        elif ours and not overwrite:
-            raise RunFolderError(
-                f"training.output_dir {output_dir} already holds a run: {describe_run(output_dir, ours)}. "
-                "Pass --resume to continue it, --overwrite to replace it, or choose another --output")
-        if ours:
+        ours = _check_entries(output_dir, resume, overwrite)  # again: the folder is ours only from here
+        if ours and overwrite:
             logger.warning("--overwrite: removing the earlier run in %s: %s", output_dir,
                            describe_run(output_dir, ours))
             for name in ours:
@@ -208,6 +194,31 @@ def claim_output_dir(config: TrainConfig, *, resume: bool = False, overwrite: bo
     except BaseException:
         claim.release()
         raise
+
+
+def _check_entries(output_dir: Path, resume: bool, overwrite: bool) -> list[str]:
+    """The earlier run's entries in `output_dir` that `overwrite` removes ([] when there is no
+    work to keep); raises RunFolderError for a folder this run may not take."""
+    if not output_dir.is_dir():
+        return []
+    entries = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK_NAME)
+    ours = [name for name in entries if _is_run_entry(name, output_dir)]
+    foreign = [name for name in entries if not _is_run_entry(name, output_dir)]
+    if resume:
+        return []
+    if foreign:
+        raise RunFolderError(
+            f"training.output_dir {output_dir} holds files that no tuneforge run wrote ({', '.join(foreign[:5])}"
+            f"{' ...' if len(foreign) > 5 else ''}); a run needs a folder of its own: choose an empty or new one")
+    if ours and not _holds_work(output_dir, ours):
+        logger.info("%s holds only the set-up of a run that never trained a step (%s): reusing it",
+                    output_dir, ", ".join(ours))
+        return ours
+    if ours and not overwrite:
+        raise RunFolderError(
+            f"training.output_dir {output_dir} already holds a run: {describe_run(output_dir, ours)}. "
+            "Pass --resume to continue it, --overwrite to replace it, or choose another --output")
+    return ours
 
 
 # ---------------------------------------------------------------------------------------------
