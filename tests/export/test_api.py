@@ -91,4 +91,5 @@ def test_one_modelfile_per_folder_follows_the_latest_call(smollm2_dir, tmp_path,
         model.save_pretrained_gguf(tmp_path / "model", tokenizer, quantization_method="q8_0")
     assert modelfile.read_text().startswith("FROM ./model.Q8_0.gguf\n")
     assert "pointed at ./model.F16.gguf; it now points at ./model.Q8_0.gguf" in caplog.text
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["Modelfile", "model.F16.gguf", "model.Q8_0.gguf"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["Modelfile", "export_report.json", "model.F16.gguf",
+                                                                    "model.Q8_0.gguf"]

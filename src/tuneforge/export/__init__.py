@@ -32,11 +32,13 @@ def _base(model):
 
 
 def save_pretrained_merged(model, save_directory: str | Path, tokenizer=None, save_method: str = "merged_16bit",
-                           dtype: str | None = None, max_shard_size: str | int = "5GB", **unsupported) -> Path:
+                           dtype: str | None = None, max_shard_size: str | int = "5GB", verify: bool = True,
+                           **unsupported) -> Path:
     """Save the adapter ("lora"), or the merged model in 16-bit ("merged_16bit") or NF4 ("merged_4bit").
 
     dtype: the 16-bit type of merged weights ("float16" / "bfloat16" / "float32"); default: the
     model's own 16-bit dtype, else bfloat16.
+    verify: reload the export and check it against `model` (export.verify; export_report.json).
     """
     from tuneforge.export.adapter import save_adapter
     from tuneforge.export.merge import ModuleSource, merge_model, resolve_dtype
@@ -47,14 +49,19 @@ def save_pretrained_merged(model, save_directory: str | Path, tokenizer=None, sa
         raise ValueError(f"save_method {save_method!r} is not one of {', '.join(SAVE_METHODS)}")
     save_directory = Path(save_directory)
     if method == "lora":
-        return save_adapter(model, save_directory, tokenizer)
-    if method == "merged_16bit":
-        return merge_model(model, save_directory, tokenizer, dtype=dtype, max_shard_size=max_shard_size)
-    from tuneforge.export.merge4bit import write_merged_4bit
+        out = save_adapter(model, save_directory, tokenizer)
+    elif method == "merged_16bit":
+        out = merge_model(model, save_directory, tokenizer, dtype=dtype, max_shard_size=max_shard_size)
+    else:
+        from tuneforge.export.merge4bit import write_merged_4bit
 
-    source = ModuleSource(model)
-    out = write_merged_4bit(source, save_directory, resolve_dtype(dtype, source.config), max_shard_size)
-    _save_side_files(model, tokenizer, out)
+        source = ModuleSource(model)
+        out = write_merged_4bit(source, save_directory, resolve_dtype(dtype, source.config), max_shard_size)
+        _save_side_files(model, tokenizer, out)
+    if verify:
+        from tuneforge.export.verify import verify_in_memory
+
+        verify_in_memory(model, tokenizer, method, [Path(out)])
     return out
 
 
@@ -67,13 +74,14 @@ def _save_side_files(model, tokenizer, out: Path) -> None:
 
 
 def save_pretrained_gguf(model, save_directory: str | Path, tokenizer, quantization_method="q8_0",
-                         modelfile: bool = True, **unsupported) -> list[Path]:
+                         modelfile: bool = True, verify: bool = True, **unsupported) -> list[Path]:
     """Merge (if a peft model) and write one GGUF per quantization method, plus an Ollama Modelfile.
 
     quantization_method: "f32", "f16", "bf16", "q8_0" (and q4_0 / q4_1 / q5_0 / q5_1) are written
     natively; K-quants ("q4_k_m", "q5_k_m", "q6_k", ...) go through llama.cpp's quantiser
     (`pip install 'tuneforge[gguf]'`). Unsloth's "not_quantized" / "fast_quantized" / "quantized"
-    mean f16 / q8_0 / q4_k_m. A list writes several files.
+    mean f16 / q8_0 / q4_k_m. A list writes several files. verify: check each file (llama.cpp) and
+    the Modelfile against `model` (export.verify; export_report.json).
     """
     from tuneforge.export.gguf import save_gguf
     from tuneforge.export.merge import ModuleSource
@@ -93,6 +101,10 @@ def save_pretrained_gguf(model, save_directory: str | Path, tokenizer, quantizat
         if len(paths) > 1:
             log.info("Modelfile: FROM ./%s (the first method asked for); for another file, edit its FROM line",
                      paths[0].name)
+    if verify:
+        from tuneforge.export.verify import verify_in_memory
+
+        verify_in_memory(model, tokenizer, "gguf", paths + ([save_directory / "Modelfile"] if modelfile else []))
     return paths
 
 
