@@ -37,6 +37,7 @@ from tuneforge.kernels.varlen_attention import varlen_attention
 from tuneforge.models.families import FamilySpec
 
 logger = logging.getLogger(__name__)
+VARLEN_ENV = "TUNEFORGE_VARLEN"  # "0": padding-free batches keep transformers' mask (A/B in bench/sft.py)
 
 DISABLE_ENV = "TUNEFORGE_DISABLE_KERNELS"
 
@@ -259,7 +260,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         extra["sliding_window"] = sliding
     dropout = getattr(self, "attention_dropout", 0.0) if self.training else 0.0
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is not None and past_key_values is None and input_shape[0] == 1:
+    if cu_seqlens is not None and self._tuneforge_varlen and past_key_values is None and input_shape[0] == 1:
         # A padding-free batch (one row of samples end to end, boundaries in cu_seqlens): per-sample
         # attention by the varlen kernel instead of a [T, T] block-diagonal mask (kernels/varlen_attention.py).
         out = varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens,
@@ -290,6 +291,7 @@ def _patch_attention(model, spec: FamilySpec) -> str | None:
         attn._tuneforge_qkv = spec.qkv
         attn._tuneforge_qk_norm = spec.qk_norm
         attn._tuneforge_softcap = spec.attn_softcap and getattr(attn, "attn_logit_softcapping", None) is not None
+        attn._tuneforge_varlen = False  # _patch_varlen decides
         attn.forward = types.MethodType(_attention_forward, attn)
     return "rope"
 
@@ -305,6 +307,9 @@ def _patch_varlen(model, spec: FamilySpec) -> str | None:
     import inspect
     import re
 
+    if os.environ.get(VARLEN_ENV, "1") == "0":
+        logger.info("%s=0: padding-free batches use transformers' block-diagonal mask", VARLEN_ENV)
+        return None
     attentions = _decoder_modules(model, "self_attn")
     if not attentions or any(getattr(a.forward, "__func__", None) is not _attention_forward for _, a in attentions):
         return None
@@ -320,6 +325,8 @@ def _patch_varlen(model, spec: FamilySpec) -> str | None:
             logger.info("%s does not pass keyword arguments to its attention: padding-free batches use "
                         "transformers' block-diagonal mask instead of the varlen kernel", layer.__name__)
             return None
+    for _, attn in attentions:
+        attn._tuneforge_varlen = True
     return "varlen"
 
 
