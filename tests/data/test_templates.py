@@ -552,3 +552,21 @@ def test_public_names_are_exported_from_the_package():
     assert tuneforge.get_chat_template is get_chat_template
     assert tuneforge.standardize_sharegpt is standardize_sharegpt
     assert tuneforge.train_on_responses_only is train_on_responses_only
+
+
+def test_apply_chat_template_takes_a_datasets_column_of_conversations(smollm2):
+    """datasets >= 4 returns a lazy Column for dataset["conversations"]; Unsloth's Qwen 3 notebooks
+    pass it to apply_chat_template as a batch."""
+    import pickle
+
+    import pandas as pd
+    from datasets import Dataset
+
+    tokenizer = get_chat_template(smollm2, "chatml")
+    rows = Dataset.from_list([{"conversations": CONVERSATION[1:3]}, {"conversations": CONVERSATION[1:5]}])
+    column = rows["conversations"]
+    assert not isinstance(column, list)
+    expected = [tokenizer.apply_chat_template(list(c), tokenize=False) for c in rows["conversations"]]
+    assert tokenizer.apply_chat_template(column, tokenize=False) == expected
+    assert tokenizer.apply_chat_template(pd.Series(list(column)), tokenize=False) == expected
+    assert pickle.loads(pickle.dumps(tokenizer)).apply_chat_template(column, tokenize=False) == expected

@@ -39,7 +39,8 @@ from tuneforge import FastLanguageModel
 from tuneforge.data.templates import list_chat_templates
 from tuneforge.models import registry
 from tuneforge.models.families import all_families, family_for_model_type, get_family
-from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, lora_grads, randomize_lora_b, tiny_batch, tiny_config, tiny_model
+from tuneforge.models.moe import experts_modules, is_nf4
+from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, lora_grads, nf4_round_trip_experts, randomize_lora_b, tiny_batch, tiny_config, tiny_model
 
 FAMILIES = sorted(all_families())
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +116,10 @@ def _load_reference_quantised(folder, family, bits=4):
         layer.bias = module.bias
         parent, _, child = name.rpartition(".")
         reference.get_submodule(parent).register_module(child, layer.to(DEVICE))  # .to quantises
+    if bits == 4 and get_family(family).experts:
+        # MoE: tuneforge stores the stacked experts as NF4 (bitsandbytes has no 3-D layer); the
+        # reference runs transformers' own experts module on bitsandbytes' NF4 round trip of them.
+        nf4_round_trip_experts(reference, family)
     return reference.eval()  # the new layers too
 
 
@@ -133,10 +138,12 @@ def _peft_ours(model):
 
 
 def _peft_reference(model, family):
-    """The same adapter (same seed, same lora_B) by plain peft."""
+    """The same adapter (same seed, same lora_B) by plain peft (MoE: the stacked experts through
+    peft's target_parameters, as our get_peft_model targets them by default)."""
     torch.manual_seed(3407)  # after `model` is built: building it may draw random numbers (Linear4bit's init)
     reference = peft.get_peft_model(model, peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(get_family(family).lora_targets), task_type="CAUSAL_LM"))
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(get_family(family).lora_targets),
+        target_parameters=list(get_family(family).experts) or None, task_type="CAUSAL_LM"))
     randomize_lora_b(reference)
     return reference
 
@@ -150,7 +157,8 @@ def _assert_lora_step_equal(ours, reference, family):
     loss.backward()
     expected.backward()
     grads, expected_grads = lora_grads(ours), lora_grads(reference)
-    assert grads.keys() == expected_grads.keys() and len(grads) == 2 * 2 * len(get_family(family).lora_targets)
+    spec = get_family(family)
+    assert grads.keys() == expected_grads.keys() and len(grads) == 2 * 2 * (len(spec.lora_targets) + len(spec.experts))
     for name, grad in expected_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -162,7 +170,7 @@ def _assert_lora_step_equal(ours, reference, family):
 def test_table_has_every_family_of_the_issue():
     assert set(FAMILIES) >= {
         "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "granite", "cohere",
-        "falcon", "stablelm", "starcoder2", "olmo2",
+        "falcon", "stablelm", "starcoder2", "olmo2", "qwen3_moe", "gpt_oss", "mixtral",
     }
 
 
@@ -216,6 +224,8 @@ def test_4bit_load_equals_transformers_and_bitsandbytes(family, folders):
                  if name.rsplit(".", 1)[-1] in get_family(family).lora_targets and name not in _quantised_targets(ours, family)]
         assert not dense, f"not quantised: {dense}"
         assert all(state.quant_type == "nf4" and state.nested for state in _quantised_targets(ours, family).values())
+        # MoE: the stacked experts too, in tuneforge's NF4 storage (tests/models/test_moe_families.py).
+        assert all(is_nf4(m) for _, m in experts_modules(ours, get_family(family)))
         # CPU: the same sums in the same order, 1e-5. GPU: Triton's and cuBLAS's fp32 reductions sum in
         # other orders; Gemma 2 (soft-capped logits) reached 6.9e-5 absolute on the H100.
         atol = 1e-5 if DEVICE == "cpu" else 2e-4

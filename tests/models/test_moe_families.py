@@ -4,8 +4,8 @@ transformers + peft (+ bitsandbytes), on tiny random models (hidden 64, 2 layers
 - 16-bit: logits equal transformers'.
 - 4-bit: attention in bitsandbytes NF4, the stacked experts in tuneforge's NF4 storage (no dense
   expert weight left); logits equal the reference, which is transformers + bitsandbytes with each
-  expert stack replaced by its NF4 round trip (bitsandbytes' own quantize / dequantize) running
-  through transformers' own experts module.
+  expert stack replaced by its NF4 round trip (bitsandbytes' own quantize / dequantize,
+  `testing.tiny.nf4_round_trip_experts`) running through transformers' own experts module.
 - LoRA on attention and on the stacked experts (peft's target_parameters), fused experts path
   (kernels.moe): loss and every LoRA gradient equal plain peft's, 16-bit and 4-bit (QLoRA step);
   the saved adapter reloads with plain transformers + peft to the same logits.
@@ -27,7 +27,7 @@ import tuneforge.kernels.moe as moe_kernel
 from tuneforge import FastLanguageModel
 from tuneforge.models.families import get_family
 from tuneforge.models.moe import experts_modules, is_nf4
-from tuneforge.testing.tiny import lora_grads, randomize_lora_b, tiny_batch, tiny_model
+from tuneforge.testing.tiny import lora_grads, nf4_round_trip_experts, randomize_lora_b, tiny_batch, tiny_model
 
 FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
 
@@ -63,16 +63,6 @@ def _no_cpu_repack(model):
             layer.support_avx512bf16_for_cpu = False
 
 
-def _nf4_round_trip(weight):
-    """bitsandbytes' NF4 (double-quantised) round trip of a stacked weight, dequantised as [-1, 64]
-    rows (its CPU dequantize_4bit is wrong for a last dim that is not a multiple of 64)."""
-    import bitsandbytes.functional as bnbf
-
-    packed, state = bnbf.quantize_4bit(weight.detach().reshape(-1, 64).contiguous(), blocksize=64,
-                                       compress_statistics=True, quant_type="nf4")
-    return bnbf.dequantize_4bit(packed, state).reshape(weight.shape)
-
-
 def _reference(folder, family, load_in_4bit=False):
     kwargs = {}
     if load_in_4bit:
@@ -83,10 +73,7 @@ def _reference(folder, family, load_in_4bit=False):
                                                  attn_implementation=get_family(family).attn_implementation, **kwargs)
     if load_in_4bit:
         _no_cpu_repack(model)
-        with torch.no_grad():
-            for _, experts in experts_modules(model, get_family(family)):
-                for name in get_family(family).experts:
-                    getattr(experts, name).copy_(_nf4_round_trip(getattr(experts, name)))
+        assert nf4_round_trip_experts(model, family) == 4
     return model.eval()
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.data.templates import accept_batched_columns
 from tuneforge.lora.inject import get_peft_model
 from tuneforge.models.loader import ModelLoadError, load_model
 
@@ -132,8 +133,11 @@ class FastLanguageModel:
             if full_finetuning:
                 raise ValueError(f"{model_name} is a LoRA adapter folder; full_finetuning=True needs a full model "
                                  "(save one with save_pretrained_merged(..., save_method='merged_16bit'))")
-            return _load_adapter(folder, is_trainable, use_gradient_checkpointing, use_kernels, load_kwargs)
+            model, tokenizer = _load_adapter(folder, is_trainable, use_gradient_checkpointing, use_kernels,
+                                             load_kwargs)
+            return model, accept_batched_columns(tokenizer)
         model, tokenizer = load_model(model_name, use_kernels=use_kernels, **load_kwargs)
+        accept_batched_columns(tokenizer)  # notebooks pass dataset["conversations"] to apply_chat_template
         if use_gradient_checkpointing is not None:
             # Unsloth accepts it here too; it takes effect in get_peft_model.
             model.tuneforge_gradient_checkpointing = use_gradient_checkpointing

@@ -102,3 +102,30 @@ def record_rope_calls(monkeypatch) -> list:
 
     monkeypatch.setattr(rope, "apply_rope", spy)
     return calls
+
+
+def nf4_round_trip_experts(model, family: str) -> int:
+    """Replace each stacked expert weight of `model` (a MoE family's `experts`) by its NF4 round trip
+    through bitsandbytes' own quantize_4bit / dequantize_4bit (double-quantised, blocks of 64), so
+    that transformers' own experts module computes the reference for tuneforge's NF4 experts.
+
+    The stack is dequantised as [-1, 64] rows: bitsandbytes' CPU dequantize_4bit (0.50.2) is wrong
+    for a last dimension that is not a multiple of the blocksize (a [E, 64, 48] stack comes back up
+    to 4x off), and any view of the same flattened values has the same codes and block scales.
+    Returns how many weights were replaced.
+    """
+    import bitsandbytes.functional as bnbf
+
+    from tuneforge.models.families import get_family
+    from tuneforge.models.moe import experts_modules
+
+    spec, count = get_family(family), 0
+    with torch.no_grad():
+        for _, experts in experts_modules(model, spec):
+            for name in spec.experts:
+                weight = getattr(experts, name)
+                packed, state = bnbf.quantize_4bit(weight.detach().reshape(-1, 64).contiguous(), blocksize=64,
+                                                   compress_statistics=True, quant_type="nf4")
+                weight.copy_(bnbf.dequantize_4bit(packed, state).reshape(weight.shape))
+                count += 1
+    return count

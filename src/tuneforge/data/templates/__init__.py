@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CHAT_TEMPLATES",
     "ChatTemplate",
+    "accept_batched_columns",
     "get_chat_template",
     "has_generation_tags",
     "list_chat_templates",
@@ -229,6 +230,36 @@ def _log_missing_markers(tokenizer, template: ChatTemplate) -> None:
         logger.info("chat template %s: markers not in the vocabulary, tokenized as text: %s", template.name, ", ".join(missing))
 
 
+class _BatchedColumns:
+    """`tokenizer.apply_chat_template` that also takes a batch of conversations as a datasets
+    `Column` or a pandas Series, not only a list.
+
+    Since datasets 4, `dataset["conversations"]` is a lazy Column; transformers treats anything but
+    a list or tuple as one conversation and fails on it. Unsloth's Qwen 3 / Gemma 3 notebooks pass
+    that column straight in (written for datasets < 4). A module-level class, so that tokenizers
+    captured by `dataset.map(..., num_proc=N)` still pickle.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, conversation, *args, **kwargs):
+        if not isinstance(conversation, (list, tuple, str, Mapping)) and hasattr(conversation, "__iter__") \
+                and hasattr(conversation, "__len__") and len(conversation) > 0:
+            first = next(iter(conversation))
+            if isinstance(first, (list, tuple)):
+                conversation = list(conversation)
+        return type(self.tokenizer).apply_chat_template(self.tokenizer, conversation, *args, **kwargs)
+
+
+def accept_batched_columns(tokenizer):
+    """Let `tokenizer.apply_chat_template` take a datasets Column / pandas Series of conversations
+    (see _BatchedColumns); returns the tokenizer. Idempotent."""
+    if tokenizer is not None and not isinstance(vars(tokenizer).get("apply_chat_template"), _BatchedColumns):
+        tokenizer.apply_chat_template = _BatchedColumns(tokenizer)
+    return tokenizer
+
+
 def get_chat_template(
     tokenizer,
     chat_template: str | tuple[str, str] | ChatTemplate = "llama-3.1",
@@ -256,7 +287,7 @@ def get_chat_template(
         if mapping or system_message is not None:
             raise NotImplementedError("mapping and system_message need a named template, not 'auto'")
         logger.info("chat template: keeping the model's own template")
-        return tokenizer
+        return accept_batched_columns(tokenizer)
     if isinstance(chat_template, tuple):
         if len(chat_template) != 2 or not all(isinstance(x, str) for x in chat_template):
             raise DataError("a custom chat_template tuple must be (jinja_template, end_of_turn_text)")
@@ -265,7 +296,7 @@ def get_chat_template(
             raise NotImplementedError("mapping and system_message apply to named templates, not a custom Jinja string")
         tokenizer.chat_template = jinja
         _set_eos(tokenizer, end_of_turn, map_eos_token)
-        return tokenizer
+        return accept_batched_columns(tokenizer)
     template = chat_template if isinstance(chat_template, ChatTemplate) else resolve_template(chat_template)
     if system_message is not None:
         template = template.with_default_system(system_message)
@@ -277,5 +308,5 @@ def get_chat_template(
     tokenizer.chat_template = jinja
     _log_missing_markers(tokenizer, template)
     logger.info("chat template: %s (end of turn %r)", template.name, end_of_turn)
-    return tokenizer
+    return accept_batched_columns(tokenizer)
 
