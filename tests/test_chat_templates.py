@@ -97,3 +97,19 @@ def smollm2_tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_other_unsloth_names():
+    from tuneforge import SFTConfig, SFTTrainer, UnslothTrainer, UnslothTrainingArguments, unsloth_train
+
+    assert UnslothTrainer is SFTTrainer and UnslothTrainingArguments is SFTConfig
+
+    class Trainer:
+        def train(self, resume_from_checkpoint=None):
+            return ("trained", resume_from_checkpoint)
+
+    assert unsloth_train(Trainer(), resume_from_checkpoint=True) == ("trained", True)
+    with pytest.raises(ImportError, match="FastVisionModel.*text models only"):
+        from tuneforge import FastVisionModel  # noqa: F401
+    with pytest.raises(ImportError, match="apply_chat_template.*not provided"):
+        from tuneforge import apply_chat_template  # noqa: F401

@@ -221,6 +221,12 @@ class SFTTrainer(trl.SFTTrainer):
         return loss
 
 
+def unsloth_train(trainer, *args, **kwargs):
+    """Unsloth's `unsloth_train(trainer)` (its gradient-accumulation fix, in transformers since 4.46):
+    `trainer.train(...)`."""
+    return trainer.train(*args, **kwargs)
+
+
 def _adapters_to_fp32(model) -> None:
     """TRL casts QLoRA adapters to bf16 (the QLoRA paper's GPU recipe). On a CPU, bf16 matmuls run
     many times slower than fp32 ones, so the adapters go back to fp32 there (logged)."""
