@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tuneforge.config import MAX_CONFIG_VALUES, ConfigError, config_from_dict, load_config
+from tuneforge.config import ConfigError, config_from_dict, load_config
 
 BAD_VALUES = [
     ({"training": {"learning_rate": 0}}, "'training.learning_rate' must be > 0, got 0.0"),
@@ -64,7 +64,7 @@ BILLION_LAUGHS = "lora:\n  target_modules: &a0 [q_proj, q_proj, q_proj, q_proj, 
 def test_billion_laughs_yaml_is_refused_without_expanding(tmp_path):
     path = tmp_path / "laughs.yaml"
     path.write_text(BILLION_LAUGHS)
-    with pytest.raises(ConfigError, match=f"more than {MAX_CONFIG_VALUES:,} values once its aliases"):
+    with pytest.raises(ConfigError, match="more than 10,000 values once its aliases"):
         load_config(path)
 
 
