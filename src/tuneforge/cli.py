@@ -171,12 +171,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from tuneforge.export.command import ExportError
     from tuneforge.export.gguf_arch import UnsupportedForGGUF
+    from tuneforge.export.verify import ExportVerificationError
     from tuneforge.export.gguf_tokenizer import UnsupportedTokenizer
     from tuneforge.export.hub import HubUnavailable
     from tuneforge.lora.inject import LoRAConfigError
 
     expected = (ConfigError, ModelLoadError, FileNotFoundError, DataError, ResumeError, NonFiniteError, ExportError,
-                LoRAConfigError, HubUnavailable, UnsupportedForGGUF, UnsupportedTokenizer, NotImplementedError)
+                LoRAConfigError, HubUnavailable, UnsupportedForGGUF, UnsupportedTokenizer, NotImplementedError,
+                ExportVerificationError)
     try:
         return int(args.handler(args) or 0)
     except expected as error:
@@ -187,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tuneforge: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    except OSError as error:
+        from tuneforge.atomic import is_disk_full
+
+        if not is_disk_full(error):
+            raise
+        return _fail(f"no space left on the device ({error}); free some space and run the command again")
 
 
 if __name__ == "__main__":

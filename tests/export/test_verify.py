@@ -23,17 +23,21 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-@pytest.fixture(scope="module")
-def reference(tokenizer):
-    """A tiny Llama over SmolLM2's vocabulary (so its ChatML tokenizer fits) with a LoRA that moves it."""
+def _tiny_base():
     from tuneforge.testing import tiny_model
 
-    torch.manual_seed(0)
     # intermediate 192: whole NF4 blocks per row (bitsandbytes' CPU dequantisation needs them).
     base = tiny_model("llama", seed=0, vocab_size=SMOLLM2_VOCAB, intermediate_size=192, bos_token_id=1,
                       eos_token_id=2, pad_token_id=0)
     _nf4_round_trip(base)
-    model = lora_model(base, scale=0.05)
+    return base
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer):
+    """A tiny Llama over SmolLM2's vocabulary (so its ChatML tokenizer fits) with a LoRA that moves it."""
+    torch.manual_seed(0)
+    model = lora_model(_tiny_base(), scale=0.05)
     return Reference(model, tokenizer, ["Name a colour.", [{"role": "user", "content": "What is 2+2?"}]],
                      new_tokens=8)
 
@@ -170,3 +174,28 @@ def test_verify_exports_reports_every_artefact_and_fails_loudly(reference, gguf_
 def test_training_ids_are_what_the_template_tokenizes(tokenizer):
     ids = training_ids(tokenizer)
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_cli_export_checks_against_the_run_on_its_training_prompts(reference, smollm2_dir, tmp_path, capsys):
+    import shutil
+
+    from tuneforge.cli import main
+    from tuneforge.config import TrainConfig
+    from tuneforge.export.adapter import TOKENIZER_FILES
+    from tuneforge.train.run import default_rows
+
+    base_dir, run = tmp_path / "base", tmp_path / "run"
+    _tiny_base().save_pretrained(base_dir)  # the reference's base, without the adapter
+    for name in TOKENIZER_FILES:
+        if (smollm2_dir / name).is_file():
+            shutil.copy2(smollm2_dir / name, base_dir / name)
+    reference.model.save_pretrained(run / "adapter")
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base_dir)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    (run / "config.resolved.json").write_text(json.dumps({"config": TrainConfig().to_dict()}))
+    assert main(["export", "--adapter", str(run), "--format", "merged_16bit", "--output", str(tmp_path / "out")]) == 0
+    assert "PASS merged_16bit" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    first = default_rows("train")[0]["instruction"]
+    assert saved["passed"] and first in saved["prompts"][0]

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="merged weights' type (default: the base's 16-bit type, else bfloat16)")
     parser.add_argument("--max-shard-size", default="5GB", help="merged formats: largest safetensors shard")
     parser.add_argument("--no-modelfile", action="store_true", help="gguf only: do not write an Ollama Modelfile")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the check of the export against the trained model (export_report.json)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the export to this Hub model repo")
     parser.add_argument("--token", help="Hub token (default: $HF_TOKEN or the saved login)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
@@ -193,6 +195,10 @@ def run(args) -> int:
 
     print(f"exported {args.format} to {args.output} ({', '.join(p.name for p in paths)}) in "
           f"{time.perf_counter() - started:.1f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB", flush=True)
+    if not args.no_verify:
+        from tuneforge.export.verify import verify_folder_export
+
+        verify_folder_export(args.adapter, args.format, paths, args.output, base=args.base)
     if args.push_to_hub:
         from tuneforge.export.hub import push_folder
 
