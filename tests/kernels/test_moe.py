@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kernel_checks import rel_err
+import tuneforge.kernels.moe as moe_kernel
 from tuneforge.kernels.moe import ExpertProjection, moe_experts, reference_moe
 from tuneforge.testing.tiny import tiny_config
 
@@ -74,10 +75,22 @@ def test_reference_is_transformers_experts(family, implementation):
     assert rel_err(got, want) < 1e-6
 
 
+@pytest.fixture(params=["grouped", "loop"])
+def path(request, monkeypatch):
+    """Both ways the op multiplies: torch's grouped_mm (aligned operands) and the per-expert loop;
+    yields the list of grouped_mm calls made."""
+    calls = []
+    if request.param == "loop":
+        monkeypatch.setattr(moe_kernel, "_grouped", lambda a, b: False)
+    grouped_mm = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    yield request.param, calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [0, 4])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_and_backward_match_reference(family, rank, dtype):
+def test_forward_and_backward_match_reference(family, rank, dtype, path):
     experts = experts_module(family).to(dtype)
     g = torch.Generator().manual_seed(2)
     index, weights = routing(29, experts.num_experts, 2, g, fp32_weights=family == "mixtral", dtype=dtype)
@@ -95,6 +108,39 @@ def test_forward_and_backward_match_reference(family, rank, dtype):
     for t, got, want in zip(inputs, grads, grads_ref):
         assert got.dtype == t.dtype and torch.isfinite(got).all()
         assert rel_err(got, want) < TOL[dtype]
+    name, calls = path
+    # Every tiny family's operands are 16-byte aligned: the grouped path runs whenever it is allowed.
+    assert bool(calls) == (name == "grouped"), len(calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_odd_shapes_take_the_per_expert_loop(dtype, monkeypatch):
+    # 37 / 19 columns are no 16-byte rows: grouped_mm cannot take them, the loop must (and agree).
+    calls = []
+    grouped_mm = torch.nn.functional.grouped_mm
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    g = torch.Generator().manual_seed(5)
+    e, h, i, r = 5, 37, 19, 3
+
+    def gate(x):
+        return torch.nn.functional.silu(x[..., :i]) * x[..., i:]
+
+    def lora(out_f, in_f):
+        return dict(lora_A=(0.1 * torch.randn(e, r, in_f, generator=g)).to(dtype).requires_grad_(),
+                    lora_B=(0.1 * torch.randn(e, out_f, r, generator=g)).to(dtype).requires_grad_(), scaling=0.5)
+
+    gate_up = ExpertProjection(weight=(0.2 * torch.randn(e, 2 * i, h, generator=g)).to(dtype), **lora(2 * i, h))
+    down = ExpertProjection(weight=(0.2 * torch.randn(e, h, i, generator=g)).to(dtype), **lora(h, i))
+    index, weights = routing(23, e, 3, g, dtype=dtype, skip=(0, 4))
+    hidden = torch.randn(23, h, generator=g).to(dtype).requires_grad_()
+    out = moe_experts(hidden, index, weights, gate_up, down, gate)
+    ref = reference_moe(hidden, index, weights, gate_up, down, gate)
+    assert rel_err(out, ref) < TOL[dtype] and not calls
+    inputs = [hidden, gate_up.lora_A, gate_up.lora_B, down.lora_A, down.lora_B]
+    dy = torch.randn(out.shape, generator=g).to(dtype)
+    for got, want in zip(torch.autograd.grad(out, inputs, dy), torch.autograd.grad(ref, inputs, dy)):
+        assert rel_err(got, want) < TOL[dtype]
+    assert gate_up.lora_A.grad is None  # autograd.grad leaves .grad alone
 
 
 def nf4_projections(experts):

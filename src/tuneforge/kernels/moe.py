@@ -25,6 +25,10 @@ and dequantises again in the backward. Its backward:
     dG = gate'(G_e)^T dH  (autograd through `_apply_gate` on the saved G_e)
     dX = dG W1_e + s1 (dG B1_e) A1_e       dA1_e = s1 (dG B1_e)^T X_e      dB1_e = s1 dG^T (X_e A1_e^T)
 
+Each matmul above is one grouped matmul over all experts (torch's grouped_mm: the rows sorted by
+expert, an offset per expert; weight gradients as its K-grouped form) where the operands are
+16-byte aligned (and on CUDA 16-bit, sm80+), else a loop over the experts that have rows.
+
 Frozen weights and biases get no gradient. Routing (the router, its top-k and softmax) stays in
 the family's own module; this op starts from its (top_k_index, top_k_weights).
 """
@@ -89,34 +93,84 @@ def dequantize_stack(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> t
 
 
 def _segments(top_k_index: torch.Tensor, num_experts: int):
-    """(order [T*K], rows [T*K], bounds): routed rows sorted by expert (stable), the token of each
-    sorted row, and per expert with rows its (expert, start, end). One device sync (the counts)."""
+    """(order [T*K], rows [T*K], offsets [E] int32, bounds): routed rows sorted by expert (stable),
+    the token of each sorted row, the end of each expert's rows, and per expert with rows its
+    (expert, start, end). One device sync (the counts, for the per-expert fallback)."""
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts].tolist()
+    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
     bounds, start = [], 0
-    for expert, count in enumerate(counts):
+    for expert, count in enumerate(counts.tolist()):
         if count:
             bounds.append((expert, start, start + count))
         start += count
-    return order, order // k, bounds
+    return order, order // k, offsets, bounds
 
 
-def _lora(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float):
-    """s (x a^T) b^T for one expert, or None without LoRA; x: [n, in], a: [r, in], b: [out, r]."""
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm takes `t`: a unit stride in one of the last two dims, every other
+    stride and the start 16-byte aligned."""
+    strides = t.stride()
+    if 1 not in strides[-2:] or t.data_ptr() % 16:
+        return False
+    return all(stride == 1 or (stride * t.element_size()) % 16 == 0 for stride in strides)
+
+
+def _grouped(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.nn.functional.grouped_mm for these operands (else the per-expert loop): CPU, or CUDA
+    16-bit on sm80+; every operand aligned."""
+    if not hasattr(torch.nn.functional, "grouped_mm") or not (_aligned(a) and _aligned(b)):
+        return False
+    if a.is_cuda:
+        return a.dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(a.device) >= (8, 0)
+    return a.device.type == "cpu"
+
+
+def _gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, bounds) -> torch.Tensor:
+    """Rows of x grouped by expert times their expert's matrix: x [N, k], w [E, k, n] -> [N, n]."""
+    if _grouped(x, w):
+        return torch.nn.functional.grouped_mm(x, w, offs=offsets)
+    out = x.new_zeros(x.shape[0], w.shape[-1])
+    for e, start, end in bounds:
+        out[start:end] = x[start:end] @ w[e]
+    return out
+
+
+def _gmm_outer(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, bounds, num_experts: int) -> torch.Tensor:
+    """Per expert a_e^T b_e over its rows (a weight gradient): a [N, m], b [N, n] -> [E, m, n]."""
+    if _grouped(a.t(), b):
+        return torch.nn.functional.grouped_mm(a.t(), b, offs=offsets)
+    out = a.new_zeros(num_experts, a.shape[1], b.shape[1])
+    for e, start, end in bounds:
+        out[e] = a[start:end].t() @ b[start:end]
+    return out
+
+
+def _project(x, projection: ExpertProjection, a, b, experts_of_rows, offsets, bounds, dtype):
+    """x W_e^T + b_e + s (x A_e^T) B_e^T for rows x [N, in] sorted by expert -> [N, out]."""
+    out = _gmm(x, projection.dense(dtype).transpose(1, 2), offsets, bounds)
+    if projection.bias is not None:
+        out = out + projection.bias.to(dtype)[experts_of_rows]
+    if a is not None:
+        xa = _gmm(x, a.transpose(1, 2), offsets, bounds)  # [N, r]
+        out = out + _gmm(xa * projection.scaling, b.transpose(1, 2), offsets, bounds)
+    return out
+
+
+def _project_back(d, x, projection: ExpertProjection, a, b, offsets, bounds, dtype):
+    """The backward of `_project`: (d x [N, in], d a [E, r, in] or None, d b [E, out, r] or None)
+    from d out [N, out]."""
+    dx = _gmm(d, projection.dense(dtype), offsets, bounds)  # W_e [out, in] read as [k=out, n=in]
     if a is None:
-        return None
-    return (x @ a.t()) @ (b.t() * scaling)
-
-
-def _project(x, weight_e, bias_e, a, b, scaling):
-    """x W_e^T + b_e + s (x A_e^T) B_e^T; weight_e: [out, in]."""
-    y = x @ weight_e.t()
-    if bias_e is not None:
-        y = y + bias_e
-    lora = _lora(x, a, b, scaling)
-    return y if lora is None else y + lora
+        return dx, None, None
+    db_rows = _gmm(d, b, offsets, bounds) * projection.scaling  # [N, r] = s d B_e
+    dx = dx + _gmm(db_rows, a, offsets, bounds)
+    experts = a.shape[0]
+    grad_a = _gmm_outer(db_rows, x, offsets, bounds, experts)
+    grad_b = _gmm_outer(d * projection.scaling, _gmm(x, a.transpose(1, 2), offsets, bounds), offsets, bounds, experts)
+    return dx, grad_a, grad_b
 
 
 class MoEExperts(torch.autograd.Function):
@@ -124,81 +178,55 @@ class MoEExperts(torch.autograd.Function):
 
     The base projections come in as `ExpertProjection`s without LoRA (their weights frozen); the
     LoRA factors A1, B1, A2, B2 ([E, r, in], [E, out, r]) are arguments of their own so autograd
-    returns their gradients. Computes in `compute_dtype`.
+    returns their gradients. Computes in `compute_dtype`. Every matmul is one grouped matmul over
+    all experts (torch's grouped_mm) where the operands allow it, else a loop over the experts
+    that have rows.
     """
 
     @staticmethod
     def forward(ctx, hidden, top_k_index, top_k_weights, gate_up, down, apply_gate, compute_dtype, a1, b1, a2, b2):
         num_experts = (gate_up.nf4[1].shape if gate_up.nf4 is not None else gate_up.weight.shape)[0]
-        order, rows, bounds = _segments(top_k_index, num_experts)
+        order, rows, offsets, bounds = _segments(top_k_index, num_experts)
+        experts_of_rows = top_k_index.reshape(-1)[order]
+        lora = [None if t is None else t.to(compute_dtype).contiguous() for t in (a1, b1, a2, b2)]
         x = hidden.to(compute_dtype)[rows]  # [T*K, H] sorted by expert
-        w1, w2 = gate_up.dense(compute_dtype), down.dense(compute_dtype)
-        b1_bias = None if gate_up.bias is None else gate_up.bias.to(compute_dtype)
-        b2_bias = None if down.bias is None else down.bias.to(compute_dtype)
-        a1c, b1c, a2c, b2c = (None if t is None else t.to(compute_dtype) for t in (a1, b1, a2, b2))
-        g_all = x.new_empty(x.shape[0], w1.shape[1])
-        y_all = x.new_empty(x.shape[0], w2.shape[1])
-        for e, start, end in bounds:
-            g = _project(x[start:end], w1[e], None if b1_bias is None else b1_bias[e],
-                         None if a1c is None else a1c[e], None if b1c is None else b1c[e], gate_up.scaling)
-            g_all[start:end] = g
-            y_all[start:end] = _project(apply_gate(g), w2[e], None if b2_bias is None else b2_bias[e],
-                                        None if a2c is None else a2c[e], None if b2c is None else b2c[e], down.scaling)
-        del w1, w2
+        g = _project(x, gate_up, lora[0], lora[1], experts_of_rows, offsets, bounds, compute_dtype)
+        y = _project(apply_gate(g), down, lora[2], lora[3], experts_of_rows, offsets, bounds, compute_dtype)
         weights_sorted = top_k_weights.reshape(-1)[order]
         # As transformers: the expert output times its routing weight in their promoted dtype (fp32
         # for Mixtral's fp32 weights), then cast and summed into the tokens.
         out = torch.zeros_like(hidden)
-        out.index_add_(0, rows, (y_all * weights_sorted[:, None]).to(hidden.dtype))
-        ctx.save_for_backward(hidden, order, g_all, y_all, weights_sorted, a1, b1, a2, b2)
-        ctx.bounds, ctx.gate_up, ctx.down, ctx.apply_gate, ctx.compute_dtype = bounds, gate_up, down, apply_gate, compute_dtype
+        out.index_add_(0, rows, (y * weights_sorted[:, None]).to(hidden.dtype))
+        ctx.save_for_backward(hidden, order, offsets, g, y, weights_sorted, a1, b1, a2, b2)
+        ctx.bounds, ctx.projections, ctx.apply_gate, ctx.compute_dtype = bounds, (gate_up, down), apply_gate, compute_dtype
         ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, order, g_all, y_all, weights_sorted, a1, b1, a2, b2 = ctx.saved_tensors
-        cd, k = ctx.compute_dtype, ctx.weights_shape[-1]
-        rows = order // k
-        gate_up, down = ctx.gate_up, ctx.down
-        w1, w2 = gate_up.dense(cd), down.dense(cd)
-        s1, s2 = gate_up.scaling, down.scaling
-        a1c, b1c, a2c, b2c = (None if t is None else t.to(cd) for t in (a1, b1, a2, b2))
-        x = hidden.to(cd)[rows]
+        hidden, order, offsets, g, y, weights_sorted, a1, b1, a2, b2 = ctx.saved_tensors
+        dtype, bounds, (gate_up, down) = ctx.compute_dtype, ctx.bounds, ctx.projections
+        rows = order // ctx.weights_shape[-1]
+        lora = [None if t is None else t.to(dtype).contiguous() for t in (a1, b1, a2, b2)]
         d_out = grad_out[rows]  # [T*K, H], the output's dtype
         grad_weights = None
         if ctx.needs_input_grad[2]:
-            dw_sorted = (d_out.float() * y_all.float()).sum(-1)
+            dw_sorted = (d_out.float() * y.float()).sum(-1)
             grad_weights = torch.empty_like(dw_sorted)
             grad_weights[order] = dw_sorted
             grad_weights = grad_weights.reshape(ctx.weights_shape).to(ctx.weights_dtype)
-        dy_all = (d_out * weights_sorted[:, None]).to(cd)
-        dx_all = torch.zeros_like(x)
-        grads = {name: None if t is None else torch.zeros(t.shape, dtype=cd, device=t.device)
-                 for name, t in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2))}
-        for e, start, end in ctx.bounds:
-            xe, dy = x[start:end], dy_all[start:end]
-            with torch.enable_grad():
-                g = g_all[start:end].detach().requires_grad_(True)
-                h = ctx.apply_gate(g)
-            dh = dy @ w2[e]
-            if a2c is not None:
-                dy_b = dy @ b2c[e]  # [n, r]
-                dh = dh + (dy_b * s2) @ a2c[e]
-                grads["a2"][e] = (dy_b * s2).t() @ h.detach()
-                grads["b2"][e] = (dy * s2).t() @ (h.detach() @ a2c[e].t())
-            (dg,) = torch.autograd.grad(h, g, dh)
-            dx = dg @ w1[e]
-            if a1c is not None:
-                dg_b = dg @ b1c[e]
-                dx = dx + (dg_b * s1) @ a1c[e]
-                grads["a1"][e] = (dg_b * s1).t() @ xe
-                grads["b1"][e] = (dg * s1).t() @ (xe @ a1c[e].t())
-            dx_all[start:end] = dx
-        grad_hidden = torch.zeros(hidden.shape, dtype=cd, device=hidden.device).index_add_(0, rows, dx_all)
-        out = [grads[name] if grads[name] is None else grads[name].to(t.dtype)
-               for name, t in (("a1", a1), ("b1", b1), ("a2", a2), ("b2", b2))]
-        return (grad_hidden.to(hidden.dtype), None, grad_weights, None, None, None, None, *out)
+        dy = (d_out * weights_sorted[:, None]).to(dtype)
+        with torch.enable_grad():
+            g = g.detach().requires_grad_(True)
+            h = ctx.apply_gate(g)  # recomputed: [N, I] is cheaper to redo than to keep
+        dh, grad_a2, grad_b2 = _project_back(dy, h.detach(), down, lora[2], lora[3], offsets, bounds, dtype)
+        (dg,) = torch.autograd.grad(h, g, dh)
+        dx, grad_a1, grad_b1 = _project_back(dg, hidden.to(dtype)[rows], gate_up, lora[0], lora[1], offsets, bounds,
+                                             dtype)
+        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).index_add_(0, rows, dx)
+        lora_grads = [None if grad is None else grad.to(t.dtype)
+                      for grad, t in zip((grad_a1, grad_b1, grad_a2, grad_b2), (a1, b1, a2, b2))]
+        return (grad_hidden.to(hidden.dtype), None, grad_weights, None, None, None, None, *lora_grads)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
