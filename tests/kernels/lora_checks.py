@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
+from tuneforge.testing.bitsandbytes import exact_on_this_cpu
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HIDDEN_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 
@@ -29,7 +31,10 @@ def to_4bit(linear: nn.Linear) -> nn.Module:
     q.weight = bnb.nn.Params4bit(linear.weight.data.float().cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.float().cpu(), requires_grad=False)
-    return q.to(DEVICE)
+    # The odd sizes here (o_proj's 48 inputs, down's 176) are not whole blocks of 64 per row, which
+    # bitsandbytes' AVX512 CPU dequantisation gets wrong (issue 14): on such a CPU the reference
+    # multiplies by the NF4 formula instead, as tuneforge's loader does; elsewhere by bitsandbytes.
+    return exact_on_this_cpu(q.to(DEVICE))
 
 
 class Attention(nn.Module):
