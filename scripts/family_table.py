@@ -4,6 +4,8 @@
     pytest tests/export/test_gguf_families.py # the same for the "GGUF export" column
     python scripts/family_table.py           # reads them, writes docs/families.md and the README's table
     python scripts/family_table.py --check   # exit 1 if either file differs from what it would write
+    python scripts/family_table.py --gguf-only  # only the GGUF column (and the legend) from its results;
+                                             # every other cell stays as the last full run wrote it
 
 The README gets the same table between the marker lines `<!-- families:begin -->` and
 `<!-- families:end -->` of its "Model families" section; nothing else in the README is touched.
@@ -157,6 +159,25 @@ def render(results: dict[tuple[str, str], dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_gguf_column(table: str, results: dict[tuple[str, str], dict]) -> str:
+    """`table` (a rendered table) with its GGUF column and legend rendered from `results`."""
+    column = gguf_column(results)
+    legend = next(line for line in render({}).splitlines() if line.startswith("yes: "))
+    lines, index = [], None
+    for line in table.splitlines():
+        if line.startswith("| "):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if index is None:
+                index = cells.index(GGUF_TITLE)
+            elif cells[0] in column:
+                cells[index] = column[cells[0]]
+            line = "| " + " | ".join(cells) + " |"
+        elif line.startswith("yes: "):
+            line = legend
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def splice(readme: str, table: str, name: str = "README.md") -> str:
     """`readme` with the text between its family markers replaced by `table`."""
     begin, end = readme.find(README_BEGIN), readme.find(README_END)
@@ -177,13 +198,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "families.md")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is out of date")
+    parser.add_argument("--gguf-only", action="store_true",
+                        help="rewrite only the GGUF column (tests/export/test_gguf_families.py results) and the legend")
     args = parser.parse_args(argv)
     results = load_results(args.results)
     if not results:
         print(f"no results in {args.results}: run pytest tests/models/test_families.py first", file=sys.stderr)
         return 1
     try:
-        wanted = outputs(render(results), args.out, args.readme)
+        table = with_gguf_column(args.out.read_text(), results) if args.gguf_only else render(results)
+        wanted = outputs(table, args.out, args.readme)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 1

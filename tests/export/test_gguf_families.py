@@ -58,6 +58,11 @@ VARIANTS = [
     ("falcon-7b-multi-query", "falcon", dict(new_decoder_architecture=False, multi_query=True, num_kv_heads=None)),
     ("stablelm-2-12b-qk-norms-parallel", "stablelm", dict(qk_layernorm=True, use_parallel_residual=True)),
     ("olmo2-tied-output", "olmo2", dict(tie_word_embeddings=True)),
+    # Phi-3.5's LongRoPE: the short factors while the context (n_ctx 128, which llama.cpp rounds up
+    # to 256) stays within the original length, as transformers uses them for sequences within it.
+    ("phi3.5-longrope", "phi3", dict(max_position_embeddings=1024, original_max_position_embeddings=256, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+        "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0], "short_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 9.0]})),
 ]
 
 

@@ -202,8 +202,12 @@ def _rope_scaling(writer, rope: dict, arch: GGUFArch) -> None:
         return
     if kind == "llama3" and arch.name == "llama":
         return  # carried by the rope_freqs tensor (see extra_tensors)
+    if kind == "longrope" and arch.name == "phi3":
+        # The factors are the rope_factors_long / _short tensors (see extra_tensors).
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        return
     raise UnsupportedForGGUF(f"RoPE scaling {kind!r} is not exported to GGUF for {arch.name} yet "
-                             "(supported: default, linear, and llama3 for Llama)")
+                             "(supported: default, linear, llama3 for Llama, longrope for Phi-3)")
 
 
 def extra_tensors(arch: GGUFArch, config) -> dict[str, torch.Tensor]:
@@ -212,8 +216,15 @@ def extra_tensors(arch: GGUFArch, config) -> dict[str, torch.Tensor]:
     Llama 3.1+ RoPE scaling: llama.cpp divides each rotary frequency by `rope_freqs[i]`, so the
     factors are (unscaled inverse frequency) / (llama3-scaled inverse frequency), both taken from
     transformers' own RoPE initialisers so the two runtimes rotate identically.
+
+    Phi-3 LongRoPE: the config's long and short factors, one per rotary pair. transformers picks the
+    long ones for a sequence longer than original_max_position_embeddings, llama.cpp for a context
+    (n_ctx) longer than it: the two agree while Ollama's num_ctx stays within the original length.
     """
     rope = rope_parameters(config)
+    if arch.name == "phi3" and rope.get("rope_type") == "longrope":
+        return {f"rope_factors_{kind}.weight": torch.tensor(rope[f"{kind}_factor"], dtype=torch.float32)
+                for kind in ("long", "short")}
     if arch.name != "llama" or rope.get("rope_type") != "llama3":
         return {}
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -338,9 +349,18 @@ def _starcoder2_check(config) -> None:
 
 
 def _phi3_metadata(writer, config) -> None:
+    import math
+
     original = getattr(config, "original_max_position_embeddings", None)
     if original:
         writer.add_rope_scaling_orig_ctx_len(original)
+    rope = rope_parameters(config)
+    if rope.get("rope_type") == "longrope":
+        # transformers' LongRoPE scales cos / sin by this attention factor; llama.cpp by attn_factor.
+        scale = config.max_position_embeddings / original
+        attention = rope.get("attention_factor") or (
+            math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        writer.add_rope_scaling_attn_factors(float(attention))
 
 
 ARCHES: dict[str, GGUFArch] = {arch.name: arch for arch in (
