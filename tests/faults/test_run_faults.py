@@ -326,6 +326,28 @@ def test_a_full_disk_while_saving_the_adapter_leaves_no_half_adapter(inputs, run
     assert not [p for p in folder.iterdir() if ".tmp-" in p.name]
 
 
+def test_rotation_keeps_the_newest_checkpoints_whole(inputs, tmp_path):
+    """save_total_limit rotates in the real folder after each staged checkpoint is renamed in."""
+    folder = tmp_path / "run"
+    train(_config(inputs, folder, save_total_limit=2))
+    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-3", "checkpoint-4"]
+    assert all(checkpoint_problem(p) is None for p in list_checkpoints(folder))
+    assert not [p for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_full_disk_anywhere_else_is_one_line(tmp_path, monkeypatch, capsys):
+    """A full disk outside the guarded writes (the datasets cache, the log) is still no traceback."""
+    from tuneforge import cli
+    from tuneforge.train import run
+
+    def full(config, **options):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run, "train", full)
+    assert cli.main(["train", "--output", str(tmp_path / "x")]) == 2
+    assert "no space left on the device" in capsys.readouterr().err
+
+
 # --- Ctrl-C ---------------------------------------------------------------------------------------
 
 
