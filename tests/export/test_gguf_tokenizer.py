@@ -15,11 +15,15 @@ from tuneforge.testing import tiny_model
 
 pytest.importorskip("llama_cpp")
 
-TEXTS = ["Hello world! 123 4567 and 89.", "  multiple   spaces\n\n\ttabs\r\n", "Café déjà vu — naïve ☕ 漢字",
+TEXTS = ["Hello world! 123 4567 and 89.", "price: 12,345.67 (555) 123-4567; ok!!! ...",  "  multiple   spaces\n\n\ttabs\r\n", "Café déjà vu — naïve ☕ 漢字",
          "I'm you'll WE'RE they'd", "x=1+2*3; print(x)\n", "<|im_start|>user\nHi<|im_end|>\n"]
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 _QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _LLAMA3 = _QWEN2.replace(r"\p{N}|", r"\p{N}{1,3}|")
+_FALCON = {"type": "Sequence", "pretokenizers": [  # tiiuae/falcon-7b's, verbatim
+    {"type": "Punctuation", "behavior": "Contiguous"}, dict(_BYTE_LEVEL, use_regex=True),
+    {"type": "Digits", "individual_digits": False},
+    {"type": "Split", "pattern": {"Regex": "[0-9][0-9][0-9]"}, "behavior": "Isolated", "invert": False}]}
 PRE_TOKENIZERS = {
     "gpt-2": dict(_BYTE_LEVEL, use_regex=True),
     "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
@@ -28,14 +32,22 @@ PRE_TOKENIZERS = {
         {"type": "Split", "pattern": {"Regex": _QWEN2}, "behavior": "Isolated", "invert": False}, _BYTE_LEVEL]},
     "llama-bpe": {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": _LLAMA3}, "behavior": "Isolated", "invert": False}, _BYTE_LEVEL]},
+    # The same regex, BPE merges applied to every word (OLMo 2's cl100k-style tokenizer).
+    "dbrx": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3}, "behavior": "Isolated", "invert": False}, _BYTE_LEVEL]},
+    "falcon": _FALCON,
 }
+# tokenizer.json model settings that go with a pre-tokenizer: Llama 3's BPE takes a word in the
+# vocabulary whole.
+MODEL_SETTINGS = {"llama-bpe": {"ignore_merges": True}}
 
 
-def with_pre_tokenizer(tokenizer, pre: dict):
+def with_pre_tokenizer(tokenizer, pre: dict, **model_settings):
     from tokenizers import Tokenizer
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     spec["pre_tokenizer"] = pre
+    spec["model"].update(model_settings)
     rebuilt = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
                                       bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
                                       unk_token=tokenizer.unk_token, pad_token=tokenizer.pad_token)
@@ -45,7 +57,8 @@ def with_pre_tokenizer(tokenizer, pre: dict):
 
 @pytest.mark.parametrize("pre", list(PRE_TOKENIZERS))
 def test_byte_level_pre_tokenizers_match_llama_cpp(pre, smollm2_dir, tmp_path):
-    tokenizer = with_pre_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir), PRE_TOKENIZERS[pre])
+    tokenizer = with_pre_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir), PRE_TOKENIZERS[pre],
+                                   **MODEL_SETTINGS.get(pre, {}))
     assert vocab_from_tokenizer(tokenizer, 49152).pre == pre
     model = tiny_model("llama", vocab_size=49152, num_hidden_layers=1)
     path = write_gguf(ModuleSource(model), tokenizer, tmp_path / "vocab.gguf", "f16", progress=False)

@@ -24,10 +24,17 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Byte-level pre-tokenizer regexes (from the tokenizer.json Split step) -> llama.cpp pre name.
 # A signature fragment identifies each; llama.cpp applies its own copy of the same regex.
+# llama.cpp's pre names that share a regex (llama-vocab.cpp) need no entry of their own:
+# starcoder / refact / command-r are "smollm" (StarCoder 2, Granite 3, Command-R), stablelm2 is
+# "qwen2" (StableLM 2), dbrx is "llama-bpe" without ignore_merges (OLMo 2's cl100k-style BPE).
 _SPLIT_PRE = (
     (r"\p{N}{1,3}", "llama-bpe"),  # Llama 3: numbers in groups of up to three digits
     (r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|", "qwen2"),  # Qwen 2 / 2.5 / 3: single digits
 )
+# Falcon (7B / 40B / 180B): punctuation runs, GPT-2's regex, then digits in threes.
+_FALCON = [{"type": "Punctuation", "behavior": "Contiguous"}, {"type": "ByteLevel", "use_regex": True},
+           {"type": "Digits", "individual_digits": False},
+           {"type": "Split", "pattern": {"Regex": "[0-9][0-9][0-9]"}, "behavior": "Isolated", "invert": False}]
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
@@ -123,9 +130,21 @@ def _gpt2_pre(spec: dict) -> str:
         pattern = steps[0]["pattern"].get("Regex", "")
         for fragment, name in _SPLIT_PRE:
             if fragment in pattern:
+                # llama.cpp's llama-bpe takes a word that is in the vocabulary whole (Llama 3's
+                # tokenizer.json says ignore_merges); dbrx runs the same regex through the merges.
+                if name == "llama-bpe" and not spec["model"].get("ignore_merges", False):
+                    return "dbrx"
                 return name
+    if len(steps) == len(_FALCON) and all(_has(step, want) for step, want in zip(steps, _FALCON)):
+        return "falcon"
     raise UnsupportedTokenizer("no llama.cpp pre-tokenizer known to match "
                                f"{json.dumps(spec.get('pre_tokenizer'))}")
+
+
+def _has(step: dict, want: dict) -> bool:
+    """Every key of `want` has its value in `step` (a ByteLevel's use_regex defaults to true)."""
+    defaults = {"use_regex": True} if step.get("type") == "ByteLevel" else {}
+    return all(step.get(key, defaults.get(key)) == value for key, value in want.items())
 
 
 def _added(spec: dict) -> dict[int, dict]:
