@@ -235,3 +235,33 @@ def test_full_finetuning_of_experts_is_refused():
     index, weights = routing(4, 4, 2, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="full fine-tuning"):
         moe_experts(torch.randn(4, 64), index, weights, gate_up, down, experts._apply_gate)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_bf16_nf4_lora_matches_reference(family):
+    # The GPU path: Triton NF4 dequantisation of whole stacks and torch's CUDA grouped_mm (bf16,
+    # sm80+), against the reference on the same GPU.
+    experts = experts_module(family).cuda()
+    g = torch.Generator().manual_seed(6)
+    index, weights = routing(64, experts.num_experts, 2, g, fp32_weights=family == "mixtral", dtype=torch.bfloat16)
+    index, weights = index.cuda(), weights.cuda()
+    hidden = torch.randn(64, 64, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+    nf4, dense = nf4_projections(experts)
+    lora = projections(experts, 16, g)
+    nf4 = [ExpertProjection(nf4=q.nf4, bias=None if q.bias is None else q.bias.bfloat16(), transposed=q.transposed,
+                            lora_A=l.lora_A.detach().cuda().requires_grad_(), lora_B=l.lora_B.detach().cuda().requires_grad_(),
+                            scaling=2.0) for q, l in zip(nf4, lora)]
+    calls = []
+    grouped_mm = torch.nn.functional.grouped_mm
+    torch.nn.functional.grouped_mm = lambda *a, **k: calls.append(1) or grouped_mm(*a, **k)
+    try:
+        out = moe_experts(hidden, index, weights, *nf4, experts._apply_gate)
+    finally:
+        torch.nn.functional.grouped_mm = grouped_mm
+    ref = reference_moe(hidden, index, weights, *nf4, experts._apply_gate)
+    assert calls and rel_err(out, ref) < TOL[torch.bfloat16]
+    inputs = [hidden] + [t for p in nf4 for t in (p.lora_A, p.lora_B)]
+    dy = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, inputs, dy), torch.autograd.grad(ref, inputs, dy)):
+        assert rel_err(got, want) < TOL[torch.bfloat16]
