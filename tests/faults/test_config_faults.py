@@ -109,7 +109,22 @@ def test_a_config_that_is_not_utf8_names_the_line(tmp_path):
 
 
 def test_command_line_overrides_are_checked_too(tmp_path):
-    from tuneforge.cli import main
+    """Before: `--max-steps -3` silently became a full epoch (here of a tiny model, so it ends soon)."""
+    import json
 
-    assert main(["train", "--max-steps", "-3", "--output", str(tmp_path / "out")]) == 2
+    import yaml
+    from tiny_chat_model import save_tiny_chat_model
+
+    from tuneforge.cli import main
+    from tuneforge.train.run import default_rows
+
+    model = save_tiny_chat_model(tmp_path / "model")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in default_rows("train")[:4]))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": str(model), "load_in_4bit": False, "max_seq_length": 256, "use_kernels": False},
+        "lora": {"gradient_checkpointing": False}, "data": {"path": str(data)},
+        "training": {"optim": "adamw_torch", "report_to": "none"}}))
+    assert main(["train", str(config), "--max-steps", "-3", "--output", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()

@@ -165,3 +165,18 @@ def test_a_fault_in_a_first_export_leaves_no_folder(adapter, tmp_path, monkeypat
     assert _export(adapter_dir, tmp_path / "new", "--max-shard-size", "100KB") == 2
     assert not (tmp_path / "new").exists()
     _no_staging_left(tmp_path)
+
+
+def test_overwrite_never_replaces_a_folder_of_other_files(adapter, tmp_path, capsys, monkeypatch):
+    _, adapter_dir, _ = adapter
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "model.safetensors").write_bytes(b"an old export")
+    assert _export(adapter_dir, mine, "--overwrite") == 2
+    assert "holds files that no export writes (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["model.safetensors", "notes.txt"]
+    monkeypatch.chdir(mine)
+    assert _export(adapter_dir, Path("."), "--overwrite") == 2
+    assert "is the current, home or root folder" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["model.safetensors", "notes.txt"]

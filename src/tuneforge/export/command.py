@@ -16,6 +16,7 @@ mid-export leaves --output as it was. A damaged adapter is a one-line error befo
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 import shutil
@@ -82,6 +83,16 @@ def adapter_problem(folder: Path) -> str | None:
     return None
 
 
+# What exports write (weights, configs, tokenizer files, GGUF, Modelfile, reports): --overwrite
+# replaces a folder holding only these; anything else in it is the user's and stops it.
+EXPORT_FILES = ("*.safetensors", "*.gguf", "*.json", "*.jinja", "*.bin", "tokenizer.model", "merges.txt",
+                "vocab.txt", "README.md", "Modelfile", "*.png")
+
+
+def _is_export_file(path: Path) -> bool:
+    return path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in EXPORT_FILES)
+
+
 def check_output(output: Path, overwrite: bool, keep: dict[str, Path]) -> None:
     """Refuse an --output whose replacement would lose files: one that is (or holds) a folder in
     `keep` (the adapter, its run folder, the base model), or a non-empty one without --overwrite."""
@@ -93,6 +104,13 @@ def check_output(output: Path, overwrite: bool, keep: dict[str, Path]) -> None:
                               f"({folder}); writing the export there would replace it: choose another folder")
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output {output} is a file, not a folder")
+    if out in (Path.cwd().resolve(), Path.home().resolve()) or out.parent == out:
+        raise ExportError(f"--output {output} is the current, home or root folder; write the export into a "
+                          "folder of its own")
+    foreign = [p.name for p in output.iterdir() if not _is_export_file(p)] if output.is_dir() else []
+    if foreign and overwrite:
+        raise ExportError(f"--output {output} holds files that no export writes ({', '.join(sorted(foreign)[:5])}); "
+                          "--overwrite replaces the folder as a whole, so choose a folder of its own")
     if not folder_is_empty(output) and not overwrite:
         names = sorted(p.name for p in output.iterdir())
         raise ExportError(f"--output {output} is not empty ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}): "
