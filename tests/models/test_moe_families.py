@@ -278,3 +278,30 @@ def test_dequantised_experts_compute_what_nf4_experts_do(family, folders):
     assert not any(is_nf4(m) for m in ours.modules())
     assert all(torch.isfinite(p).all() for p in ours.parameters() if p.is_floating_point())
     torch.testing.assert_close(_logits(ours), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_4bit_generation_equals_the_reference(family, folders):
+    prompt = tiny_batch(batch=1, seq=5, pad=0)[0]
+    ours = FastLanguageModel.for_inference(_ours(folders(family), family, load_in_4bit=True))
+    got = ours.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+    reference = _reference(folders(family), family, load_in_4bit=True)
+    want = reference.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+    assert got.shape == (1, 8) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_4bit_adapter_folder_reloads_through_from_pretrained(family, folders, tmp_path):
+    # FastLanguageModel.from_pretrained on the saved adapter: base in 4-bit (NF4 experts again),
+    # the adapter on the experts through peft's target_parameters, routed through kernels.moe.
+    ours = _lora_ours(_ours(folders(family), family, load_in_4bit=True))
+    want = _logits(ours)
+    ours.save_pretrained(tmp_path)
+    reloaded, _ = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=64, dtype=torch.float32,
+                                                    load_in_4bit=True, use_kernels=True,
+                                                    attn_implementation=get_family(family).attn_implementation)
+    _no_cpu_repack(reloaded)
+    base = reloaded.get_base_model()
+    assert all(is_nf4(m) for _, m in experts_modules(base, get_family(family)))
+    assert "moe_lora" in base.tuneforge_lora_kernels
+    torch.testing.assert_close(_logits(reloaded.eval()), want, rtol=0, atol=0)
