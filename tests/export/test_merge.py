@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from export_helpers import ALL_LINEAR, lora_model, set_base
 from tuneforge.export.merge import merge_adapter_folder, merge_model
 from tuneforge.testing import tiny_model
+from tuneforge.testing.bitsandbytes import exact_on_this_cpu
 
 IDS = torch.tensor([[5, 17, 42, 101, 7, 250, 3, 99]])
 
@@ -93,6 +94,9 @@ def test_nf4_base_is_dequantised_exactly(tmp_path):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
     qbase = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=quant, dtype=torch.float32)
+    # As tuneforge's loader: no bitsandbytes CPU repack in eval mode (it asserts on the 176-row
+    # gate/up weights), the NF4 formula where its AVX512 dequantisation is wrong (issue 14).
+    exact_on_this_cpu(qbase)
     qbase.save_pretrained(tmp_path / "nf4")
     model = lora_model(qbase)
     in_memory = merge_model(model, tmp_path / "in-memory", dtype="float32")
