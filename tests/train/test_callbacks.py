@@ -138,3 +138,108 @@ def test_report_to_auto_skips_wandb_without_credentials(nothing_installed, monke
     with caplog.at_level(logging.INFO):
         assert resolve_report_to("auto", tmp_path) == []
     assert "wandb is installed but not logged in" in caplog.text
+
+
+def test_log_has_speed_and_memory_and_the_plot_two_panels(run):
+    import matplotlib.image
+
+    output, _, _ = run
+    rows = [r for r in read_log(output) if "loss" in r]
+    assert all(r["tokens_per_second"] > 0 and r["memory_gib"] > 0 for r in rows)
+    assert all("tokens_per_second" not in r for r in read_log(output) if "eval_loss" in r)
+    image = matplotlib.image.imread(output / "loss.png")
+    assert image.shape[0] > 700  # loss / lr on top, tokens/s and memory below
+
+
+def test_data_report_and_plan_are_in_the_run_folder(run):
+    output, _, _ = run
+    report = json.loads((output / "data_report.json").read_text())
+    assert report["rows_read"] == 160 and report["errors"] == [] and report["trained_tokens"] > 0
+    assert (output / "data_lengths.png").stat().st_size > 1000
+    plan = json.loads((output / "plan.json").read_text())
+    assert plan["setup"]["batch"] == 2 and plan["estimate"]["peak"] > 0
+
+
+def test_moving_average():
+    from tuneforge.train.callbacks import moving_average
+
+    assert moving_average([4.0, 2.0, 6.0, 0.0], 2) == [4.0, 3.0, 4.0, 3.0]
+
+
+class _State:
+    def __init__(self, step, max_steps=100):
+        self.global_step, self.max_steps, self.is_world_process_zero = step, max_steps, True
+
+
+def test_console_progress_smooths_and_prints_compact_lines(capsys):
+    from tuneforge.train.callbacks import ConsoleProgress
+
+    progress = ConsoleProgress()
+    progress.on_train_begin(None, _State(0), None)
+    assert progress.every == 10
+    for step, loss in enumerate([4.0, 2.0, 4.0, 2.0, 4.0, 2.0, 4.0, 2.0, 4.0, 2.0], start=1):
+        progress.on_log(None, _State(step), None, logs={"loss": loss, "learning_rate": 2e-4, "grad_norm": 1.5,
+                                                        "tokens_per_second": 1234.5, "memory_gib": 1.25})
+    progress.on_log(None, _State(10), None, logs={"eval_loss": 2.5})
+    progress.on_log(None, _State(10), None, logs={"train_runtime": 1.0, "train_loss": 3.0})
+    postfix = progress.bar.postfix
+    progress.on_train_end(None, _State(10), None)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert 3.0 < progress.smoothed < 4.0 and "lr 2.0e-04" in postfix and "1,234 tok/s" in postfix
+    assert "step    10/100 | loss 2.0000 (smoothed" in text and "| grad norm 1.5 | lr 2.0e-04" in text
+    assert "step    10/100 | eval loss 2.5000" in text
+    assert "{" not in text and "train_runtime" not in text  # no raw dicts
+
+
+def test_use_console_progress_replaces_transformers_bar():
+    from transformers.trainer_callback import CallbackHandler, ProgressCallback
+
+    from tuneforge.train.callbacks import ConsoleProgress, CsvLogCallback, SummaryCallback, use_console_progress
+
+    class Trainer:
+        callback_handler = CallbackHandler([CsvLogCallback("x"), SummaryCallback("x"), ProgressCallback()],
+                                           None, None, None, None)
+
+        def remove_callback(self, kind):
+            self.callback_handler.remove_callback(kind)
+
+    trainer = Trainer()
+    use_console_progress(trainer)
+    kinds = [type(c) for c in trainer.callback_handler.callbacks]
+    assert kinds == [CsvLogCallback, ConsoleProgress, SummaryCallback]
+
+
+def test_summary_table_shows_the_estimate_beside_the_measurement():
+    from tuneforge.planning.estimate import Estimate
+    from tuneforge.train.callbacks import SummaryCallback
+
+    callback = SummaryCallback("out")
+    callback.summary = {"steps": 10, "resumed_at_step": None, "trained_tokens": 1000, "tokens_per_second": 50.0,
+                        "first_loss": 3.0, "final_loss": 1.0, "final_eval_loss": None, "best_eval_loss": None,
+                        "peak_memory_gib": 1.5}
+    callback.estimate = Estimate("H100", 80 * 2**30, 2, 512, 512.0, parts={"weights": 2**30}, overhead=2**29,
+                                 seconds_per_step=0.5)
+    table = "\n".join(callback.table([3.0, 2.0, 1.0], 20.0))
+    assert "2.00 s/step" in table and "estimated 1.00 GiB of tensors" in table and "1.50 GiB" in table
+    assert "time estimate   0.50 s/step" in table
+
+
+def test_banner_names_model_device_and_estimate(tmp_path):
+    from tuneforge.config import config_from_dict
+    from tuneforge.models.fast_language_model import FastLanguageModel
+    from tuneforge.planning import plan_config
+    from tuneforge.testing import tiny_model
+    from tuneforge.train.callbacks import banner_lines
+
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    config = config_from_dict({"model": {"name": str(tmp_path / "tiny"), "use_kernels": False}, "lora": {"r": 4}})
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "tiny"), load_in_4bit=True, use_kernels=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False, use_kernels=False)
+    plan = plan_config(config, with_data=False)
+    text = "\n".join(banner_lines(model, config, plan))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert "family llama | 4-bit NF4 | LoRA r=4 on 7 projections" in text
+    assert f"trainable {trainable:,} of {plan.estimate.total_params:,}" in text and "device CPU" in text
+    assert "estimate: peak" in text and "s/step" in text
+    assert plan.estimate.trainable_params == trainable

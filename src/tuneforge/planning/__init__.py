@@ -127,10 +127,13 @@ class RunPlan:
                 "estimate": self.estimate.to_dict(),
                 "lengths": self.lengths.percentiles() if self.lengths is not None else None}
 
-    def write(self, folder: str | Path) -> Path:
+    def write(self, path: str | Path) -> Path:
+        """The plan as JSON at `path` (a folder: <path>/plan.json)."""
         import json
 
-        path = Path(folder) / PLAN_NAME
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path

@@ -70,8 +70,9 @@ def write_run_metadata(config: TrainConfig, output_dir: Path, identity: dict, re
     atomic_write_text(output_dir / RESOLVED_CONFIG_NAME, json.dumps(payload, indent=2))
 
 
-def build_datasets(config: TrainConfig, tokenizer, chat_template: str | None):
-    """Tokenized train (and optional eval) datasets with input_ids / labels."""
+def build_datasets(config: TrainConfig, tokenizer, chat_template: str | None, stats=None):
+    """Tokenized train (and optional eval) datasets with input_ids / labels; `stats` (a
+    data.report.PrepareStats) is filled for the dataset report."""
     from tuneforge.data import prepare_dataset
 
     data = config.data
@@ -86,6 +87,7 @@ def build_datasets(config: TrainConfig, tokenizer, chat_template: str | None):
         overflow=data.overflow,
         train_on_responses_only=data.train_on_responses_only,
         packing=data.packing,
+        stats=stats,
     )
     if data.eval_fraction <= 0:
         return dataset, None
@@ -137,7 +139,8 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
     from tuneforge.train import distributed
     from tuneforge.train.trainer import SFTConfig
 
-    from tuneforge.train.callbacks import resolve_report_to
+    from tuneforge.data.report import PrepareStats, report_before_training
+    from tuneforge.train.callbacks import banner_lines, resolve_report_to, use_console_progress
     from tuneforge.train.guards import InterruptGuard, NonFiniteError, NonFiniteGuard
 
     if strategy is None and distributed.is_distributed():
@@ -175,7 +178,11 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
         )
     spec = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "tuneforge_family", None)
     chat_template = config.data.chat_template
-    train_dataset, eval_dataset = build_datasets(config, tokenizer, chat_template)
+    stats = PrepareStats()
+    train_dataset, eval_dataset = build_datasets(config, tokenizer, chat_template, stats=stats)
+    # Before any step: the data report (a DataError on data that cannot train), then the plan.
+    report_before_training(stats, tokenizer, output_dir if distributed.is_main_process() else None)
+    plan = _plan(config, tokenizer, stats, output_dir)
     # A named chat template may map EOS to its end-of-turn token: generation must stop there too.
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
@@ -228,6 +235,11 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
         callbacks=callbacks,
     )
     trainer.run_identity = identity
+    use_console_progress(trainer)
+    next(c for c in trainer.callback_handler.callbacks if c.__class__.__name__ == "SummaryCallback").estimate = \
+        plan.estimate if plan is not None else None
+    if distributed.is_main_process():
+        print("\n".join(banner_lines(model, config, plan)), flush=True)
     distributed.check_strategy(trainer, strategy)
     if checkpoint is not None:
         _continue_token_count(trainer, checkpoint)
@@ -312,6 +324,22 @@ def _trainer_class():
     from tuneforge.train.trainer import SFTTrainer
 
     return type("SFTTrainer", (AtomicCheckpoints, SFTTrainer), {"__module__": __name__})
+
+
+def _plan(config: TrainConfig, tokenizer, stats, output_dir: Path):
+    """The plan's estimate for the start banner and the summary (also <output_dir>/plan.json); None
+    (logged) where it cannot be made: the estimate must never stop a run."""
+    from tuneforge.planning import Lengths, plan_config
+
+    lengths = [len(ids) for ids in stats.rows["input_ids"]] if stats.rows is not None else []
+    try:
+        plan = plan_config(config, tokenizer=tokenizer, lengths=Lengths(len(lengths), lengths) if lengths else None,
+                           with_data=False)
+    except Exception as error:  # an unusual config.json: say so and train on
+        logger.warning("no memory / time estimate: %s: %s", type(error).__name__, error)
+        return None
+    plan.write(output_dir)
+    return plan
 
 
 def _continue_token_count(trainer, checkpoint: Path) -> None:

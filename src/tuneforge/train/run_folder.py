@@ -39,7 +39,7 @@ RESOLVED_CONFIG_NAME = "config.resolved.json"
 # What `tuneforge train` writes into its folder (besides checkpoint-N and the atomic writers'
 # `.<name>.tmp-*` / `.<name>.old-*` siblings); --overwrite removes these and nothing else.
 RUN_ENTRIES = (RESOLVED_CONFIG_NAME, "summary.json", "log.csv", "loss.png", "adapter", "tensorboard",
-               "runs", LOCK_NAME)
+               "runs", LOCK_NAME, "data_report.json", "data_lengths.png", "plan.json")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 MODEL_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 # Keys a resumed run may change without changing what the finished steps computed.
