@@ -1,8 +1,9 @@
 """Every family exports to GGUF that llama.cpp runs as transformers does, and the family table says so.
 
 Per family with a `gguf_arch` in the family table: the family's tiny random model (its tiny-test
-config, SmolLM2's 49,152-token vocabulary so the file carries a real tokenizer), weights rounded to
-float16 so that an F16 GGUF holds exactly what transformers runs, then
+config and 317-token vocabulary, with a byte-level BPE tokenizer of that size trained here, so the
+file carries a real tokenizer and stays small), weights rounded to float16 so that an F16 GGUF holds
+exactly what transformers runs, then
 
   - F16 GGUF, loaded by llama-cpp-python: next-token logits at every position of several prompts
     within 2e-3 of the logit range of transformers' (fp32). llama.cpp keeps its KV cache in F16, so
@@ -26,13 +27,13 @@ import numpy as np
 import pytest
 import torch
 from export_helpers import llama_cpp_quiet, spread_weights
-from transformers import AutoTokenizer
+from transformers import PreTrainedTokenizerFast
 
 from tuneforge.export.gguf import write_gguf
 from tuneforge.export.gguf_arch import UnsupportedForGGUF
 from tuneforge.export.merge import ModuleSource
 from tuneforge.models.families import all_families
-from tuneforge.testing import tiny_model
+from tuneforge.testing import TINY_DIMENSIONS, tiny_model
 
 pytest.importorskip("llama_cpp", reason="needs the gguf extra: pip install 'tuneforge[gguf]'")
 
@@ -82,17 +83,28 @@ def recorded(family: str, check: str, **details):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+def tokenizer():
+    """A GPT-2-style byte-level BPE of the tiny models' vocabulary size (ids 0-2: pad, bos, eos, as the
+    tiny configs say), trained on the prompts: llama.cpp reads it as a "gpt2" vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(TEXTS * 8, trainers.BpeTrainer(
+        vocab_size=TINY_DIMENSIONS["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 def model_for(family: str, **changes):
     overrides = {**GGUF_OVERRIDES.get(family, {}), **changes}
-    return spread_weights(tiny_model(family, vocab_size=49152, **overrides), fp16_exact=True)
+    return spread_weights(tiny_model(family, **overrides), fp16_exact=True)
 
 
 def prompts(tokenizer, context: int) -> list[list[int]]:
-    return [tokenizer(text, add_special_tokens=False)["input_ids"][:context] for text in TEXTS]
+    """Each text's token ids, up to `context` and at most 48 tokens."""
+    return [tokenizer(text, add_special_tokens=False)["input_ids"][:min(context, 48)] for text in TEXTS]
 
 
 def context_length(llm) -> int:
@@ -184,7 +196,7 @@ def test_layout_variants_equal_transformers(family, changes, tokenizer, tmp_path
     ("llama", dict(hidden_act="gelu"), "activation"),
 ])
 def test_configs_llama_cpp_runs_differently_are_refused(family, changes, message, tokenizer, tmp_path):
-    model = tiny_model(family, vocab_size=49152, **changes)
+    model = tiny_model(family, **changes)
     with pytest.raises(UnsupportedForGGUF, match=message):
         export(model, tokenizer, tmp_path, "f16")
     assert not list(tmp_path.glob("*.gguf"))
