@@ -40,6 +40,7 @@ from tuneforge.data.templates import list_chat_templates
 from tuneforge.models import registry
 from tuneforge.models.families import all_families, family_for_model_type, get_family
 from tuneforge.models.moe import experts_modules, is_nf4
+from tuneforge.testing.bitsandbytes import exact_on_this_cpu
 from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, lora_grads, nf4_round_trip_experts, randomize_lora_b, tiny_batch, tiny_config, tiny_model
 
 FAMILIES = sorted(all_families())
@@ -120,7 +121,9 @@ def _load_reference_quantised(folder, family, bits=4):
         # MoE: tuneforge stores the stacked experts as NF4 (bitsandbytes has no 3-D layer); the
         # reference runs transformers' own experts module on bitsandbytes' NF4 round trip of them.
         nf4_round_trip_experts(reference, family)
-    return reference.eval()  # the new layers too
+    # As tuneforge's loader: no bitsandbytes CPU repack in eval mode, exact NF4 where its CPU
+    # dequantisation is wrong (testing/bitsandbytes.py).
+    return exact_on_this_cpu(reference.eval())  # the new layers too
 
 
 def _logits(model, **kwargs):

@@ -121,6 +121,26 @@ _KNOWN: list[KnownModel] = [
         ("bigcode/starcoder2-7b", None),
         ("bigcode/starcoder2-15b-instruct-v0.1", None),
     ),
+    # Mixtures of experts: no 4-bit twins. Pre-quantised MoE checkpoints store experts in layouts
+    # tuneforge's NF4 experts do not read; a 4-bit load quantises the stacked experts itself
+    # (models.moe). gpt-oss ships MXFP4 experts, which transformers dequantises on load.
+    *_models(
+        "qwen3_moe",
+        ("Qwen/Qwen3-30B-A3B", None),
+        ("Qwen/Qwen3-30B-A3B-Instruct-2507", None),
+        ("Qwen/Qwen3-235B-A22B", None),
+    ),
+    *_models(
+        "gpt_oss",
+        ("openai/gpt-oss-20b", None),
+        ("openai/gpt-oss-120b", None),
+    ),
+    *_models(
+        "mixtral",
+        ("mistralai/Mixtral-8x7B-v0.1", None),
+        ("mistralai/Mixtral-8x7B-Instruct-v0.1", None),
+        ("mistralai/Mixtral-8x22B-Instruct-v0.1", None, "mistral-v3"),
+    ),
     *_models(
         "olmo2",
         ("allenai/OLMo-2-0425-1B-Instruct", None),
