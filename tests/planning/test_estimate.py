@@ -4,6 +4,7 @@ H100 figures in bench/README.md, and the --fit search against a probe with a kno
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -190,3 +191,23 @@ def test_fit_on_the_cpu_says_not_applicable(capsys):
         pytest.skip("CUDA present: fit probes the card")
     assert fit(TrainConfig(), plan=None) is None
     assert "not applicable on the CPU" in capsys.readouterr().out
+
+
+def test_fast_language_model_plan_from_arguments(tiny_dir):
+    from tuneforge.models.fast_language_model import FastLanguageModel
+
+    small = FastLanguageModel.plan(str(tiny_dir), max_seq_length=128, batch_size=1, r=8)
+    large = FastLanguageModel.plan(str(tiny_dir), max_seq_length=256, batch_size=4, r=8)
+    assert small.setup.seq == 128 and large.setup.batch == 4 and small.lengths is None
+    assert small.estimate.peak < large.estimate.peak and small.estimate.trainable_params == large.estimate.trainable_params
+    assert any("memory estimate" in line for line in small.lines())
+
+
+def test_plan_cli_on_the_default_run(capsys, tmp_path):
+    from tuneforge.cli import main
+
+    assert main(["plan", "--output", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "data: 160 rows" in out and "peak (tensors)" in out and "s per step" in out
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["lengths"]["p100"] <= 512 and saved["setup"]["batch"] == 2

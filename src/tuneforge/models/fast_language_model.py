@@ -191,6 +191,14 @@ class FastLanguageModel:
         return enable_fast_generate(model)
 
     @staticmethod
+    def plan(model_name: str = "tuneforge/smollm2-135m-instruct", **kwargs):
+        """Peak memory and time of a LoRA run before loading it (tuneforge.planning.plan_model's
+        arguments: max_seq_length, load_in_4bit, r, batch_size, dataset, ...); print(*plan.lines(), sep="\\n")."""
+        from tuneforge.planning import plan_model
+
+        return plan_model(model_name, **kwargs)
+
+    @staticmethod
     def for_training(model, use_gradient_checkpointing=True):
         """Train mode, KV cache off, checkpointing back on if for_inference turned it off; `generate`
         is transformers' again and the inference cache and graph are released."""

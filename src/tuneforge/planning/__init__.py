@@ -237,3 +237,25 @@ def plan_config(config, *, tokenizer=None, lengths: Lengths | None = None, devic
 
 __all__ = ["DeviceSpec", "Estimate", "Lengths", "ModelFacts", "RunPlan", "RunSetup", "detect_device",
            "estimate", "plan_config"]
+
+
+def plan_model(model_name: str, *, max_seq_length: int = 2048, load_in_4bit: bool = True, load_in_8bit: bool = False,
+               full_finetuning: bool = False, r: int = 16, target_modules=None, use_gradient_checkpointing="unsloth",
+               batch_size: int = 2, gradient_accumulation_steps: int = 1, optim: str = "adamw_8bit",
+               max_steps: int = 60, dataset: str | None = None, chat_template: str | None = None) -> RunPlan:
+    """The plan in FastLanguageModel's terms (`FastLanguageModel.plan`). dataset: a data path (or
+    "tuneforge:default"), tokenized for its lengths; None assumes rows of max_seq_length."""
+    from tuneforge.config import config_from_dict
+
+    values = {
+        "model": {"name": model_name, "max_seq_length": max_seq_length, "load_in_4bit": load_in_4bit,
+                  "load_in_8bit": load_in_8bit, "full_finetuning": full_finetuning},
+        "lora": {"r": r, "gradient_checkpointing": use_gradient_checkpointing},
+        "training": {"per_device_train_batch_size": batch_size, "optim": optim, "max_steps": max_steps,
+                     "gradient_accumulation_steps": gradient_accumulation_steps},
+    }
+    if target_modules is not None:
+        values["lora"]["target_modules"] = target_modules
+    if dataset is not None:
+        values["data"] = {"path": dataset, "chat_template": chat_template}
+    return plan_config(config_from_dict(values), with_data=dataset is not None)
