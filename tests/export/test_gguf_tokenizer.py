@@ -83,3 +83,48 @@ def test_unknown_pre_tokenizer_is_refused(smollm2_dir):
 def test_vocab_larger_than_the_embedding_is_refused(smollm2_dir):
     with pytest.raises(UnsupportedTokenizer, match="resize the embeddings"):
         vocab_from_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir), 1000)
+
+
+def phi3_like_tokenizer(rstrip: bool):
+    """A small byte-level BPE with Phi-3's special tokens; its chat markers right-strip when `rstrip`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(TEXTS * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.add_special_tokens([AddedToken(token, rstrip=rstrip, normalized=False)
+                                for token in ("<|user|>", "<|assistant|>", "<|end|>")])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("rstrip", [True, False], ids=["phi-3-rstrip", "no-rstrip"])
+def test_phi3_special_tokens_strip_whitespace_as_in_hf(rstrip, tmp_path):
+    # llama.cpp right-strips Phi-3's special tokens only for a model whose general.name says phi3:
+    # the writer names the file so exactly when the tokenizer's added tokens right-strip.
+    tokenizer = phi3_like_tokenizer(rstrip)
+    model = tiny_model("phi3", vocab_size=len(tokenizer), num_hidden_layers=1)
+    path = write_gguf(ModuleSource(model), tokenizer, tmp_path / "vocab.gguf", "f16", name="my-phi-3-ft",
+                      progress=False)
+    llm = llama_cpp_quiet(path, vocab_only=True)
+    try:
+        assert ("phi-3" in llm.metadata["general.name"]) == rstrip, llm.metadata["general.name"]
+        text = "<|user|>\nHi there <|end|>\n<|assistant|>\n Hello<|end|>\n"
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want
+    finally:
+        llm.close()
+
+
+def test_phi3_name_on_a_vocabulary_without_its_tokens_still_loads(smollm2_dir, tmp_path):
+    # llama.cpp looks up </s> and <unk> for a model named phi3; SmolLM2's vocabulary has neither.
+    model = tiny_model("llama", vocab_size=49152, num_hidden_layers=1)
+    path = write_gguf(ModuleSource(model), AutoTokenizer.from_pretrained(smollm2_dir), tmp_path / "v.gguf", "f16",
+                      name="phi3-distilled", progress=False)
+    llm = llama_cpp_quiet(path, vocab_only=True)
+    try:
+        assert "phi3" not in llm.metadata["general.name"].lower()
+    finally:
+        llm.close()

@@ -143,7 +143,7 @@ def write_gguf(source, tokenizer, path: str | Path, method: str = "f16", name: s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch.name)
-    writer.add_name(name or path.stem)
+    writer.add_name(vocab.general_name(name or path.stem, arch.name))
     writer.add_file_type(_file_type(method))
     if method not in ("f32", "f16", "bf16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -55,6 +55,36 @@ class GGUFVocab:
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | list | None = None
+    rstrip: set[str] = field(default_factory=set)  # added tokens that swallow the whitespace after them
+
+    def general_name(self, name: str, arch: str) -> str:
+        """`name` as `general.name`, adjusted for llama.cpp's one name-keyed tokenizer rule.
+
+        llama.cpp gives Phi-3's added tokens the right-strip Hugging Face gives them (the whitespace
+        after `<|end|>` belongs to the token) only when general.name contains "phi3" or "phi-3",
+        and then looks up </s>, <unk>, <s> and <|endoftext|>, failing to load a vocabulary without
+        them. The name says "phi3" exactly when this vocabulary is one that rule fits.
+        """
+        named = re.search(r"phi-?3", name.lower()) is not None
+        fits = arch == "phi3" and self._phi3_rstrip()
+        if fits and not named:
+            log.info("GGUF general.name %r -> %r: llama.cpp right-strips Phi-3's special tokens (as this "
+                     "tokenizer does) only for a model so named", name, f"phi3-{name}")
+            return f"phi3-{name}"
+        if named and not fits:
+            renamed = re.sub(r"(?i)phi(-?)3", r"phi\1_3", name)
+            log.info("GGUF general.name %r -> %r: llama.cpp would apply Phi-3's token rules to a model so "
+                     "named, which this tokenizer does not follow", name, renamed)
+            return renamed
+        return name
+
+    def _phi3_rstrip(self) -> bool:
+        """This vocabulary tokenises as llama.cpp's Phi-3 rule says (llama-vocab.cpp)."""
+        kept = {"<unk>", "<s>", "<|endoftext|>"}
+        if not kept | {"</s>"} <= set(self.tokens):
+            return False
+        special = {token for token, kind in zip(self.tokens, self.token_types) if kind in (CONTROL, USER_DEFINED)}
+        return (special - kept) | {"</s>"} == self.rstrip | {"</s>"} and not kept & self.rstrip
 
     def write(self, writer) -> None:
         writer.add_tokenizer_model(self.model)
@@ -243,6 +273,8 @@ def _special(vocab: GGUFVocab, tokenizer, vocab_size: int) -> None:
     bos, eos = vocab.special_ids.get("bos"), vocab.special_ids.get("eos")
     vocab.add_bos = bos is not None and len(probe) > 0 and probe[0] == bos
     vocab.add_eos = eos is not None and len(probe) > 0 and probe[-1] == eos
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab.rstrip = {token["content"] for token in backend.get("added_tokens", []) if token.get("rstrip")}
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = [{"name": name, "template": text} for name, text in template.items()]
