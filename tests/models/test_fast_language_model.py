@@ -113,3 +113,13 @@ def test_fast_model_refuses_what_it_cannot_honour(base_folder):
         FastModel.get_peft_model(model, finetune_attention_modules=False, finetune_mlp_modules=False)
     with pytest.raises(ValueError, match="either target_modules"):
         FastModel.get_peft_model(model, target_modules=["q_proj"], finetune_mlp_modules=False)
+
+
+def test_get_peft_model_on_a_reloaded_adapter_passes_it_through_or_says_what_differs(base_folder, tmp_path, caplog):
+    _trained(base_folder, four_bit=False).save_pretrained(tmp_path / "lora_model")
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "lora_model"), load_in_4bit=False, max_seq_length=64)
+    with caplog.at_level("WARNING", logger="tuneforge.models.fast_language_model"):
+        same = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    assert same is model and "already has this LoRA adapter" in caplog.text
+    with pytest.raises(ValueError, match=r"r=16 \(the adapter has 4\)"):
+        FastLanguageModel.get_peft_model(model, r=16, lora_alpha=8)

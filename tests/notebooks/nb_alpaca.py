@@ -149,4 +149,3 @@ model.save_pretrained_merged("model_lora", tokenizer, save_method = "lora",)
 
 # %% gguf
 model.save_pretrained_gguf("model", tokenizer,)
-model.save_pretrained_gguf("model", tokenizer, quantization_method = "f16")

@@ -112,10 +112,10 @@ def test_alpaca_notebook(notebook_dir):
         assert (notebook_dir / "model_4bit" / "model.safetensors").is_file()
         assert (notebook_dir / "model_lora" / "adapter_config.json").is_file()
 
-    def gguf(namespace):
+    def gguf(namespace):  # Unsloth's default: q8_0, beside the merged 16-bit model in the same folder
         names = sorted(p.name for p in (notebook_dir / "model").glob("*.gguf"))
-        assert names == ["model.F16.gguf", "model.Q8_0.gguf"], names
-        assert (notebook_dir / "model" / "Modelfile").read_text().startswith("FROM ./model.F16.gguf\n")
+        assert names == ["model.Q8_0.gguf"], names
+        assert (notebook_dir / "model" / "Modelfile").read_text().startswith("FROM ./model.Q8_0.gguf\n")
 
     switched, _ = switch_imports(_source("nb_alpaca.py"))
     ran = run_cells(switched, "nb_alpaca.py", {"__name__": "__notebook__"},

@@ -156,6 +156,9 @@ class FastLanguageModel:
         defaults, split by kind). Vision layers are not supported (text models only), and
         finetune_language_layers=False would leave nothing to train: both raise.
         """
+        if hasattr(model, "peft_config"):
+            return _already_adapted(model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+                                    use_rslora=use_rslora, target_modules=target_modules)
         if finetune_vision_layers:
             raise NotImplementedError("finetune_vision_layers=True: tuneforge trains text models only; pass False")
         if not finetune_language_layers:
@@ -217,6 +220,27 @@ class FastLanguageModel:
             enable_gradient_checkpointing(model, getattr(base, "tuneforge_gradient_checkpointing", True))
             base.tuneforge_resume_checkpointing = False
         return model
+
+
+def _already_adapted(model, **asked):
+    """get_peft_model on a model that has its adapter already (reloaded from "lora_model"): the same
+    settings -> the model as it is (Unsloth's pass-through, with its warning); others -> an error, as
+    a second adapter on top is not what the notebook means."""
+    config = model.peft_config["default"]
+    differ = []
+    for name, value in asked.items():
+        have = getattr(config, name)
+        if name == "target_modules":
+            if value is None:
+                continue
+            value, have = set(value), set(have)
+        if value != have:
+            differ.append(f"{name}={value!r} (the adapter has {have!r})")
+    if differ:
+        raise ValueError("get_peft_model: the model already has a LoRA adapter with other settings: "
+                         + "; ".join(differ) + ". Load the base model to start a new adapter")
+    logger.warning("get_peft_model: the model already has this LoRA adapter; returning it unchanged")
+    return model
 
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "dense", "c_attn", "out_proj",
