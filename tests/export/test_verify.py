@@ -176,7 +176,10 @@ def test_training_ids_are_what_the_template_tokenizes(tokenizer):
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
-def test_cli_export_checks_against_the_run_on_its_training_prompts(reference, smollm2_dir, tmp_path, capsys):
+@pytest.mark.parametrize("fmt,against", [("merged_16bit", "16-bit base + adapter"),
+                                         ("merged_4bit", "NF4 base + adapter, as trained")])
+def test_cli_export_checks_against_the_run_on_its_training_prompts(reference, smollm2_dir, tmp_path, capsys, fmt,
+                                                                     against):
     import shutil
 
     from tuneforge.cli import main
@@ -194,8 +197,9 @@ def test_cli_export_checks_against_the_run_on_its_training_prompts(reference, sm
     config["base_model_name_or_path"] = str(base_dir)
     (run / "adapter" / "adapter_config.json").write_text(json.dumps(config))
     (run / "config.resolved.json").write_text(json.dumps({"config": TrainConfig().to_dict()}))
-    assert main(["export", "--adapter", str(run), "--format", "merged_16bit", "--output", str(tmp_path / "out")]) == 0
-    assert "PASS merged_16bit" in capsys.readouterr().out
+    assert main(["export", "--adapter", str(run), "--format", fmt, "--output", str(tmp_path / "out")]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "FAIL")))
+    assert line.startswith(f"PASS {fmt}") and line.endswith(f"vs {against}")  # a QLoRA run: TrainConfig()
     saved = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     first = default_rows("train")[0]["instruction"]
     assert saved["passed"] and first in saved["prompts"][0]

@@ -23,7 +23,10 @@ transformers `from_pretrained` (bitsandbytes NF4 for 4-bit); GGUF -> llama.cpp
 
 Tolerances (relative to the reference's largest |logit|) follow the artefact's precision: an adapter
 must match to 1e-3, 16-bit weights to 5%, 8-bit to 10%, 4-bit to 35% (NF4 / Q4 rounding of every
-weight moves logits by that much on small models, and greedy text may then part at a near-tie).
+weight moves logits by that much on small models; their greedy text is reported, not enforced).
+`tuneforge export` compares merges (16-bit folders, GGUFs) with the 16-bit base + adapter (what
+the merge computes) and, after a QLoRA run, the merged 4-bit folder with the NF4 base + adapter
+(the model as trained, which bitsandbytes' re-quantisation of the merge lands next to).
 The report goes to `export_report.json` beside the artefact; a failure raises ExportVerificationError.
 """
 
@@ -135,6 +138,7 @@ class Reference:
         self.conversations = [_as_messages(p) for p in (prompts or FALLBACK_PROMPTS)]
         self.prompts = [messages[-1]["content"] for messages in self.conversations]
         self.new_tokens = new_tokens
+        self.label: str | None = None  # what the reference is, when it is not the in-memory model
         self._cases: list[_Case] | None = None
 
     @property
@@ -217,14 +221,16 @@ def compare(reference: Reference, run, check: Check, tolerance: float) -> None:
     check.greedy_agreed, check.greedy_steps = agreed, steps
     if check.relative_diff > tolerance:
         check.fail(f"logits differ by {100 * check.relative_diff:.2f}% (> {100 * tolerance:.1f}%)")
+    strict = tolerance < LOW_BIT_TOLERANCE  # 4-bit rounding may change a small model's greedy text
     for step, margin in parted:
-        if margin > tolerance * largest:
+        if strict and margin > tolerance * largest:
             check.fail(f"greedy text parts at step {step} where the reference prefers its token by {margin:.3g} "
                        "(not a near-tie)")
             break
     else:
         if parted:
-            check.notes.append(f"greedy text parts at {len(parted)} near-tie(s)")
+            check.notes.append(f"greedy text parts at {len(parted)} near-tie(s)" if strict else
+                               f"greedy text parts in {len(parted)} prompt(s) (not enforced at 4-bit)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,11 +281,7 @@ def check_merged(reference: Reference, folder: Path, kind: str) -> Check:
     except Exception as error:
         check.fail(f"transformers cannot load it: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
         return check
-    for module in model.modules():
-        # bitsandbytes' AVX512-BF16 CPU path repacks NF4 weights in place at the first eval forward
-        # (and fails on small tiles); the plain NF4 path computes the same function.
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
+    _no_cpu_repack(model)
     try:
         compare(reference, lambda ids: _hf_logits(model, ids), check, _tolerance(kind))
     finally:
@@ -542,13 +544,20 @@ def check_modelfile(tokenizer, path: Path) -> Check:
 # ---------------------------------------------------------------------------------------------
 
 
-def verify_exports(reference: Reference, artefacts: list[tuple[str, Path]], report_folder: str | Path,
+def verify_exports(reference, artefacts: list[tuple[str, Path]], report_folder: str | Path,
                    raise_on_failure: bool = True) -> ExportReport:
     """Check each (kind, path): kind "adapter" | "merged_16bit" | "merged_4bit" | "gguf" | "ollama".
-    Prints one line per artefact, writes export_report.json into `report_folder`, raises on failure."""
-    report = ExportReport(prompts=reference.prompts)
+    Prints one line per artefact, writes export_report.json into `report_folder`, raises on failure.
+
+    reference: a Reference, or a function (kind, path) -> Reference (the folder export compares
+    4-bit artefacts with the model as trained, NF4 base, and 16-bit ones with the 16-bit base).
+    """
+    pick = reference if callable(reference) else (lambda kind, path: reference)
+    report = ExportReport()
     for kind, path in artefacts:
         path = Path(path)
+        reference = pick(kind, path)
+        report.prompts = report.prompts or reference.prompts
         if kind == "adapter":
             check = check_adapter(reference, path)
         elif kind in ("merged_16bit", "merged_4bit"):
@@ -559,6 +568,8 @@ def verify_exports(reference: Reference, artefacts: list[tuple[str, Path]], repo
             check = check_modelfile(reference.tokenizer, path)
         else:
             raise ValueError(f"unknown artefact kind {kind!r}")
+        if reference.label and kind != "ollama":
+            check.notes.append(f"vs {reference.label}")
         report.checks.append(check)
         print(check.line(), flush=True)
     written = report.write(report_folder)
@@ -606,14 +617,36 @@ def training_prompts(run_folder: str | Path | None, count: int = 3) -> list | No
     return prompts or None
 
 
-def reference_from_files(adapter_dir: Path, base_dir: Path, tokenizer, prompts=None) -> Reference:
-    """The trained model as its files hold it: the base checkpoint (fp32, CPU) with the adapter by peft."""
+def reference_from_files(adapter_dir: Path, base_dir: Path, tokenizer, prompts=None, nf4: bool = False) -> Reference:
+    """The trained model as its files hold it: the base checkpoint with the adapter by peft, on the
+    CPU in fp32; nf4=True loads the base in NF4 (double-quantised) as a QLoRA run trained it."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32) if nf4 else None
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, quantization_config=quantization)
+    _no_cpu_repack(base)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    return Reference(model, tokenizer, prompts)
+    reference = Reference(model, tokenizer, prompts)
+    reference.label = "NF4 base + adapter, as trained" if nf4 else "16-bit base + adapter"
+    return reference
+
+
+def _no_cpu_repack(model) -> None:
+    for module in model.modules():
+        # bitsandbytes' AVX512-BF16 CPU path repacks NF4 weights in place at the first eval forward
+        # (and fails on small tiles); the plain NF4 path computes the same function.
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _trained_in_4bit(run_folder: Path) -> bool:
+    resolved = run_folder / "config.resolved.json"
+    if not resolved.is_file():
+        return False
+    model = json.loads(resolved.read_text())["config"]["model"]
+    return bool(model.get("load_in_4bit")) and not model.get("full_finetuning")
 
 
 def verify_in_memory(model, tokenizer, kind: str, paths: list[Path], prompts=None) -> ExportReport:
@@ -646,11 +679,23 @@ def verify_folder_export(adapter: str | Path, fmt: str, paths: list[Path], outpu
         return report
     tokenizer = _load_tokenizer(adapter_dir, base_dir)
     prompts = training_prompts(adapter_dir.parent) or training_prompts(adapter_dir)
-    reference = reference_from_files(adapter_dir, base_dir, tokenizer, prompts)
     if prompts is None:
         log.info("export check: no run folder beside %s; built-in prompts", adapter_dir)
     artefacts = artefacts_of(fmt, [Path(p) for p in paths])
     if fmt == "adapter":
         # The reference already carries the original adapter under "default": the copy loads beside it.
         artefacts = [("adapter", Path(output))]
-    return verify_exports(reference, artefacts, output)
+    # Merges (16-bit folders, GGUFs) add the adapter to the 16-bit base: compare with that. The
+    # merged 4-bit export re-quantises it to NF4 with bitsandbytes' rounding, which lands next to
+    # the NF4 base a QLoRA run trained on (measured on SmolLM2-135M: 9% of the largest logit from
+    # it, 45% from the 16-bit base): compare that one with the model as trained.
+    qlora = _trained_in_4bit(adapter_dir.parent) or _trained_in_4bit(adapter_dir)
+    references: dict[bool, Reference] = {}
+
+    def pick(kind: str, path: Path) -> Reference:
+        nf4 = qlora and kind == "merged_4bit"
+        if nf4 not in references:
+            references[nf4] = reference_from_files(adapter_dir, base_dir, tokenizer, prompts, nf4=nf4)
+        return references[nf4]
+
+    return verify_exports(pick, artefacts, output)
