@@ -92,21 +92,30 @@ def dequantize_stack(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> t
     return reference_dequantize_nf4(packed, quant_state, dtype)
 
 
-def _segments(top_k_index: torch.Tensor, num_experts: int):
-    """(order [T*K], rows [T*K], offsets [E] int32, bounds): routed rows sorted by expert (stable),
-    the token of each sorted row, the end of each expert's rows, and per expert with rows its
-    (expert, start, end). One device sync (the counts, for the per-expert fallback)."""
-    k = top_k_index.shape[-1]
-    flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
-    offsets = torch.cumsum(counts, 0).to(torch.int32)
-    bounds, start = [], 0
-    for expert, count in enumerate(counts.tolist()):
-        if count:
-            bounds.append((expert, start, start + count))
-        start += count
-    return order, order // k, offsets, bounds
+class Groups:
+    """The routed rows sorted by expert: order [T*K] (stable), the token of each sorted row, each
+    expert's end offset [E] (int32, grouped_mm's `offs`). Computed without reading anything on the
+    host, so a decode step can be captured in a CUDA graph; only the per-expert loop (operands
+    grouped_mm cannot take) asks for `bounds`, one device sync."""
+
+    def __init__(self, top_k_index: torch.Tensor, num_experts: int):
+        flat = top_k_index.reshape(-1)
+        self.order = torch.argsort(flat, stable=True)
+        self.rows = self.order // top_k_index.shape[-1]
+        self.experts_of_rows = flat[self.order]
+        counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        self.offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        self._bounds = None
+
+    @property
+    def bounds(self) -> list[tuple[int, int, int]]:
+        """(expert, start, end) of every expert that has rows."""
+        if self._bounds is None:
+            ends = self.offsets.tolist()
+            starts = [0, *ends[:-1]]
+            self._bounds = [(e, a, b) for e, (a, b) in enumerate(zip(starts, ends)) if b > a]
+        return self._bounds
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -128,48 +137,47 @@ def _grouped(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device.type == "cpu"
 
 
-def _gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, bounds) -> torch.Tensor:
+def _gmm(x: torch.Tensor, w: torch.Tensor, groups: Groups) -> torch.Tensor:
     """Rows of x grouped by expert times their expert's matrix: x [N, k], w [E, k, n] -> [N, n]."""
     if _grouped(x, w):
-        return torch.nn.functional.grouped_mm(x, w, offs=offsets)
+        return torch.nn.functional.grouped_mm(x, w, offs=groups.offsets)
     out = x.new_zeros(x.shape[0], w.shape[-1])
-    for e, start, end in bounds:
+    for e, start, end in groups.bounds:
         out[start:end] = x[start:end] @ w[e]
     return out
 
 
-def _gmm_outer(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, bounds, num_experts: int) -> torch.Tensor:
+def _gmm_outer(a: torch.Tensor, b: torch.Tensor, groups: Groups) -> torch.Tensor:
     """Per expert a_e^T b_e over its rows (a weight gradient): a [N, m], b [N, n] -> [E, m, n]."""
     if _grouped(a.t(), b):
-        return torch.nn.functional.grouped_mm(a.t(), b, offs=offsets)
-    out = a.new_zeros(num_experts, a.shape[1], b.shape[1])
-    for e, start, end in bounds:
+        return torch.nn.functional.grouped_mm(a.t(), b, offs=groups.offsets)
+    out = a.new_zeros(groups.offsets.shape[0], a.shape[1], b.shape[1])
+    for e, start, end in groups.bounds:
         out[e] = a[start:end].t() @ b[start:end]
     return out
 
 
-def _project(x, projection: ExpertProjection, a, b, experts_of_rows, offsets, bounds, dtype):
+def _project(x, projection: ExpertProjection, a, b, groups: Groups, dtype):
     """x W_e^T + b_e + s (x A_e^T) B_e^T for rows x [N, in] sorted by expert -> [N, out]."""
-    out = _gmm(x, projection.dense(dtype).transpose(1, 2), offsets, bounds)
+    out = _gmm(x, projection.dense(dtype).transpose(1, 2), groups)
     if projection.bias is not None:
-        out = out + projection.bias.to(dtype)[experts_of_rows]
+        out = out + projection.bias.to(dtype)[groups.experts_of_rows]
     if a is not None:
-        xa = _gmm(x, a.transpose(1, 2), offsets, bounds)  # [N, r]
-        out = out + _gmm(xa * projection.scaling, b.transpose(1, 2), offsets, bounds)
+        xa = _gmm(x, a.transpose(1, 2), groups)  # [N, r]
+        out = out + _gmm(xa * projection.scaling, b.transpose(1, 2), groups)
     return out
 
 
-def _project_back(d, x, projection: ExpertProjection, a, b, offsets, bounds, dtype):
+def _project_back(d, x, projection: ExpertProjection, a, b, groups: Groups, dtype):
     """The backward of `_project`: (d x [N, in], d a [E, r, in] or None, d b [E, out, r] or None)
     from d out [N, out]."""
-    dx = _gmm(d, projection.dense(dtype), offsets, bounds)  # W_e [out, in] read as [k=out, n=in]
+    dx = _gmm(d, projection.dense(dtype), groups)  # W_e [out, in] read as [k=out, n=in]
     if a is None:
         return dx, None, None
-    db_rows = _gmm(d, b, offsets, bounds) * projection.scaling  # [N, r] = s d B_e
-    dx = dx + _gmm(db_rows, a, offsets, bounds)
-    experts = a.shape[0]
-    grad_a = _gmm_outer(db_rows, x, offsets, bounds, experts)
-    grad_b = _gmm_outer(d * projection.scaling, _gmm(x, a.transpose(1, 2), offsets, bounds), offsets, bounds, experts)
+    db_rows = _gmm(d, b, groups) * projection.scaling  # [N, r] = s d B_e
+    dx = dx + _gmm(db_rows, a, groups)
+    grad_a = _gmm_outer(db_rows, x, groups)
+    grad_b = _gmm_outer(d * projection.scaling, _gmm(x, a.transpose(1, 2), groups), groups)
     return dx, grad_a, grad_b
 
 
@@ -186,43 +194,41 @@ class MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, top_k_index, top_k_weights, gate_up, down, apply_gate, compute_dtype, a1, b1, a2, b2):
         num_experts = (gate_up.nf4[1].shape if gate_up.nf4 is not None else gate_up.weight.shape)[0]
-        order, rows, offsets, bounds = _segments(top_k_index, num_experts)
-        experts_of_rows = top_k_index.reshape(-1)[order]
+        groups = Groups(top_k_index, num_experts)
         lora = [None if t is None else t.to(compute_dtype).contiguous() for t in (a1, b1, a2, b2)]
-        x = hidden.to(compute_dtype)[rows]  # [T*K, H] sorted by expert
-        g = _project(x, gate_up, lora[0], lora[1], experts_of_rows, offsets, bounds, compute_dtype)
-        y = _project(apply_gate(g), down, lora[2], lora[3], experts_of_rows, offsets, bounds, compute_dtype)
-        weights_sorted = top_k_weights.reshape(-1)[order]
+        x = hidden.to(compute_dtype)[groups.rows]  # [T*K, H] sorted by expert
+        g = _project(x, gate_up, lora[0], lora[1], groups, compute_dtype)
+        y = _project(apply_gate(g), down, lora[2], lora[3], groups, compute_dtype)
+        weights_sorted = top_k_weights.reshape(-1)[groups.order]
         # As transformers: the expert output times its routing weight in their promoted dtype (fp32
         # for Mixtral's fp32 weights), then cast and summed into the tokens.
         out = torch.zeros_like(hidden)
-        out.index_add_(0, rows, (y * weights_sorted[:, None]).to(hidden.dtype))
-        ctx.save_for_backward(hidden, order, offsets, g, y, weights_sorted, a1, b1, a2, b2)
-        ctx.bounds, ctx.projections, ctx.apply_gate, ctx.compute_dtype = bounds, (gate_up, down), apply_gate, compute_dtype
+        out.index_add_(0, groups.rows, (y * weights_sorted[:, None]).to(hidden.dtype))
+        ctx.save_for_backward(hidden, g, y, weights_sorted, a1, b1, a2, b2)
+        ctx.groups, ctx.projections, ctx.apply_gate, ctx.compute_dtype = groups, (gate_up, down), apply_gate, compute_dtype
         ctx.weights_shape, ctx.weights_dtype = top_k_weights.shape, top_k_weights.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, order, offsets, g, y, weights_sorted, a1, b1, a2, b2 = ctx.saved_tensors
-        dtype, bounds, (gate_up, down) = ctx.compute_dtype, ctx.bounds, ctx.projections
-        rows = order // ctx.weights_shape[-1]
+        hidden, g, y, weights_sorted, a1, b1, a2, b2 = ctx.saved_tensors
+        dtype, groups, (gate_up, down) = ctx.compute_dtype, ctx.groups, ctx.projections
+        rows = groups.rows
         lora = [None if t is None else t.to(dtype).contiguous() for t in (a1, b1, a2, b2)]
         d_out = grad_out[rows]  # [T*K, H], the output's dtype
         grad_weights = None
         if ctx.needs_input_grad[2]:
             dw_sorted = (d_out.float() * y.float()).sum(-1)
             grad_weights = torch.empty_like(dw_sorted)
-            grad_weights[order] = dw_sorted
+            grad_weights[groups.order] = dw_sorted
             grad_weights = grad_weights.reshape(ctx.weights_shape).to(ctx.weights_dtype)
         dy = (d_out * weights_sorted[:, None]).to(dtype)
         with torch.enable_grad():
             g = g.detach().requires_grad_(True)
             h = ctx.apply_gate(g)  # recomputed: [N, I] is cheaper to redo than to keep
-        dh, grad_a2, grad_b2 = _project_back(dy, h.detach(), down, lora[2], lora[3], offsets, bounds, dtype)
+        dh, grad_a2, grad_b2 = _project_back(dy, h.detach(), down, lora[2], lora[3], groups, dtype)
         (dg,) = torch.autograd.grad(h, g, dh)
-        dx, grad_a1, grad_b1 = _project_back(dg, hidden.to(dtype)[rows], gate_up, lora[0], lora[1], offsets, bounds,
-                                             dtype)
+        dx, grad_a1, grad_b1 = _project_back(dg, hidden.to(dtype)[rows], gate_up, lora[0], lora[1], groups, dtype)
         grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).index_add_(0, rows, dx)
         lora_grads = [None if grad is None else grad.to(t.dtype)
                       for grad, t in zip((grad_a1, grad_b1, grad_a2, grad_b2), (a1, b1, a2, b2))]
