@@ -86,6 +86,16 @@ def test_eos_never_learned_is_a_hard_error(smollm2):
         report.raise_errors()
 
 
+def test_another_stop_token_ending_the_turns_counts(smollm2):
+    """A model's own template may end turns with a token other than EOS that generation stops at."""
+    tokenizer = _fix(smollm2)
+    tokenizer.chat_template = NO_EOS_TEMPLATE.replace("{% endgeneration %}", "<|endoftext|>{% endgeneration %}")
+    stats = _prepare(tokenizer, chat_template=None, max_seq_length=512)
+    assert build_report(stats, tokenizer).errors  # EOS alone: never learned
+    report = build_report(stats, tokenizer, stop_ids=[tokenizer.convert_tokens_to_ids("<|endoftext|>")])
+    assert report.errors == [] and report.turns_ending_with_eos == 3
+
+
 def test_raw_text_needs_no_eos(smollm2):
     tokenizer = _fix(smollm2)
     rows = [{"text": "The quick brown fox jumps over the lazy dog. " * 5}]

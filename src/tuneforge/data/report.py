@@ -71,6 +71,7 @@ class DataReport:
     turns_ending_with_eos: int
     eos_token: str | None
     eos_token_id: int | None
+    stop_ids: list[int]  # EOS and any other token generation stops at (the model's generation_config)
     pad_token: str | None
     pad_token_id: int | None
     first_example: list[dict]  # [{"text": ..., "trained": bool}] in order
@@ -107,7 +108,9 @@ class DataReport:
             f"  {self.tokens:,} tokens, {self.trained_tokens:,} carry loss ({100 * self.trained_fraction:.1f}%)",
         ]
         if self.format != "text":
-            rows.append(f"  EOS {self.eos_token!r} (id {self.eos_token_id}) ends the trained span of "
+            also = [i for i in self.stop_ids if i != self.eos_token_id]
+            rows.append(f"  EOS {self.eos_token!r} (id {self.eos_token_id}"
+                        + (f"; also stopping at {also}" if also else "") + ") ends the trained span of "
                         f"{self.rows_ending_with_eos}/{self.rows_kept} rows, {self.turns_ending_with_eos}/{self.turns} "
                         f"assistant turns; pad {self.pad_token!r} (id {self.pad_token_id})")
         marker = "green" if colour else f"{TRAINED_OPEN} {TRAINED_CLOSE}"
@@ -126,7 +129,7 @@ class DataReport:
             "trained_fraction": round(self.trained_fraction, 6),
             "rows_ending_with_eos": self.rows_ending_with_eos, "turns": self.turns,
             "turns_ending_with_eos": self.turns_ending_with_eos, "eos_token": self.eos_token,
-            "eos_token_id": self.eos_token_id, "pad_token": self.pad_token, "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id, "stop_ids": self.stop_ids, "pad_token": self.pad_token, "pad_token_id": self.pad_token_id,
             "first_example": self.first_example, "first_example_marked": self.marked_example(False),
             "errors": self.errors, "warnings": self.warnings,
         }
@@ -217,20 +220,24 @@ def template_name(tokenizer, requested: str | None) -> str:
     return "the tokenizer's own" if getattr(tokenizer, "chat_template", None) else "none"
 
 
-def build_report(stats: PrepareStats, tokenizer) -> DataReport:
-    """The report of rows prepared with `stats` (see the module docstring for what is checked)."""
+def build_report(stats: PrepareStats, tokenizer, stop_ids=()) -> DataReport:
+    """The report of rows prepared with `stats` (see the module docstring for what is checked).
+
+    stop_ids: token ids generation stops at besides the tokenizer's EOS (a model's own template may
+    end turns with another token, e.g. Gemma's <end_of_turn>, listed in its generation_config)."""
     rows = stats.rows
     all_ids = rows["input_ids"] if rows is not None else []
     all_labels = rows["labels"] if rows is not None else []
     lengths = [len(ids) for ids in all_ids]
     eos_id = getattr(tokenizer, "eos_token_id", None)
+    stops = sorted({eos_id, *stop_ids} - {None})
     pad_id = getattr(tokenizer, "pad_token_id", None)
     trained = rows_eos = turns = turns_eos = 0
     for labels in all_labels:
         spans = _spans(labels)
         trained += sum(end - start for start, end in spans)
         turns += len(spans)
-        ends = [labels[end - 1] == eos_id for _, end in spans]
+        ends = [labels[end - 1] in stops for _, end in spans]
         turns_eos += sum(ends)
         rows_eos += bool(ends and ends[-1])
     report = DataReport(
@@ -238,7 +245,7 @@ def build_report(stats: PrepareStats, tokenizer) -> DataReport:
         truncated=dict(stats.truncated), format=stats.format, template=stats.template,
         max_seq_length=stats.max_seq_length, length_percentiles=_percentiles(lengths), tokens=sum(lengths),
         trained_tokens=trained, rows_ending_with_eos=rows_eos, turns=turns, turns_ending_with_eos=turns_eos,
-        eos_token=getattr(tokenizer, "eos_token", None), eos_token_id=eos_id,
+        eos_token=getattr(tokenizer, "eos_token", None), eos_token_id=eos_id, stop_ids=stops,
         pad_token=getattr(tokenizer, "pad_token", None), pad_token_id=pad_id,
         first_example=_pieces(tokenizer, all_ids[0], all_labels[0]) if lengths else [], lengths=lengths,
     )
@@ -271,9 +278,9 @@ def _check(report: DataReport) -> None:
         report.warnings.append(f"{cut} of {report.rows_kept} rows were truncated to {report.max_seq_length} tokens")
 
 
-def report_before_training(stats: PrepareStats, tokenizer, folder: str | Path | None) -> DataReport:
+def report_before_training(stats: PrepareStats, tokenizer, folder: str | Path | None, stop_ids=()) -> DataReport:
     """Build, print, write (when `folder`) and check the report: raises DataError on a hard error."""
-    report = build_report(stats, tokenizer)
+    report = build_report(stats, tokenizer, stop_ids)
     print("\n".join(report.lines()), flush=True)
     if folder is not None:
         path, plot = report.write(folder)

@@ -181,7 +181,9 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
     stats = PrepareStats()
     train_dataset, eval_dataset = build_datasets(config, tokenizer, chat_template, stats=stats)
     # Before any step: the data report (a DataError on data that cannot train), then the plan.
-    report_before_training(stats, tokenizer, output_dir if distributed.is_main_process() else None)
+    stops = model.generation_config.eos_token_id
+    report_before_training(stats, tokenizer, output_dir if distributed.is_main_process() else None,
+                           stop_ids=stops if isinstance(stops, list) else [stops])
     plan = _plan(config, tokenizer, stats, output_dir)
     # A named chat template may map EOS to its end-of-turn token: generation must stop there too.
     model.generation_config.eos_token_id = tokenizer.eos_token_id
