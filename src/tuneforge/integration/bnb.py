@@ -77,9 +77,11 @@ def is_repacked(quant_state) -> bool:
 @functools.cache
 def cpu_repacks() -> bool:
     """Whether bitsandbytes repacks 4-bit weights for its CPU gemm on this machine (AVX512-BF16)."""
-    from bitsandbytes.functional import has_avx512bf16
+    import bitsandbytes.functional as bnbf
 
-    return bool(has_avx512bf16())
+    # Older bitsandbytes (0.48) has neither the check nor the repack.
+    check = getattr(bnbf, "has_avx512bf16", None)
+    return bool(check and check() and hasattr(bnbf, "_convert_weight_packed_for_cpu"))
 
 
 @functools.cache
