@@ -92,7 +92,7 @@ def path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.parametrize("rank", [0, 8])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_and_backward_match_reference(family, rank, dtype, path):
     experts = experts_module(family).to(dtype)
