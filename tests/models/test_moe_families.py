@@ -341,3 +341,20 @@ def test_sft_trainer_qlora_on_experts_lowers_the_loss(family, tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 8 and losses[-1] < 0.9 * losses[0], losses
     assert calls  # the experts trained through kernels.moe
+
+
+def test_4bit_load_quantises_each_stack_as_it_arrives(folders, monkeypatch):
+    # The dense experts never exist all at once: each stack becomes NF4 when transformers sets it
+    # (models.moe.quantizing_class), before from_pretrained returns; quantize_experts then only
+    # hands the modules their own class and forward back.
+    import tuneforge.models.moe as moe
+
+    events = []
+    store, finish = moe._store_nf4, moe.quantize_experts
+    monkeypatch.setattr(moe, "_store_nf4", lambda *a, **k: events.append("store") or store(*a, **k))
+    monkeypatch.setattr(moe, "quantize_experts", lambda *a, **k: events.append("finish") or finish(*a, **k))
+    ours = _ours(folders("qwen3_moe"), "qwen3_moe", load_in_4bit=True)
+    assert events == ["store"] * 4 + ["finish"]
+    experts = [m for _, m in experts_modules(ours, get_family("qwen3_moe"))]
+    assert all(type(m).__name__ == "Qwen3MoeExperts" and type(m) not in moe._LOADING_BASES for m in experts)
+    assert type(ours).__bases__[0].__name__ != "Qwen3MoeForCausalLM"  # the family's own class, not the loading one

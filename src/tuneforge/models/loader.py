@@ -228,6 +228,12 @@ def load_model(
         model_class = _with_plain_linears(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], spec.linear_subclasses)
         logger.info("family %s: %s layers built as nn.Linear so that bitsandbytes quantises them",
                     spec.name, ", ".join(spec.linear_subclasses))
+    nf4_experts = spec is not None and bool(spec.experts) and load_in_4bit and _is_bitsandbytes(quantization)
+    if nf4_experts:
+        from tuneforge.models.moe import quantizing_class
+
+        # Each stacked expert weight becomes NF4 as it is loaded (one dense stack in memory at a time).
+        model_class = quantizing_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], spec)
     if device_map is None:
         from tuneforge.train.distributed import device_map as rank_device_map
 
@@ -270,9 +276,9 @@ def load_model(
         str(compute_dtype).replace("torch.", ""), model.num_parameters() / 1e6,
     )
 
-    if spec is not None and spec.experts and _is_bitsandbytes(quantization) and load_in_4bit:
+    if nf4_experts:
         # bitsandbytes quantises nn.Linear only: the stacked 3-D experts (most of a MoE model)
-        # become NF4 here, in tuneforge's own storage (models.moe).
+        # are NF4 in tuneforge's own storage (models.moe), their forward kernels.moe.
         from tuneforge.models.moe import quantize_experts
 
         quantize_experts(model, spec)

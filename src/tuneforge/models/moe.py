@@ -12,7 +12,9 @@ most of a MoE model's memory, dense. Here:
   QuantState. The parameter itself becomes a stand-in of the right shape, dtype and device (so
   peft's `target_parameters` wraps it exactly as on the 16-bit model, and the adapter's format
   is the same) that holds one NaN broadcast over the shape: anything that reads it instead of
-  the NF4 storage gets NaN, loudly, never silently wrong numbers. The experts module's forward
+  the NF4 storage gets NaN, loudly, never silently wrong numbers. A 4-bit load quantises each
+  stack the moment transformers sets it (`quantizing_class`), so the dense experts never exist
+  all at once (peak: the NF4 model plus one dense stack). The experts module's forward
   (on the instance) then runs `kernels.moe` on the NF4 weights; when plain peft has
   parametrized a stand-in (its ParamWrapper forward), the parametrization (W + s B A) is applied
   to the dequantised weight, which is what peft computes on a 16-bit model.
@@ -62,36 +64,86 @@ def _stand_in(shape, dtype, device) -> nn.Parameter:
                         requires_grad=False)
 
 
-def quantize_experts(model: nn.Module, spec: FamilySpec | None) -> int:
-    """Store the stacked expert weights of `model` as NF4 (double-quantised); returns how many.
+def _store_nf4(experts: nn.Module, name: str, weight: torch.Tensor, where: str = "") -> bool:
+    """Quantise the stack `weight` into `experts`' NF4 storage and put the stand-in in its place;
+    False (nothing changed) when its experts do not each hold a multiple of 64 values."""
+    import bitsandbytes.functional as bnbf
 
+    if weight[0].numel() % NF4_BLOCKSIZE:
+        logger.warning("%s.%s stays dense: %d values per expert is not a multiple of %d",
+                       where, name, weight[0].numel(), NF4_BLOCKSIZE)
+        return False
+    packed, state = bnbf.quantize_4bit(weight.detach().contiguous(), blocksize=NF4_BLOCKSIZE,
+                                       compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8)
+    # Kept off the module's buffers until the load is over: transformers re-creates the buffers it
+    # did not load (with uninitialised memory) after setting the weights. quantize_experts registers it.
+    experts.__dict__.setdefault("_tuneforge_nf4_arriving", {})[name] = packed.reshape(-1)
+    experts.__dict__.setdefault("_tuneforge_nf4", {})[name] = state
+    stand_in = _stand_in(weight.shape, weight.dtype, weight.device)
+    stand_in._is_hf_initialized = True  # transformers must not initialise it after loading
+    nn.Module.__setattr__(experts, name, stand_in)
+    return True
+
+
+def quantize_experts(model: nn.Module, spec: FamilySpec | None) -> int:
+    """Store the stacked expert weights of `model` as NF4 (double-quantised); returns how many are.
+
+    Stacks already stored while loading (`quantizing_class`) are counted, not quantised again.
     Weights whose experts do not each hold a multiple of 64 values stay dense (logged): an NF4
     block would straddle two experts.
     """
-    import bitsandbytes.functional as bnbf
-
     count = 0
     for module_name, experts in experts_modules(model, spec):
+        experts.__class__ = _LOADING_BASES.get(type(experts), type(experts))  # the family's own class again
         for name in spec.experts:
-            weight = getattr(experts, name)
-            if weight[0].numel() % NF4_BLOCKSIZE:
-                logger.warning("%s.%s stays dense: %d values per expert is not a multiple of %d",
-                               module_name, name, weight[0].numel(), NF4_BLOCKSIZE)
-                continue
-            packed, state = bnbf.quantize_4bit(weight.detach().contiguous(), blocksize=NF4_BLOCKSIZE,
-                                               compress_statistics=True, quant_type="nf4",
-                                               quant_storage=torch.uint8)
-            experts.register_buffer(f"{name}_nf4", packed.reshape(-1), persistent=False)
-            if not hasattr(experts, "_tuneforge_nf4"):
-                experts._tuneforge_nf4 = {}
-            experts._tuneforge_nf4[name] = state
-            setattr(experts, name, _stand_in(weight.shape, weight.dtype, weight.device))
-            count += 1
+            stored = name in getattr(experts, "_tuneforge_nf4", {})
+            count += stored or _store_nf4(experts, name, getattr(experts, name), module_name)
+        for name, packed in experts.__dict__.pop("_tuneforge_nf4_arriving", {}).items():
+            experts.register_buffer(f"{name}_nf4", packed, persistent=False)
         if is_nf4(experts):
             experts.forward = types.MethodType(_nf4_experts_forward, experts)
     if count:
         logger.info("experts: %d stacked weights stored as NF4 (kernels.moe computes them)", count)
     return count
+
+
+# Experts classes that quantise their stacks as from_pretrained sets them -> the family's class.
+_LOADING_BASES: dict[type, type] = {}
+
+
+def _quantizing_experts_class(cls: type, names: tuple[str, ...]) -> type:
+    for loading, base in _LOADING_BASES.items():
+        if base is cls:
+            return loading
+
+    def __setattr__(self, name, value):
+        # transformers 5 sets every loaded weight with setattr (core_model_loading.set_param_for_module),
+        # on its device: a stack is quantised the moment it arrives and its dense copy is dropped.
+        if (name in names and isinstance(value, torch.Tensor) and value.dim() == 3 and value.is_floating_point()
+                and value.device.type != "meta" and _store_nf4(self, name, value)):
+            return
+        cls.__setattr__(self, name, value)
+
+    loading = type(cls.__name__, (cls,), {"__setattr__": __setattr__, "__module__": cls.__module__})
+    _LOADING_BASES[loading] = cls
+    return loading
+
+
+def quantizing_class(model_class: type, spec: FamilySpec) -> type:
+    """A subclass of `model_class` (for one from_pretrained call) whose experts modules store each
+    stacked weight as NF4 as soon as it is loaded, so that a 4-bit load holds one dense stack at a
+    time instead of every expert of the model in the compute dtype (Qwen3-30B-A3B: ~57 GiB bf16).
+    It keeps `model_class`'s name and module (transformers reads both); `quantize_experts` after
+    the load gives the experts modules their own class back and their NF4 forward."""
+
+    def __init__(self, config, *args, **kwargs):
+        model_class.__init__(self, config, *args, **kwargs)
+        for _, experts in experts_modules(self, spec):
+            experts.__class__ = _quantizing_experts_class(type(experts), spec.experts)
+
+    return type(model_class.__name__, (model_class,), {
+        "__init__": __init__, "__module__": model_class.__module__, "__qualname__": model_class.__qualname__,
+    })
 
 
 def dequantize_experts(model: nn.Module) -> int:
