@@ -269,3 +269,23 @@ def test_cuda_bf16_nf4_lora_matches_reference(family):
     dy = torch.randn_like(out)
     for got, want in zip(torch.autograd.grad(out, inputs, dy), torch.autograd.grad(ref, inputs, dy)):
         assert rel_err(got, want) < TOL[torch.bfloat16]
+
+
+def test_a_layout_grouped_mm_refuses_falls_back_to_the_loop_once(monkeypatch, caplog):
+    monkeypatch.setattr(moe_kernel, "_REFUSED", set())
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("mat_b must be column-major")
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", refuse)
+    experts = experts_module("qwen3_moe")
+    g = torch.Generator().manual_seed(7)
+    index, weights = routing(9, experts.num_experts, 2, g)
+    hidden = torch.randn(9, 64, generator=g)
+    gate_up, down = projections(experts, 8, g)
+    with caplog.at_level("WARNING", logger="tuneforge.kernels.moe"):
+        out = moe_experts(hidden, index, weights, gate_up, down, experts._apply_gate)
+        moe_experts(hidden, index, weights, gate_up, down, experts._apply_gate)
+    assert rel_err(out, reference_moe(hidden, index, weights, gate_up, down, experts._apply_gate)) < 1e-5
+    refusals = [r for r in caplog.records if "grouped_mm refused" in r.getMessage()]
+    assert refusals and len(refusals) == len(moe_kernel._REFUSED)  # once per layout, not per call

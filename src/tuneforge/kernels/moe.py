@@ -137,10 +137,36 @@ def _grouped(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device.type == "cpu"
 
 
+# Operand layouts (strides, dtypes) grouped_mm refused on this device: the loop serves them.
+_REFUSED: set[tuple] = set()
+
+
+def _try_grouped(a: torch.Tensor, b: torch.Tensor, groups: Groups) -> torch.Tensor | None:
+    """grouped_mm(a, b) when `_grouped` allows it and the backend takes the layout, else None.
+
+    The backends check more than alignment (CUDA's wants some operands in a given major order);
+    a layout one refuses is logged once and falls to the loop from then on.
+    """
+    if not _grouped(a, b):
+        return None
+    key = (a.device.type, a.dtype, a.dim(), b.dim(), a.stride()[-2:] == (1, a.shape[-2]),
+           b.stride()[-2:] == (1, b.shape[-2]))
+    if key in _REFUSED:
+        return None
+    try:
+        return torch.nn.functional.grouped_mm(a, b, offs=groups.offsets)
+    except RuntimeError as error:
+        _REFUSED.add(key)
+        logger.warning("grouped_mm refused operands %s x %s (%s); the per-expert loop computes them",
+                       tuple(a.shape), tuple(b.shape), str(error).splitlines()[0])
+        return None
+
+
 def _gmm(x: torch.Tensor, w: torch.Tensor, groups: Groups) -> torch.Tensor:
     """Rows of x grouped by expert times their expert's matrix: x [N, k], w [E, k, n] -> [N, n]."""
-    if _grouped(x, w):
-        return torch.nn.functional.grouped_mm(x, w, offs=groups.offsets)
+    out = _try_grouped(x, w, groups)
+    if out is not None:
+        return out
     out = x.new_zeros(x.shape[0], w.shape[-1])
     for e, start, end in groups.bounds:
         out[start:end] = x[start:end] @ w[e]
@@ -149,8 +175,9 @@ def _gmm(x: torch.Tensor, w: torch.Tensor, groups: Groups) -> torch.Tensor:
 
 def _gmm_outer(a: torch.Tensor, b: torch.Tensor, groups: Groups) -> torch.Tensor:
     """Per expert a_e^T b_e over its rows (a weight gradient): a [N, m], b [N, n] -> [E, m, n]."""
-    if _grouped(a.t(), b):
-        return torch.nn.functional.grouped_mm(a.t(), b, offs=groups.offsets)
+    out = _try_grouped(a.t(), b, groups)
+    if out is not None:
+        return out
     out = a.new_zeros(groups.offsets.shape[0], a.shape[1], b.shape[1])
     for e, start, end in groups.bounds:
         out[e] = a[start:end].t() @ b[start:end]
