@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from tuneforge.export import attach_export_methods
 from tuneforge.testing import tiny_model
+from tuneforge.testing.bitsandbytes import exact_on_this_cpu
 
 IDS = torch.tensor([[5, 17, 42, 101, 7, 250, 3, 99]])
 
@@ -24,7 +25,9 @@ def test_save_pretrained_merged_methods(model, tmp_path, save_method):
     if save_method == "lora":
         assert (out / "adapter_config.json").is_file()
         return
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    # exact_on_this_cpu: as tuneforge's loader, no bitsandbytes CPU repack of the NF4 reload in eval
+    # mode (it asserts on the tiny 176-row weights on AVX512-BF16 CPUs, issue 14).
+    reloaded = exact_on_this_cpu(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
     with torch.no_grad():
         got, want = reloaded(IDS).logits.float(), model(IDS).logits
     # bfloat16 (the default for an fp32 model) or NF4 rounding away from the unmerged forward.

@@ -634,11 +634,11 @@ def reference_from_files(adapter_dir: Path, base_dir: Path, tokenizer, prompts=N
 
 
 def _no_cpu_repack(model) -> None:
-    for module in model.modules():
-        # bitsandbytes' AVX512-BF16 CPU path repacks NF4 weights in place at the first eval forward
-        # (and fails on small tiles); the plain NF4 path computes the same function.
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
+    from tuneforge.integration.bnb import prepare
+
+    # As tuneforge's loader (integration/bnb.py): bitsandbytes' in-place AVX512-BF16 repack off, and
+    # its wrong CPU dequantisation of rows that are not whole blocks replaced by the NF4 formula.
+    prepare(model)
 
 
 def _trained_in_4bit(run_folder: Path) -> bool:
