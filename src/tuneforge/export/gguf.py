@@ -37,12 +37,22 @@ log = logging.getLogger(__name__)
 ALIASES = {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m", "f32": "f32"}
 NATIVE = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 LLAMA_CPP = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
-             "iq4_nl", "iq4_xs")
+             "iq4_nl", "iq4_xs", "iq3_s", "iq3_m")
+# llama.cpp's other file types, and why they are not made here (llama-quant.cpp).
+REFUSED = {
+    **{name: "llama.cpp makes it only with an importance matrix (llama-imatrix over calibration text), which "
+             "tuneforge does not compute; q2_k, q3_k_s or iq3_s are the nearest types without one"
+       for name in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s")},
+    **{name: "a ternary type for models trained with ternary weights (BitNet b1.58); it would destroy a "
+             "fine-tuned 16-bit model's weights" for name in ("tq1_0", "tq2_0")},
+}
 INSTALL_HINT = "pip install 'tuneforge[gguf]'"
 
 
 def normalize_method(method: str) -> str:
     name = ALIASES.get(method.lower(), method.lower())
+    if name in REFUSED:
+        raise ValueError(f"GGUF quantization_method {method!r}: {REFUSED[name]}")
     if name not in NATIVE + LLAMA_CPP:
         raise ValueError(f"unknown GGUF quantization_method {method!r}; choose one of "
                          f"{', '.join(NATIVE + LLAMA_CPP)} (or {', '.join(ALIASES)})")
