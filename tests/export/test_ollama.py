@@ -140,3 +140,26 @@ def test_unknown_chat_template_leaves_template_to_the_gguf(smollm2_dir, tmp_path
     tokenizer.chat_template = "{% for m in messages %}[[{{ m['content'] }}]]{% endfor %}"
     text = write_modelfile(tmp_path / "m.gguf", tokenizer).read_text()
     assert "TEMPLATE" not in text and "no Ollama TEMPLATE" in caplog.text
+
+
+def test_num_ctx_stays_within_the_gguf_context(tmp_path):
+    # Mistral v0.1-style: a sliding window llama.cpp cannot run, so the GGUF declares the window as
+    # its context (16 tokens for the tiny model) and Ollama must not be told to go past it.
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tuneforge.data.templates import get_chat_template
+    from tuneforge.export.gguf import write_gguf
+    from tuneforge.export.merge import ModuleSource
+    from tuneforge.testing import tiny_model
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["[INST] hello [/INST] hi"] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = get_chat_template(PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                                          eos_token="</s>"), "mistral-v3")
+    path = write_gguf(ModuleSource(tiny_model("mistral", vocab_size=300)), tokenizer, tmp_path / "m.gguf", "f16",
+                      progress=False)
+    assert "PARAMETER num_ctx 16\n" in write_modelfile(path, tokenizer, num_ctx=4096).read_text()

@@ -145,10 +145,31 @@ def stop_tokens(template) -> list[str]:
     return stops
 
 
+def gguf_context_length(gguf_path: Path) -> int | None:
+    """The context length the GGUF declares (`<arch>.context_length`), or None if unreadable."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+        arch = reader.fields["general.architecture"].contents()
+        return int(reader.fields[f"{arch}.context_length"].contents())
+    except Exception as error:  # not written yet, or not a GGUF: the caller's num_ctx stands
+        log.debug("no context length read from %s: %s", gguf_path, error)
+        return None
+
+
 def write_modelfile(gguf_path: str | Path, tokenizer, generation_config=None, num_ctx: int = 4096,
                     path: str | Path | None = None) -> Path:
-    """Write `Modelfile` beside `gguf_path` (FROM ./<file>); returns its path."""
+    """Write `Modelfile` beside `gguf_path` (FROM ./<file>); returns its path.
+
+    num_ctx is capped at the GGUF's context length: a model whose sliding window llama.cpp cannot
+    run declares the window there, and agrees with transformers only within it.
+    """
     gguf_path = Path(gguf_path)
+    context = gguf_context_length(gguf_path)
+    if context is not None and context < num_ctx:
+        log.info("Modelfile num_ctx %d -> %d, the context length %s declares", num_ctx, context, gguf_path.name)
+        num_ctx = context
     path = Path(path) if path is not None else gguf_path.parent / "Modelfile"
     lines = [f"FROM ./{gguf_path.name}", ""]
     template = chat_format_for(tokenizer)
