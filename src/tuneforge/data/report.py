@@ -278,10 +278,13 @@ def _check(report: DataReport) -> None:
         report.warnings.append(f"{cut} of {report.rows_kept} rows were truncated to {report.max_seq_length} tokens")
 
 
-def report_before_training(stats: PrepareStats, tokenizer, folder: str | Path | None, stop_ids=()) -> DataReport:
-    """Build, print, write (when `folder`) and check the report: raises DataError on a hard error."""
+def report_before_training(stats: PrepareStats, tokenizer, folder: str | Path | None, stop_ids=(),
+                           show: bool = True) -> DataReport:
+    """Build, print (when `show`), write (when `folder`) and check the report: raises DataError on a
+    hard error (in every process of a distributed run, so that all stop)."""
     report = build_report(stats, tokenizer, stop_ids)
-    print("\n".join(report.lines()), flush=True)
+    if show:
+        print("\n".join(report.lines()), flush=True)
     if folder is not None:
         path, plot = report.write(folder)
         logger.info("data report written to %s%s", path, f" and {plot}" if plot else "")

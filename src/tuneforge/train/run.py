@@ -182,9 +182,10 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
     train_dataset, eval_dataset = build_datasets(config, tokenizer, chat_template, stats=stats)
     # Before any step: the data report (a DataError on data that cannot train), then the plan.
     stops = model.generation_config.eos_token_id
-    report_before_training(stats, tokenizer, output_dir if distributed.is_main_process() else None,
-                           stop_ids=stops if isinstance(stops, list) else [stops])
-    plan = _plan(config, tokenizer, stats, output_dir)
+    main_process = distributed.is_main_process()
+    report_before_training(stats, tokenizer, output_dir if main_process else None,
+                           stop_ids=stops if isinstance(stops, list) else [stops], show=main_process)
+    plan = _plan(config, tokenizer, stats, output_dir if main_process else None)
     # A named chat template may map EOS to its end-of-turn token: generation must stop there too.
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
@@ -328,9 +329,9 @@ def _trainer_class():
     return type("SFTTrainer", (AtomicCheckpoints, SFTTrainer), {"__module__": __name__})
 
 
-def _plan(config: TrainConfig, tokenizer, stats, output_dir: Path):
-    """The plan's estimate for the start banner and the summary (also <output_dir>/plan.json); None
-    (logged) where it cannot be made: the estimate must never stop a run."""
+def _plan(config: TrainConfig, tokenizer, stats, output_dir: Path | None):
+    """The plan's estimate for the start banner and the summary (also <output_dir>/plan.json when
+    given); None (logged) where it cannot be made: the estimate must never stop a run."""
     from tuneforge.planning import Lengths, plan_config
 
     lengths = [len(ids) for ids in stats.rows["input_ids"]] if stats.rows is not None else []
@@ -340,7 +341,8 @@ def _plan(config: TrainConfig, tokenizer, stats, output_dir: Path):
     except Exception as error:  # an unusual config.json: say so and train on
         logger.warning("no memory / time estimate: %s: %s", type(error).__name__, error)
         return None
-    plan.write(output_dir)
+    if output_dir is not None:
+        plan.write(output_dir)
     return plan
 
 
