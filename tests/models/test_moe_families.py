@@ -358,3 +358,37 @@ def test_4bit_load_quantises_each_stack_as_it_arrives(folders, monkeypatch):
     experts = [m for _, m in experts_modules(ours, get_family("qwen3_moe"))]
     assert all(type(m).__name__ == "Qwen3MoeExperts" and type(m) not in moe._LOADING_BASES for m in experts)
     assert type(ours).__bases__[0].__name__ != "Qwen3MoeForCausalLM"  # the family's own class, not the loading one
+
+
+ROUTERS = {"qwen3_moe": "mlp.gate.weight", "mixtral": "mlp.gate.weight", "gpt_oss": "mlp.router.weight"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_on_the_router_too_equals_peft(family, folders):
+    # The router (optional): peft's ParamWrapper on its [experts, hidden] weight, left to peft's
+    # own forward; the experts still through kernels.moe.
+    spec = get_family(family)
+    targets = [*spec.experts, ROUTERS[family]]
+    ours = FastLanguageModel.get_peft_model(_ours(folders(family), family), r=8, lora_alpha=16,
+                                            use_gradient_checkpointing=False, random_state=3407,
+                                            use_kernels=True, target_parameters=targets)
+    randomize_lora_b(ours)
+    torch.manual_seed(3407)
+    reference = peft.get_peft_model(_reference(folders(family), family), peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=list(spec.lora_targets), target_parameters=targets, task_type="CAUSAL_LM"))
+    randomize_lora_b(reference)
+    loss, expected = _step(ours).loss, _step(reference).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    grads, expected_grads = lora_grads(ours), lora_grads(reference)
+    assert grads.keys() == expected_grads.keys() and len(grads) == 2 * 2 * (len(spec.lora_targets) + 3)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_target_parameters_that_match_nothing_say_so(folders):
+    from tuneforge.lora.inject import LoRAConfigError
+
+    with pytest.raises(LoRAConfigError, match=r"match no parameter.*stacked expert parameters are \['down_proj', 'gate_up_proj'\]"):
+        FastLanguageModel.get_peft_model(_ours(folders("mixtral"), "mixtral"), target_parameters=["w1"])
+    with pytest.raises(LoRAConfigError, match="lora_dropout"):
+        FastLanguageModel.get_peft_model(_ours(folders("mixtral"), "mixtral"), lora_dropout=0.1)

@@ -30,7 +30,10 @@ logger = logging.getLogger(__name__)
 
 
 def _lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in module.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")]
+    # peft's ParamWrapper (target_parameters: MoE experts, routers) adapts a parameter, not a Linear's
+    # output: its base may hold a `weight` (a router's) without being a Linear. models.moe routes them.
+    return [(name, m) for name, m in module.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
+            and type(m).__name__ != "ParamWrapper"]
 
 
 def unfusable_reason(peft_model) -> str | None:

@@ -66,19 +66,22 @@ def _check_targets_exist(model, target_modules) -> None:
 
 
 def _check_target_parameters(model, target_parameters, lora_dropout) -> None:
-    """Every name in `target_parameters` is a 3-D (stacked experts) parameter of `model`."""
+    """Every name in `target_parameters` names parameters of `model` as peft matches them (the
+    full name or its trailing part: "gate_up_proj", "mlp.gate.weight" for the routers)."""
     if not target_parameters:
         return
     if lora_dropout:
         raise LoRAConfigError(
-            f"lora_dropout={lora_dropout}: LoRA on stacked experts (target_parameters={list(target_parameters)}) "
+            f"lora_dropout={lora_dropout}: LoRA on parameters (target_parameters={list(target_parameters)}) "
             "cannot drop out its input (peft's ParamWrapper); use lora_dropout=0, or target_parameters=[] "
             "to train the attention only")
-    stacked = {name.rsplit(".", 1)[-1] for name, p in model.named_parameters() if p.dim() == 3}
-    missing = [name for name in target_parameters if name.rsplit(".", 1)[-1] not in stacked]
+    names = [name for name, _ in model.named_parameters()]
+    missing = [target for target in target_parameters
+               if not any(name == target or name.endswith("." + target) for name in names)]
     if missing:
-        raise LoRAConfigError(f"target_parameters {missing} are not stacked expert parameters of "
-                              f"{type(model).__name__}; it has {sorted(stacked) or 'none'}")
+        stacked = sorted({name.rsplit(".", 1)[-1] for name, p in model.named_parameters() if p.dim() == 3})
+        raise LoRAConfigError(f"target_parameters {missing} match no parameter of {type(model).__name__}; "
+                              f"its stacked expert parameters are {stacked or 'none'}")
 
 
 def _patch_experts_lora(peft_model, spec, use_kernels) -> None:
