@@ -148,4 +148,4 @@ model.save_pretrained_merged("model_4bit", tokenizer, save_method = "merged_4bit
 model.save_pretrained_merged("model_lora", tokenizer, save_method = "lora",)
 
 # %% gguf
-model.save_pretrained_gguf("model", tokenizer,)
+model.save_pretrained_gguf("model", tokenizer, quantization_method = "f16")

@@ -74,6 +74,14 @@ def _reload_checks(record: dict):
     return before, after
 
 
+def _print_export_checks(folder: Path) -> None:
+    """The export checks' numbers (export.verify writes them beside the files), for the test log."""
+    report = folder / "export_report.json"
+    if report.is_file():
+        for check in json.loads(report.read_text())["checks"]:
+            print(f"export check {check['artefact']}: passed={check['passed']} relative_diff={check['relative_diff']}")
+
+
 def _trained(namespace):
     metrics = namespace["trainer_stats"].metrics
     for key in ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss"):
@@ -112,10 +120,11 @@ def test_alpaca_notebook(notebook_dir):
         assert (notebook_dir / "model_4bit" / "model.safetensors").is_file()
         assert (notebook_dir / "model_lora" / "adapter_config.json").is_file()
 
-    def gguf(namespace):  # Unsloth's default: q8_0, beside the merged 16-bit model in the same folder
+    def gguf(namespace):  # beside the merged 16-bit model in the same folder, as the notebook does
         names = sorted(p.name for p in (notebook_dir / "model").glob("*.gguf"))
-        assert names == ["model.Q8_0.gguf"], names
-        assert (notebook_dir / "model" / "Modelfile").read_text().startswith("FROM ./model.Q8_0.gguf\n")
+        assert names == ["model.F16.gguf"], names
+        assert (notebook_dir / "model" / "Modelfile").read_text().startswith("FROM ./model.F16.gguf\n")
+        _print_export_checks(notebook_dir / "model")
 
     switched, _ = switch_imports(_source("nb_alpaca.py"))
     ran = run_cells(switched, "nb_alpaca.py", {"__name__": "__notebook__"},
@@ -169,9 +178,10 @@ def test_qwen3_notebook(notebook_dir):
         for row in namespace["trainer"].train_dataset:
             assert row["labels"][0] == -100 and any(x != -100 for x in row["labels"])
 
-    def gguf(namespace):
+    def gguf(namespace):  # Unsloth's default method, q8_0
         assert (notebook_dir / "model" / "model.Q8_0.gguf").is_file()
         assert (notebook_dir / "model" / "Modelfile").is_file()
+        _print_export_checks(notebook_dir / "model")
 
     switched, _ = switch_imports(_source("nb_qwen3.py"))
     run_cells(switched, "nb_qwen3.py", {"__name__": "__notebook__"},
