@@ -248,15 +248,19 @@ def test_8bit_load_quantises_the_layers_transformers_leaves_dense(family, folder
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).linear_subclasses])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).linear_subclasses or get_family(f).experts])
 def test_4bit_lora_step_equals_peft_where_transformers_leaves_layers_dense(family, folders, monkeypatch):
     # The family's layers are quantised by tuneforge, not transformers: QLoRA on them must still be
-    # peft's QLoRA (fused LoRA kernels dequantising NF4 on the fly, against peft's bnb LoRA layers).
+    # peft's QLoRA (fused LoRA kernels dequantising NF4 on the fly, against peft's bnb LoRA layers;
+    # MoE: LoRA on the NF4 experts by kernels.moe, against peft on their NF4 round trip).
     import tuneforge.kernels.lora
+    import tuneforge.kernels.moe
 
-    fused_calls = []
+    fused_calls, experts_calls = [], []
     kernel = tuneforge.kernels.lora.lora_linear
     monkeypatch.setattr(tuneforge.kernels.lora, "lora_linear", lambda *a, **k: fused_calls.append(1) or kernel(*a, **k))
+    experts_op = tuneforge.kernels.moe.MoEExperts.apply
+    monkeypatch.setattr(tuneforge.kernels.moe.MoEExperts, "apply", lambda *a: experts_calls.append(1) or experts_op(*a))
     with recorded(family, "lora_step_4bit") as record:
         ours = _peft_ours(_load_ours(folders(family), family, load_in_4bit=True))
         record["fused_lora"] = list(ours.get_base_model().tuneforge_lora_kernels)
@@ -264,8 +268,10 @@ def test_4bit_lora_step_equals_peft_where_transformers_leaves_layers_dense(famil
         assert all(type(m).__module__ == "peft.tuners.lora.bnb" for n, m in reference.named_modules()
                    if n.rsplit(".", 1)[-1] in get_family(family).lora_targets)
         _assert_lora_step_equal(ours, reference, family)
-        # Every LoRA layer ran the fused kernel (no fall-back to peft's forward).
-        assert record["fused_lora"] and len(fused_calls) == len(_quantised_targets(ours, family)), len(fused_calls)
+        if get_family(family).experts:  # every experts module ran kernels.moe
+            assert "moe_lora" in record["fused_lora"] and len(experts_calls) == len(experts_modules(ours, get_family(family)))
+        else:  # every LoRA layer ran the fused kernel (no fall-back to peft's forward)
+            assert record["fused_lora"] and len(fused_calls) == len(_quantised_targets(ours, family)), len(fused_calls)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if get_family(f).linear_subclasses])
