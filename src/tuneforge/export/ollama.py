@@ -9,6 +9,8 @@ message when a conversation has none, as the Jinja template does. An empty defau
 (Llama 3.1's, which is only its date header) cannot travel as SYSTEM (Ollama drops an empty one),
 so the TEMPLATE writes it itself when the first message is not a system message.
 `{eos_token}` / `{bos_token}` in a format (Alpaca's end of turn) become the tokenizer's own tokens.
+A format without a system turn (Gemma, Mistral) gets a system message merged into the first or the
+last user turn, as its Jinja does (a Go variable carries it there).
 
 BOS is not written into the TEMPLATE: Ollama tokenises with the GGUF's add_bos_token flag.
 """
@@ -101,26 +103,40 @@ def go_template(template, empty_default_system: bool = False) -> str:
     """The Ollama TEMPLATE for a table `ChatTemplate` (Ollama's `.Messages` form).
 
     empty_default_system: the format writes an empty system turn when the conversation has none.
+    A format without a system turn (Gemma, Mistral) merges a system message into the first or the
+    last user turn (`system_into`, `system_merge`), as its Jinja does: the TEMPLATE keeps the system
+    text in `$system` and writes it into that user turn.
     """
-    user = _go(template.user)
-    # A format without a system turn (Gemma) gets the system text as a user turn, as Ollama's own
-    # Gemma templates do; the Jinja merges it into the first user turn instead.
-    system = _go(template.system) if template.system is not None else user
     assistant = _go(template.assistant_prefix + template.assistant + template.assistant_suffix)
-    if template.system is None:
-        log.info("chat format %s has no system turn: Ollama will send a system message as a user turn",
-                 template.name)
     if template.trim:
         log.info("chat format %s strips whitespace around %s text; the Ollama template sends it as is",
                  template.name, ", ".join(template.trim))
-    opening = ""
-    if empty_default_system and template.system is not None:
-        opening = ('{{ if ne (index .Messages 0).Role "system" }}'
-                   f'{template.system.replace("{content}", "")}{{{{ end }}}}')
+    opening, messages = "", "{{ range .Messages }}"
+    if template.system is not None:
+        system = _go(template.system)
+        user = _go(template.user)
+        if empty_default_system:
+            opening = ('{{ if ne (index .Messages 0).Role "system" }}'
+                       f'{template.system.replace("{content}", "")}{{{{ end }}}}')
+    else:
+        before, after = template.system_merge.split("{system}")
+        between, after = after.split("{content}")
+        merged = (f"{_go(before)}{{{{ $system }}}}{_go(between)}{{{{ .Content }}}}{_go(after)}")
+        if template.system_into == "first_user":
+            # The first user turn after the system message takes it (then $system is spent).
+            condition, spent = "$system", '{{ $system = "" }}'
+        else:
+            # The last message, a user turn when Ollama asks for a reply, takes it.
+            condition, spent = "and $system (eq (len (slice $.Messages $i)) 1)", ""
+            messages = "{{ range $i, $_ := .Messages }}"
+        content = f"{{{{ if {condition} }}}}{merged}{spent}{{{{ else }}}}{{{{ .Content }}}}{{{{ end }}}}"
+        user = _go(template.user).replace("{{ .Content }}", content)
+        system = "{{ $system = .Content }}"
+        opening = '{{ $system := "" }}'
     # No `{{-` trim markers: they would also eat the newline that ends a turn's text.
     return (
         f"{opening}"
-        "{{ range .Messages }}"
+        f"{messages}"
         f'{{{{ if eq .Role "system" }}}}{system}'
         f'{{{{ else if eq .Role "user" }}}}{user}'
         f'{{{{ else if eq .Role "assistant" }}}}{assistant}'
