@@ -146,6 +146,148 @@ def go_template(template, empty_default_system: bool = False) -> str:
     )
 
 
+# --- Go text/template, the subset Ollama TEMPLATEs written here use -----------------------------
+
+_GO_FUNCTIONS = {"eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "and": lambda a, b: a and b,
+                 "len": len, "slice": lambda x, i: x[i:], "index": lambda x, i: x[i]}
+_GO_FIELDS = {"Role": "role", "Content": "content"}
+
+
+def render_go_template(template: str, messages: list[dict], system: str | None = None) -> str:
+    """What Ollama renders from `template` for `messages` (Go text/template semantics).
+
+    system: the Modelfile's SYSTEM, which Ollama sends as the first message when there is none.
+    The subset: `range` (also `range $i, $_ := ...`), `if` / `else if` / `else`, variables
+    (`$x := v`, `$x = v`), the functions eq, ne, and, len, slice, index, the fields .Role /
+    .Content of a message and .Messages / .System of `$`, string and integer literals, and `{{-` /
+    `-}}` trimming. Anything else raises ValueError, so a check of a template never passes on a
+    construct it did not understand.
+    """
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}, *messages]
+    root = {"Messages": messages, "System": system or ""}
+    tokens: list[tuple[str, str]] = []
+    trim_next = False
+    for part in re.split(r"(\{\{.*?\}\})", template, flags=re.S):
+        if part.startswith("{{"):
+            if part.startswith("{{-") and tokens and tokens[-1][0] == "text":
+                tokens[-1] = ("text", tokens[-1][1].rstrip())
+            tokens.append(("action", part[2:-2].strip("-").strip()))
+            trim_next = part.endswith("-}}")
+        elif part:
+            tokens.append(("text", part.lstrip() if trim_next else part))
+            trim_next = False
+
+    def parse(position: int) -> tuple[list, int]:
+        """Nodes up to the next `end` / `else ...` action; returns (nodes, index of that action)."""
+        nodes = []
+        while position < len(tokens):
+            kind, value = tokens[position]
+            if kind == "text":
+                nodes.append(("text", value))
+            elif value == "end" or value.startswith("else"):
+                return nodes, position
+            elif value.startswith("range "):
+                names, _, source = value[len("range "):].rpartition(":=")
+                body, position = parse(position + 1)
+                nodes.append(("range", ([n.strip() for n in names.split(",")] if names else [], source, body)))
+            elif value.startswith("if "):
+                branches, condition = [], value[len("if "):]
+                while True:
+                    body, position = parse(position + 1)
+                    if position >= len(tokens):
+                        raise ValueError("Go template: an if without {{ end }}")
+                    branches.append((condition, body))
+                    action = tokens[position][1]
+                    if action == "end":
+                        break
+                    condition = action[len("else if "):] if action.startswith("else if ") else "true"
+                nodes.append(("if", branches))
+            elif re.fullmatch(r"\$\w+ :?= .+", value):
+                name, _, expression = value.partition(" ")
+                nodes.append(("set", (name, expression.split("=", 1)[1].strip())))
+            else:
+                nodes.append(("print", value))
+            position += 1
+        return nodes, position
+
+    def evaluate(expression: str, dot, scope: dict):
+        words = re.findall(r'"[^"]*"|\(|\)(?:\.\w+)?|[^\s()]+', expression)
+
+        def field(value, name: str):
+            if value is root and name in root:
+                return root[name]
+            if value is not root and isinstance(value, dict) and name in _GO_FIELDS:
+                return value[_GO_FIELDS[name]]
+            raise ValueError(f"Go template: unsupported field .{name} in {{{{ {expression} }}}}")
+
+        def term(index: int):
+            word = words[index]
+            if word == "(":
+                value, index = call(index + 1)
+                if index >= len(words) or not words[index].startswith(")"):
+                    raise ValueError(f"Go template: unbalanced ( in {{{{ {expression} }}}}")
+                name = words[index][2:]
+                return (field(value, name) if name else value), index + 1
+            if word.startswith('"'):
+                return word[1:-1], index + 1
+            if word.isdigit():
+                return int(word), index + 1
+            if word == "true":
+                return True, index + 1
+            head, *names = word.split(".")
+            if head == "":
+                value = dot
+            elif head == "$":
+                value = root
+            elif head in scope:
+                value = scope[head]
+            else:
+                raise ValueError(f"Go template: unsupported term {word!r} in {{{{ {expression} }}}}")
+            for name in names:
+                value = field(value, name)
+            return value, index + 1
+
+        def call(index: int):
+            if words[index] in _GO_FUNCTIONS:
+                function, arguments, index = _GO_FUNCTIONS[words[index]], [], index + 1
+                while index < len(words) and not words[index].startswith(")"):
+                    value, index = term(index)
+                    arguments.append(value)
+                return function(*arguments), index
+            return term(index)
+
+        value, end = call(0)
+        if end != len(words):
+            raise ValueError(f"Go template: unsupported action {{{{ {expression} }}}}")
+        return value
+
+    def run(nodes, dot, scope: dict) -> str:
+        text = ""
+        for kind, value in nodes:
+            if kind == "text":
+                text += value
+            elif kind == "print":
+                text += str(evaluate(value, dot, scope))
+            elif kind == "set":
+                scope[value[0]] = evaluate(value[1], dot, scope)
+            elif kind == "range":
+                names, source, body = value
+                for index, item in enumerate(evaluate(source.strip(), dot, scope)):
+                    if names:
+                        scope[names[0]] = index
+                    text += run(body, item, scope)
+            else:
+                text += next((run(body, dot, scope) for condition, body in value
+                              if evaluate(condition, dot, scope)), "")
+        return text
+
+    nodes, position = parse(0)
+    if position < len(tokens):
+        raise ValueError(f"Go template: {{{{ {tokens[position][1]} }}}} without a block")
+    return run(nodes, root, {})
+
+
 def _quote(text: str) -> str:
     if '"""' in text:
         raise ValueError(f"cannot write {text!r} into a Modelfile: it contains triple quotes")

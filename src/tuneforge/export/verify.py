@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.export.ollama import render_go_template
+
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "export_report.json"
@@ -389,108 +391,8 @@ def _check_gguf_template(tokenizer, path: Path, llm, check: Check) -> None:
 # Ollama: the Modelfile's TEMPLATE, rendered as Ollama's Go templates would
 # ---------------------------------------------------------------------------------------------
 
-_ACTION = re.compile(r"\{\{-?\s*(.*?)\s*-?\}\}", re.S)
-
-
-def render_go_template(template: str, messages: list[dict], system: str | None = None) -> str:
-    """Ollama's TEMPLATE for `messages` (the `.Messages` form tuneforge writes: range, if / else if /
-    else on `eq .Role "..."`, `.Content`, `.System`). Raises ValueError on other constructs, so an
-    unrenderable template fails the check instead of passing it."""
-    if system and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system}, *messages]
-    tokens, cursor = [], 0
-    for match in _ACTION.finditer(template):
-        tokens.append(("text", template[cursor:match.start()]))
-        tokens.append(("action", match.group(1)))
-        cursor = match.end()
-    tokens.append(("text", template[cursor:]))
-    out, _ = _run_go(tokens, 0, {"Messages": messages, "System": system or ""}, None)
-    return out
-
-
-def _run_go(tokens, i, context, message):
-    out = []
-    while i < len(tokens):
-        kind, value = tokens[i]
-        if kind == "text":
-            out.append(value)
-            i += 1
-            continue
-        if value == "end" or value == "else" or value.startswith("else if "):
-            return "".join(out), i
-        if value == "range .Messages":
-            body_start, rendered = i + 1, []
-            end = _skip_block(tokens, body_start)
-            for item in context["Messages"]:
-                text, _ = _run_go(tokens[body_start:end], 0, context, item)
-                rendered.append(text)
-            out.append("".join(rendered))
-            i = end + 1
-            continue
-        if value.startswith("if "):
-            text, i = _run_if(tokens, i, context, message)
-            out.append(text)
-            continue
-        out.append(_go_value(value, context, message))
-        i += 1
-    return "".join(out), i
-
-
-def _run_if(tokens, i, context, message):
-    """tokens[i] is `if COND`: returns (the chosen branch's text, index after the matching end)."""
-    chosen, condition, j = None, tokens[i][1][3:], i + 1
-    while True:
-        start = j
-        depth = 0
-        while True:  # find this branch's end: else / else if / end at depth 0
-            kind, value = tokens[j]
-            if kind == "action" and (value.startswith("if ") or value.startswith("range ")):
-                depth += 1
-            elif kind == "action" and value == "end":
-                if depth == 0:
-                    break
-                depth -= 1
-            elif kind == "action" and depth == 0 and (value == "else" or value.startswith("else if ")):
-                break
-            j += 1
-        if chosen is None and (condition is None or _go_condition(condition, context, message)):
-            chosen, _ = _run_go(tokens[start:j], 0, context, message)
-        value = tokens[j][1]
-        if value == "end":
-            return chosen or "", j + 1
-        condition = None if value == "else" else value[len("else if "):]
-        j += 1
-
-
-def _skip_block(tokens, i):
-    depth = 0
-    while i < len(tokens):
-        kind, value = tokens[i]
-        if kind == "action" and (value.startswith("if ") or value.startswith("range ")):
-            depth += 1
-        elif kind == "action" and value == "end":
-            if depth == 0:
-                return i
-            depth -= 1
-        i += 1
-    raise ValueError("Go template: a block without {{ end }}")
-
-
-def _go_condition(condition: str, context, message) -> bool:
-    found = re.fullmatch(r'eq \.Role "(\w+)"', condition.strip())
-    if found and message is not None:
-        return message["role"] == found.group(1)
-    if condition.strip() in (".System", "$.System"):
-        return bool(context["System"])
-    raise ValueError(f"Go template: unsupported condition {condition!r}")
-
-
-def _go_value(value: str, context, message) -> str:
-    if value == ".Content" and message is not None:
-        return message["content"]
-    if value in (".System", "$.System"):
-        return context["System"]
-    raise ValueError(f"Go template: unsupported action {{{{ {value} }}}}")
+# Ollama: the Modelfile's TEMPLATE is rendered by export.ollama.render_go_template, kept beside the
+# code that writes the templates (one Go-template subset, one renderer).
 
 
 def parse_modelfile(path: Path) -> dict:
