@@ -392,3 +392,34 @@ def test_target_parameters_that_match_nothing_say_so(folders):
         FastLanguageModel.get_peft_model(_ours(folders("mixtral"), "mixtral"), target_parameters=["w1"])
     with pytest.raises(LoRAConfigError, match="lora_dropout"):
         FastLanguageModel.get_peft_model(_ours(folders("mixtral"), "mixtral"), lora_dropout=0.1)
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_export_carries_the_experts_and_their_lora(family, bits, folders, tmp_path):
+    # save_pretrained_merged reads the NF4 experts (not their NaN stand-ins) and adds peft's
+    # ParamWrapper delta to each stack, as peft's own merge would.
+    from peft.tuners.lora.layer import ParamWrapper
+    from safetensors.torch import load_file
+
+    from tuneforge.kernels.moe import dequantize_stack
+
+    ours = _lora_ours(_ours(folders(family), family, load_in_4bit=bits == 4))
+    ours.save_pretrained_merged(str(tmp_path), None, save_method="merged_16bit")
+    merged = load_file(str(tmp_path / "model.safetensors"))
+    checked = 0
+    for name, wrapper in ours.get_base_model().named_modules():
+        if not isinstance(wrapper, ParamWrapper):
+            continue
+        experts = wrapper.get_base_layer()
+        parameter = wrapper.parameter_name
+        states = getattr(experts, "_tuneforge_nf4", {})
+        base = (dequantize_stack(getattr(experts, f"{parameter}_nf4"), states[parameter], torch.float32)
+                if parameter in states else getattr(experts, parameter).detach().float())
+        want = base + wrapper.get_delta_weight("default").float()
+        key = name.replace(".base_layer", "") + "." + parameter
+        got = merged[key]
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), want.to(got.dtype).float(), rtol=0, atol=0, msg=key)
+        checked += 1
+    assert checked == 4

@@ -50,9 +50,18 @@ class LoraDelta:
     scale: float
     kind: str = "linear"
     fan_in_fan_out: bool = False
+    # kind "experts": peft's ParamWrapper on a stacked [E, out, in] (or, `transposed`, [E, in, out])
+    # MoE weight: a [r*E, in] expert-major, b [out, r*E] expert-minor, as peft's get_delta_weight reads them.
+    experts: int = 0
+    transposed: bool = False
 
     def delta(self) -> torch.Tensor:
-        """The fp32 update in the base weight's layout: [out, in] (Linear), [num, dim] (Embedding)."""
+        """The fp32 update in the base weight's layout: [out, in] (Linear), [num, dim] (Embedding),
+        [E, out, in] or [E, in, out] (stacked experts)."""
+        if self.kind == "experts":
+            a = self.a.float().reshape(self.experts, -1, self.a.shape[-1])
+            b = self.b.float().reshape(self.b.shape[0], -1, self.experts)
+            return torch.einsum("ore,eri->eio" if self.transposed else "ore,eri->eoi", b, a) * self.scale
         update = (self.b.float() @ self.a.float()) * self.scale
         # An Embedding's weight is [num_embeddings, dim] while B @ A is [dim, num_embeddings];
         # a Conv1D-style (fan_in_fan_out) weight is stored [in, out].
@@ -69,6 +78,9 @@ class LoraDelta:
 
     @property
     def delta_shape(self) -> torch.Size:
+        if self.kind == "experts":
+            out, inp = self.b.shape[0], self.a.shape[1]
+            return torch.Size((self.experts, inp, out) if self.transposed else (self.experts, out, inp))
         shape = torch.Size((self.b.shape[0], self.a.shape[1]))
         return torch.Size(reversed(shape)) if (self.kind == "embedding" or self.fan_in_fan_out) else shape
 
@@ -151,7 +163,14 @@ class LoraAdapter:
                 continue
             if getattr(module, "use_dora", {}).get(adapter_name):
                 raise NotImplementedError(f"{name}: DoRA adapters cannot be merged yet")
-            base_name = strip_peft_prefix(name) + ".weight"
+            parameter = getattr(module, "parameter_name", None)  # peft's ParamWrapper (target_parameters)
+            base_name = strip_peft_prefix(name) + "." + (parameter or "weight")
+            if parameter is not None and module.num_experts > 1:
+                adapter.deltas[base_name] = LoraDelta(
+                    a=module.lora_A[adapter_name].weight.detach(), b=module.lora_B[adapter_name].weight.detach(),
+                    scale=float(module.scaling[adapter_name]), kind="experts", experts=module.num_experts,
+                    transposed=not module._did_swap_in_out_features)
+                continue
             if adapter_name in getattr(module, "lora_A", {}):
                 a = module.lora_A[adapter_name].weight.detach()
                 b = module.lora_B[adapter_name].weight.detach()

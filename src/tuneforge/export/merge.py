@@ -240,6 +240,11 @@ def _logical_shape(tensor: torch.Tensor) -> tuple[int, ...]:
 
 
 def _dequantized(tensor: torch.Tensor) -> torch.Tensor:
+    nf4_experts = getattr(tensor, "tuneforge_nf4", None)  # a 4-bit MoE's stacked experts (models.moe)
+    if nf4_experts is not None:
+        from tuneforge.kernels.moe import dequantize_stack
+
+        return dequantize_stack(*nf4_experts, torch.float32).cpu()
     state = getattr(tensor, "quant_state", None)
     if state is not None:  # bitsandbytes Params4bit
         from tuneforge.integration.bnb import dequantize_4bit

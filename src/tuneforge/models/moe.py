@@ -81,6 +81,7 @@ def _store_nf4(experts: nn.Module, name: str, weight: torch.Tensor, where: str =
     experts.__dict__.setdefault("_tuneforge_nf4", {})[name] = state
     stand_in = _stand_in(weight.shape, weight.dtype, weight.device)
     stand_in._is_hf_initialized = True  # transformers must not initialise it after loading
+    stand_in.tuneforge_nf4 = (packed.reshape(-1), state)  # what a merged export reads (export.merge)
     nn.Module.__setattr__(experts, name, stand_in)
     return True
 
