@@ -22,8 +22,8 @@ def test_unsloth_names_are_tuneforge_data_functions():
 
 
 def test_what_is_not_provided_says_what_to_use():
-    with pytest.raises(ImportError, match="apply_chat_template.*not provided.*get_chat_template"):
-        from tuneforge.chat_templates import apply_chat_template  # noqa: F401
+    with pytest.raises(ImportError, match="remove_special_tokens.*not provided.*skip_special_tokens"):
+        from tuneforge.chat_templates import remove_special_tokens  # noqa: F401
     with pytest.raises(AttributeError):
         chat_templates.no_such_name  # noqa: B018
 
@@ -111,5 +111,55 @@ def test_other_unsloth_names():
     assert unsloth_train(Trainer(), resume_from_checkpoint=True) == ("trained", True)
     with pytest.raises(ImportError, match="FastVisionModel.*text models only"):
         from tuneforge import FastVisionModel  # noqa: F401
-    with pytest.raises(ImportError, match="apply_chat_template.*not provided"):
-        from tuneforge import apply_chat_template  # noqa: F401
+    from tuneforge import apply_chat_template
+
+    assert apply_chat_template is chat_templates.apply_chat_template
+
+
+SYSTEM = "Below are some instructions that describe some tasks. Write responses that appropriately complete each request."
+# Unsloth's Ollama notebook's formats: text with {SYSTEM} (optional), {INPUT}, {OUTPUT}.
+FORMATS = {
+    "alpaca-like": (
+        SYSTEM + "\n\n### Instruction:\n{INPUT}\n\n### Response:\n{OUTPUT}",
+        SYSTEM + "\n\n### Instruction:\nAnn\n\n### Response:\nyes<|im_end|>\n\n### Instruction:\nBob\n\n"
+        "### Response:\nno<|im_end|>",
+        SYSTEM + "\n\n### Instruction:\nQ\n\n### Response:\n",
+    ),
+    "system line": (
+        "{SYSTEM}\nUSER: {INPUT}\nASSISTANT: {OUTPUT}",
+        SYSTEM + "\nUSER: Ann\nASSISTANT: yes<|im_end|>\nUSER: Bob\nASSISTANT: no<|im_end|>",
+        SYSTEM + "\nUSER: Q\nASSISTANT: ",
+    ),
+    "chatml": (
+        "<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{INPUT}<|im_end|>\n<|im_start|>assistant\n"
+        "{OUTPUT}<|im_end|>",
+        "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n<|im_start|>user\nAnn<|im_end|>\n<|im_start|>assistant\n"
+        "yes<|im_end|>\n<|im_start|>user\nBob<|im_end|>\n<|im_start|>assistant\nno<|im_end|>",
+        "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_apply_chat_template_renders_unsloth_text_formats(smollm2_tokenizer, name):
+    import copy
+
+    template, full, prompt = FORMATS[name]
+    tokenizer = copy.deepcopy(smollm2_tokenizer)
+    rows = chat_templates.standardize_sharegpt(chat_templates.to_sharegpt(
+        TITANIC.select([0, 1]), merged_prompt="{name}", output_column_name="survived"))
+    two_turns = Dataset.from_list([{"conversations": rows[0]["conversations"] + rows[1]["conversations"]}])
+    out = chat_templates.apply_chat_template(two_turns, tokenizer=tokenizer, chat_template=template)
+    assert out[0]["text"] == full
+    assert tokenizer.eos_token == "<|im_end|>"  # a reply ends with the tokenizer's EOS (or the template's end)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Q"}], add_generation_prompt=True,
+                                         tokenize=False) == prompt
+
+
+def test_apply_chat_template_errors(smollm2_tokenizer):
+    rows = Dataset.from_list([{"conversations": [{"role": "user", "content": "Hi"}]}])
+    with pytest.raises(DataError, match="must hold {OUTPUT} exactly once"):
+        chat_templates.apply_chat_template(rows, tokenizer=smollm2_tokenizer, chat_template="USER: {INPUT}")
+    with pytest.raises(NotImplementedError, match="extra_eos_tokens"):
+        chat_templates.apply_chat_template(rows, tokenizer=smollm2_tokenizer, chat_template="U: {INPUT} A: {OUTPUT}",
+                                           extra_eos_tokens=["<|endoftext|>"])

@@ -19,6 +19,7 @@ _PUBLIC = {
     "train_on_responses_only": ("tuneforge.data.masking", "train_on_responses_only"),
     "standardize_data_formats": ("tuneforge.chat_templates", "standardize_data_formats"),
     "to_sharegpt": ("tuneforge.chat_templates", "to_sharegpt"),
+    "apply_chat_template": ("tuneforge.chat_templates", "apply_chat_template"),
     # Unsloth's continued-pretraining notebooks: the same trainer and config (embedding_learning_rate included).
     "UnslothTrainer": ("tuneforge.train.trainer", "SFTTrainer"),
     "UnslothTrainingArguments": ("tuneforge.train.trainer", "SFTConfig"),
@@ -32,7 +33,6 @@ _NOT_PROVIDED = {
     "UnslothVisionDataCollator": "tuneforge trains text models only; vision and audio models are not supported",
     "PatchFastRL": "tuneforge does not patch trl's RL trainers (GRPO, DPO, ...); use trl's trainers directly",
     "PatchDPOTrainer": "tuneforge does not patch trl's RL trainers (GRPO, DPO, ...); use trl's trainers directly",
-    "apply_chat_template": "see tuneforge.chat_templates.apply_chat_template",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -40,10 +40,6 @@ __all__ = sorted(_PUBLIC)
 
 def __getattr__(name):
     if name in _NOT_PROVIDED:
-        if name == "apply_chat_template":
-            from tuneforge import chat_templates
-
-            return chat_templates.apply_chat_template  # raises the ImportError that says what to use
         raise ImportError(f"tuneforge.{name} (Unsloth) is not provided: {_NOT_PROVIDED[name]}")
     if name not in _PUBLIC:
         raise AttributeError(f"module 'tuneforge' has no attribute {name!r}")

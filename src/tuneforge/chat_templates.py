@@ -14,8 +14,11 @@ notebooks' API needs them:
 * `CHAT_TEMPLATES`: every accepted template name -> its `ChatTemplate` (notebooks list its keys).
   Unsloth's values are (jinja, eos, ...) tuples; ours are the table's entries.
 
-Unsloth's `apply_chat_template` ({INPUT}/{OUTPUT} strings), `remove_special_tokens` and its
-`test_*` helpers are not provided: importing them raises an ImportError that says what to use.
+* `apply_chat_template`: a prompt format written as text with `{SYSTEM}`, `{INPUT}`, `{OUTPUT}`
+  (Unsloth's Ollama notebook) -> a chat template on the tokenizer, and a "text" column.
+
+Unsloth's `remove_special_tokens`, `construct_chat_template` and its `test_*` helpers are not
+provided: importing them raises an ImportError that says what to use.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from collections.abc import Sequence
 from tuneforge.data.errors import DataError
 from tuneforge.data.formats import standardize_sharegpt
 from tuneforge.data.masking import train_on_responses_only
-from tuneforge.data.templates import _INDEX, get_chat_template, list_chat_templates
+from tuneforge.data.templates import _INDEX, ChatTemplate, get_chat_template, list_chat_templates
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHAT_TEMPLATES",
+    "apply_chat_template",
     "get_chat_template",
     "list_chat_templates",
     "standardize_data_formats",
@@ -44,8 +48,6 @@ __all__ = [
 CHAT_TEMPLATES = dict(sorted(_INDEX.items()))
 
 _NOT_PROVIDED = {
-    "apply_chat_template": "write the template as a (jinja, end_of_turn) pair or pick a name for get_chat_template, "
-                           "then map tokenizer.apply_chat_template over the dataset",
     "remove_special_tokens": "decode with tokenizer.decode(ids, skip_special_tokens=True)",
     "test_chat_templates": "tuneforge's own tests compare every template with its reference",
     "test_hf_gguf_equivalence": "tuneforge's export tests compare llama.cpp's logits with transformers'",
@@ -177,3 +179,94 @@ def to_sharegpt(
         chained = concatenate_datasets([dataset.remove_columns(["conversations"]), chained], axis=1)
     logger.info("to_sharegpt: %d rows of %d turns each", len(chained), 2 * conversation_extension)
     return chained
+
+
+DEFAULT_SYSTEM_MESSAGE = ("Below are some instructions that describe some tasks. Write responses that "
+                          "appropriately complete each request.")
+
+
+def template_from_text(text: str, tokenizer, default_system_message: str | None = DEFAULT_SYSTEM_MESSAGE) -> ChatTemplate:
+    """A prompt format written as text -> a ChatTemplate (Unsloth's apply_chat_template format).
+
+    `text` holds one `{INPUT}` (the user's message) and one `{OUTPUT}` (the reply), optionally a
+    `{SYSTEM}`. Where the turns are cut:
+      * before {INPUT}: with {SYSTEM}, the system part runs up to {SYSTEM}, the text that ends a
+        reply (if it follows) and whitespace; the rest opens each user turn. Without {SYSTEM}, text
+        up to the last blank line is a header written once; the last paragraph opens each user turn.
+      * between {INPUT} and {OUTPUT}: closes the user turn and opens the reply.
+      * after {OUTPUT}: ends the reply; the tokenizer's EOS is added when it is not there, as Unsloth
+        does (a one-token end marker such as <|im_end|> becomes the end-of-turn token instead).
+    """
+    for mark in ("{INPUT}", "{OUTPUT}"):
+        if text.count(mark) != 1:
+            raise DataError(f"apply_chat_template: the template must hold {mark} exactly once (found "
+                            f"{text.count(mark)}); write one user turn and one reply, e.g. "
+                            "'### Instruction:\\n{INPUT}\\n\\n### Response:\\n{OUTPUT}'")
+    start, middle = text.index("{INPUT}"), text.index("{OUTPUT}")
+    if middle < start:
+        raise DataError("apply_chat_template: {OUTPUT} must come after {INPUT}")
+    before, between = text[:start], text[start + len("{INPUT}"):middle]
+    after = text[middle + len("{OUTPUT}"):]
+    end, suffix = after.rstrip(), after[len(after.rstrip()):]
+    eos = tokenizer.eos_token
+    if end and _one_token(tokenizer, end):
+        assistant, end_of_turn = "{content}" + end, end
+    elif eos and end.endswith(eos):
+        assistant, end_of_turn = "{content}" + end[: -len(eos)] + "{eos_token}", "{eos_token}"
+    else:
+        assistant, end_of_turn = "{content}" + end + "{eos_token}", "{eos_token}"
+    system, header, gap = None, "", ""
+    if "{SYSTEM}" in before:
+        cut = before.index("{SYSTEM}") + len("{SYSTEM}")
+        if end and before.startswith(end, cut):
+            cut += len(end)
+        gap = before[cut:][: len(before[cut:]) - len(before[cut:].lstrip())]
+        system, user_open = before[: cut + len(gap)].replace("{SYSTEM}", "{content}"), before[cut + len(gap):]
+    else:
+        blank = before.rstrip("\n").rfind("\n\n")
+        if blank != -1:
+            header, user_open, gap = before[: blank + 2], before[blank + 2:], "\n\n"
+        else:
+            user_open = before
+    if not user_open:
+        raise DataError("apply_chat_template: no text opens the user turn before {INPUT} (e.g. 'USER: {INPUT}')")
+    # Between a reply and the next user turn: the template's own whitespace after {OUTPUT}, else the
+    # whitespace it puts between the system part (or header) and the first user turn.
+    return ChatTemplate(
+        name="custom", bos=header, system=system,
+        default_system=default_system_message if system is not None else None,
+        user=user_open + "{content}", assistant_prefix=between, assistant=assistant,
+        assistant_suffix=suffix or gap, last_assistant_suffix=suffix,
+        end_of_turn=end_of_turn, source="apply_chat_template",
+    )
+
+
+def _one_token(tokenizer, text: str) -> bool:
+    ids = tokenizer.convert_tokens_to_ids([text])
+    return bool(ids) and ids[0] is not None and ids[0] != tokenizer.unk_token_id \
+        and tokenizer.convert_ids_to_tokens(ids[0]) == text
+
+
+def apply_chat_template(dataset, tokenizer=None, chat_template: str = "", default_system_message: str | None =
+                        DEFAULT_SYSTEM_MESSAGE, extra_eos_tokens=None):
+    """Unsloth's apply_chat_template: `chat_template` (text with {SYSTEM}, {INPUT}, {OUTPUT}; see
+    template_from_text) becomes the tokenizer's chat template (get_chat_template, EOS set to its end
+    of turn), and the dataset's "conversations" (role/content, after standardize_sharegpt) are
+    rendered into a "text" column. Returns the dataset.
+
+    extra_eos_tokens: not supported (raises); the reply ends with the template's end or EOS.
+    """
+    if tokenizer is None:
+        raise DataError("apply_chat_template: pass tokenizer=")
+    if extra_eos_tokens:
+        raise NotImplementedError("apply_chat_template: extra_eos_tokens is not supported; the reply ends with "
+                                  "the text after {OUTPUT}, or the tokenizer's EOS")
+    column = next((name for name in ("conversations", "messages") if name in dataset.column_names), None)
+    if column is None:
+        raise DataError(f"apply_chat_template: no conversations column; columns are {dataset.column_names}")
+    get_chat_template(tokenizer, template_from_text(chat_template, tokenizer, default_system_message))
+
+    def render(rows):
+        return {"text": [tokenizer.apply_chat_template(list(turns), tokenize=False) for turns in rows[column]]}
+
+    return dataset.map(render, batched=True, desc="apply_chat_template")
