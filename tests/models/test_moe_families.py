@@ -423,3 +423,12 @@ def test_merged_export_carries_the_experts_and_their_lora(family, bits, folders,
         torch.testing.assert_close(got.float(), want.to(got.dtype).float(), rtol=0, atol=0, msg=key)
         checked += 1
     assert checked == 4
+
+
+def test_merging_a_moe_adapter_folder_says_how(folders, tmp_path):
+    # The files alone do not say which nested ParamWrapper holds which stack; the built model does.
+    from tuneforge.export.merge import merge_adapter_folder
+
+    _lora_ours(_ours(folders("qwen3_moe"), "qwen3_moe")).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(NotImplementedError, match="FastLanguageModel.from_pretrained.*save_pretrained_merged"):
+        merge_adapter_folder(tmp_path / "adapter", tmp_path / "merged")

@@ -93,6 +93,7 @@ class LoraAdapter:
     deltas: dict[str, LoraDelta] = field(default_factory=dict)
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
     source: Path | None = None
+    target_parameters: list[str] = field(default_factory=list)  # peft's, from adapter_config.json
 
     @classmethod
     def load(cls, folder: str | Path) -> "LoraAdapter":
@@ -120,6 +121,7 @@ class LoraAdapter:
     def from_state_dict(cls, state: dict[str, torch.Tensor], config: dict, where: str = "adapter") -> "LoraAdapter":
         """state: peft's saved keys (`base_model.model.<module>.lora_A.weight`, ...)."""
         adapter = cls(base_model=config.get("base_model_name_or_path"))
+        adapter.target_parameters = list(config.get("target_parameters") or [])
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in state.items():
             name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
@@ -187,6 +189,13 @@ class LoraAdapter:
 
     def check_fits(self, base_names: set[str]) -> None:
         """Every delta and replacement must land on a base tensor; a stray key is an error."""
+        if self.target_parameters:
+            # peft nests one ParamWrapper per targeted parameter and saves them by nesting depth
+            # (`experts.lora_A`, `experts.base_layer.lora_A`), which only the built model resolves.
+            raise NotImplementedError(
+                f"{self.source or 'adapter'}: LoRA on parameters (target_parameters={self.target_parameters}, "
+                "e.g. MoE experts) is merged from the model, not from the adapter files: load it with "
+                "FastLanguageModel.from_pretrained(<adapter folder>) and call save_pretrained_merged")
         missing = sorted(name for name in {*self.deltas, *self.replacements} if name not in base_names)
         if missing:
             where = self.source or "adapter"
