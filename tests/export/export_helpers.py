@@ -63,8 +63,8 @@ def spread_weights(model, seed: int = 0, fp16_exact: bool = False):
             is_norm = any(part in name for part in ("norm", "ln_"))
             if "embed" in name:
                 param.copy_(noise * 0.5)
-            elif param.ndim == 2 and not is_norm:
-                param.copy_(noise / math.sqrt(param.shape[1]))
+            elif param.ndim >= 2 and not is_norm:  # [out, in], or a MoE's stacked [experts, out, in]
+                param.copy_(noise / math.sqrt(param.shape[-1]))
             elif is_norm and name.endswith("weight"):
                 param.copy_(offset + 0.2 * noise)
             else:

@@ -26,6 +26,7 @@ from tuneforge.export.gguf_arch import (
     arch_for,
     check_config,
     extra_tensors,
+    split_parts,
     stack_target,
     write_metadata,
 )
@@ -74,12 +75,18 @@ def _file_type(method: str):
 
 @dataclass
 class _Planned:
-    """One GGUF tensor: made from one HF tensor, or stacked from several (per-head norms)."""
+    """One GGUF tensor: made from one HF tensor, stacked from several (per-head norms), or cut
+    from one (a MoE's [gate; up] experts)."""
 
     sources: list[str]  # HF names, in the order they are stacked
     gguf_name: str
     shape: tuple[int, ...]
     qtype: object  # gguf.GGMLQuantizationType
+    part: tuple[int, int] | None = None  # (index, count): this slice of the source's rows (dim -2)
+
+    def data(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        data = torch.stack(parts) if len(parts) > 1 else parts[0]
+        return data.chunk(self.part[1], dim=-2)[self.part[0]] if self.part else data
 
 
 def _model_arch(name: str):
@@ -92,7 +99,8 @@ def plan_tensors(infos, arch, config, method: str) -> list[_Planned]:
     """The GGUF tensors, in the order the source's tensors complete them.
 
     infos: the source's `TensorInfo`s in streaming order. A stacked tensor (StableLM's per-head
-    q/k norms) is written once its last head has streamed by; a tied output that llama.cpp
+    q/k norms) is written once its last head has streamed by; a split one (a MoE's stacked
+    [gate; up] experts) as its parts, one after the other; a tied output that llama.cpp
     requires as its own tensor (OLMo 2, StableLM) is the embedding written a second time.
     """
     import gguf
@@ -107,6 +115,15 @@ def plan_tensors(infos, arch, config, method: str) -> list[_Planned]:
     seen: dict[str, int] = {}
     tied = getattr(config, "tie_word_embeddings", False)
     for info in infos:
+        parts = split_parts(arch, info.name)
+        if parts is not None:
+            rows = info.shape[-2] // len(parts)
+            shape = (*info.shape[:-2], rows, info.shape[-1])
+            for index, part in enumerate(parts):
+                gguf_name = _gguf_name(tensor_map, part, arch)
+                plan.append(_Planned([info.name], gguf_name, shape, _choose_type(method, shape, gguf_name),
+                                     part=(index, len(parts))))
+            continue
         target = stack_target(arch, info.name)
         if target is not None:
             seen[target[0]] = seen.get(target[0], 0) + 1
@@ -117,13 +134,18 @@ def plan_tensors(infos, arch, config, method: str) -> list[_Planned]:
             sources = [head.name for head in heads]
         else:
             hf_name, shape, sources = info.name, info.shape, [info.name]
-        gguf_name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise UnsupportedForGGUF(f"tensor {hf_name!r} has no GGUF name for architecture {arch.name}")
+        gguf_name = _gguf_name(tensor_map, hf_name, arch)
         plan.append(_Planned(sources, gguf_name, shape, _choose_type(method, shape, gguf_name)))
         if gguf_name == "token_embd.weight" and tied and arch.output == "required":
             plan.append(_Planned(sources, "output.weight", shape, _choose_type(method, shape, "output.weight")))
     return plan
+
+
+def _gguf_name(tensor_map, hf_name: str, arch) -> str:
+    gguf_name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if gguf_name is None:
+        raise UnsupportedForGGUF(f"tensor {hf_name!r} has no GGUF name for architecture {arch.name}")
+    return gguf_name
 
 
 def write_gguf(source, tokenizer, path: str | Path, method: str = "f16", name: str | None = None,
@@ -178,8 +200,7 @@ def write_gguf(source, tokenizer, path: str | Path, method: str = "f16", name: s
         ready[hf_name] = tensor
         while done < len(plan) and all(name in ready for name in plan[done].sources):
             item = plan[done]
-            parts = [ready[name].float() for name in item.sources]
-            data = torch.stack(parts) if len(parts) > 1 else parts[0]
+            data = item.data([ready[name].float() for name in item.sources])
             writer.write_tensor_data(_encode(arch.transform(item.gguf_name, data, config), item.qtype))
             for name in item.sources:
                 if last_use[name] == done:
@@ -205,9 +226,10 @@ def _config_kwargs(config: dict) -> dict:
 def _choose_type(method: str, shape: tuple[int, ...], gguf_name: str = ""):
     import gguf
 
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or method == "f32":
+    if len(shape) <= 1 or gguf_name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or method == "f32":
         # Norms (per-head ones are 2-D), biases and other vectors stay F32: llama.cpp's CPU
-        # multiplies activations by them only in F32, and they are tiny.
+        # multiplies activations by them only in F32, and they are tiny. A MoE router too, as
+        # llama.cpp's converter and quantiser keep it: rounding it would flip routing decisions.
         return gguf.GGMLQuantizationType.F32
     qtype = _ggml_type(method)
     block, _ = gguf.GGML_QUANT_SIZES[qtype]

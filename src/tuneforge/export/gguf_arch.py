@@ -37,6 +37,14 @@ which are optional) and `llama_model_rope_type`:
   `logit_scale` (llama.cpp divides the logits by it); head_dim is not read.
 - OLMo 2: post-norms only (`post_attention_norm`, `post_ffw_norm`), RMSNorm over all q / k heads
   at once (`attn_q_norm` of size hidden); llama.cpp requires a separate output tensor.
+- Mixture of experts (Mixtral as `llama`, Qwen3-MoE as `qwen3moe`): the router is `ffn_gate_inp`
+  [experts, hidden] (kept F32, as llama.cpp's converter and quantiser keep it: a routing decision
+  flips on a small rounding), and the experts three stacked tensors: transformers 5's
+  `gate_up_proj` [experts, 2 * ff, hidden] is cut into `ffn_gate_exps` (first half of the rows) and
+  `ffn_up_exps`, `down_proj` [experts, hidden, ff] is `ffn_down_exps` as it is. Both graphs take a
+  softmax over all experts, the top `expert_used_count` and renormalise their weights always
+  (Mixtral does; Qwen3-MoE only with norm_topk_prob); every qwen3moe layer is sparse, and its
+  expert width is `expert_feed_forward_length`.
 """
 
 from __future__ import annotations
@@ -71,6 +79,9 @@ class GGUFArch:
     activations:    the MLP activations (HF names) llama.cpp's graph computes for this architecture.
     stacked:        (regex over HF names with one group per head index, HF name of the stack):
                     per-head tensors llama.cpp reads as one [heads, ...] tensor.
+    split:          (regex over HF names, the names of its parts): one HF tensor llama.cpp reads
+                    as several, cut into equal parts along its rows (dim -2); one part renames it.
+    experts:        llama.cpp runs mixture-of-experts layers for this architecture.
     kv_heads:       config -> the KV head count, where `num_key_value_heads` is not it (Falcon 7B).
     transforms:     {GGUF name suffix: (tensor [out, in], config) -> tensor} for layouts that differ.
     metadata:       writes the architecture's own keys: (writer, config) -> None.
@@ -86,6 +97,8 @@ class GGUFArch:
     head_dim_keys: bool = True
     activations: tuple[str, ...] = ("silu",)
     stacked: tuple[tuple[str, str], ...] = ()
+    split: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    experts: bool = False
     transforms: dict[str, Callable] = field(default_factory=dict)
     kv_heads: Callable | None = None
     metadata: Callable | None = None
@@ -146,6 +159,12 @@ def windowed_layers(config) -> list[bool]:
     return [bool(getattr(config, "use_sliding_window", True))] * layers
 
 
+def expert_count(config) -> int:
+    """Experts per MoE layer; 0 for a dense model."""
+    return next((count for name in ("num_local_experts", "num_experts")
+                 if (count := getattr(config, name, None))), 0)
+
+
 def _first(config, names: tuple[str, ...]):
     for name in names:
         value = getattr(config, name, None)
@@ -183,6 +202,9 @@ def _common(writer, config, arch: GGUFArch) -> None:
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     writer.add_vocab_size(config.vocab_size)
+    if expert_count(config):
+        writer.add_expert_count(expert_count(config))
+        writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_rope_dimension_count(rotary_dims(config))
     if arch.head_dim_keys and getattr(config, "head_dim", None):
         writer.add_key_length(head_dim(config))
@@ -348,6 +370,28 @@ def _starcoder2_check(config) -> None:
         raise UnsupportedForGGUF("starcoder2 with use_bias=false: llama.cpp's starcoder2 requires the biases")
 
 
+def _qwen3moe_metadata(writer, config) -> None:
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+
+
+def _qwen3moe_check(config) -> None:
+    if not config.norm_topk_prob:
+        raise UnsupportedForGGUF("qwen3_moe with norm_topk_prob=false: llama.cpp's qwen3moe always renormalises "
+                                 "the chosen experts' weights")
+    dense = [layer for layer in range(config.num_hidden_layers) if layer in (config.mlp_only_layers or [])
+             or (layer + 1) % config.decoder_sparse_step]
+    if dense:
+        raise UnsupportedForGGUF(f"qwen3_moe with dense MLP layers {dense} (mlp_only_layers / decoder_sparse_step): "
+                                 "llama.cpp's qwen3moe runs experts in every layer")
+
+
+# transformers 5's stacked experts (Mixtral, Qwen3-MoE): [gate; up] rows, then down, per layer.
+STACKED_EXPERTS = (
+    (r"(.*\.mlp\.experts)\.gate_up_proj$", (r"\1.gate_proj.weight", r"\1.up_proj.weight")),
+    (r"(.*\.mlp\.experts)\.down_proj$", (r"\1.down_proj.weight",)),
+)
+
+
 def _phi3_metadata(writer, config) -> None:
     import math
 
@@ -364,9 +408,10 @@ def _phi3_metadata(writer, config) -> None:
 
 
 ARCHES: dict[str, GGUFArch] = {arch.name: arch for arch in (
-    GGUFArch("llama", permute_qk=True, check=_llama_check),
+    GGUFArch("llama", permute_qk=True, check=_llama_check, split=STACKED_EXPERTS, experts=True),
     GGUFArch("qwen2"),
     GGUFArch("qwen3"),
+    GGUFArch("qwen3moe", split=STACKED_EXPERTS, experts=True, metadata=_qwen3moe_metadata, check=_qwen3moe_check),
     GGUFArch("phi3", metadata=_phi3_metadata),
     GGUFArch("gemma", norm_offset=1.0, output="tied", activations=("gelu_pytorch_tanh", "gelu")),
     GGUFArch("gemma2", norm_offset=1.0, output="tied", sliding_window=True, activations=("gelu_pytorch_tanh",),
@@ -384,11 +429,23 @@ ARCHES: dict[str, GGUFArch] = {arch.name: arch for arch in (
 )}
 
 
+# Families tuneforge trains whose llama.cpp architecture this writer does not write yet, and why.
+NOT_WRITTEN = {
+    "gpt_oss": "llama.cpp's gpt-oss architecture (attention sinks, alternating sliding-window layers, experts "
+               "with biases and a clamped SwiGLU over interleaved gate / up columns, stored as MXFP4) is not "
+               "written by tuneforge's GGUF writer yet; save_pretrained_merged(..., 'merged_16bit') and run "
+               "llama.cpp's convert_hf_to_gguf.py on that folder",
+}
+
+
 def arch_for(config) -> GGUFArch:
     """The llama.cpp architecture a model exports to, from the family table's `gguf_arch`."""
     from tuneforge.models.families import all_families, family_for_model_type
 
     family = family_for_model_type(config.model_type)
+    if config.model_type in NOT_WRITTEN:
+        raise UnsupportedForGGUF(f"no GGUF export for model_type {config.model_type!r}: "
+                                 f"{NOT_WRITTEN[config.model_type]}")
     if family is None or family.gguf_arch is None:
         known = ", ".join(t for spec in all_families().values() if spec.gguf_arch for t in spec.model_types)
         raise UnsupportedForGGUF(f"no GGUF export for model_type {config.model_type!r} (supported: {known})")
@@ -411,8 +468,20 @@ def stack_target(arch: GGUFArch, hf_name: str) -> tuple[str, int] | None:
     return None
 
 
+def split_parts(arch: GGUFArch, hf_name: str) -> list[str] | None:
+    """The names (in llama.cpp's name map) of the parts `hf_name` is cut into, top rows first."""
+    for pattern, parts in arch.split:
+        match = re.match(pattern, hf_name)
+        if match:
+            return [match.expand(part) for part in parts]
+    return None
+
+
 def check_config(arch: GGUFArch, config) -> None:
     """Raises UnsupportedForGGUF where llama.cpp would run this config differently from transformers."""
+    if expert_count(config) and not arch.experts:
+        raise UnsupportedForGGUF(f"{arch.name} with {expert_count(config)} experts: llama.cpp's {arch.name} has no "
+                                 "mixture-of-experts layers")
     activation = _first(config, ("hidden_activation", "hidden_act", "activation"))
     if activation not in arch.activations:
         raise UnsupportedForGGUF(f"{arch.name} with activation {activation!r}: llama.cpp's {arch.name} computes "

@@ -17,6 +17,7 @@ MIXTRAL = register(
         activation=None,
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         experts=("gate_up_proj", "down_proj"),
+        gguf_arch="llama",
         tiny_config_overrides={"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16},
     )
 )

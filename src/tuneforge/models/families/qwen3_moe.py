@@ -19,6 +19,7 @@ QWEN3_MOE = register(
         activation=None,
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         experts=("gate_up_proj", "down_proj"),
+        gguf_arch="qwen3moe",
         # 4 experts, top 2, renormalised like Qwen3-30B-A3B; every layer sparse. Each expert's
         # weight holds a multiple of 64 values (NF4 blocks never straddle two experts).
         tiny_config_overrides={"head_dim": 16, "moe_intermediate_size": 48, "num_experts": 4,
