@@ -237,3 +237,20 @@ def test_a_layer_bitsandbytes_would_dequantise_wrongly_forwards_by_the_formula(m
         x = torch.randn(3, 20, 176)
         want = x @ reference_dequantize_nf4(down.weight.data, down.weight.quant_state).t()
         torch.testing.assert_close(down(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not glue.cpu_repacks(), reason="needs a CPU on which bitsandbytes repacks (AVX512-BF16)")
+def test_exact_forwards_compute_the_loaded_function_then_allow_the_repack_again(tiny_folder):
+    """export.verify's reference: after for_inference, forwards inside exact_forwards equal the
+    never-repacked model's; afterwards the faster repacked path is back."""
+    from tuneforge import FastLanguageModel
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    plain, model = qlora(tiny_folder).eval(), qlora(tiny_folder)
+    FastLanguageModel.for_inference(model)
+    with torch.no_grad():
+        model(input_ids=ids)  # repacks
+        with glue.exact_forwards(model):
+            assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+        model(input_ids=ids)
+    assert all(glue.is_repacked(layer.weight.quant_state) for layer in glue.linear4bit_layers(model))

@@ -556,8 +556,12 @@ def verify_in_memory(model, tokenizer, kind: str, paths: list[Path], prompts=Non
     if tokenizer is None:
         log.warning("export check skipped: no tokenizer was passed, so no prompt can be built")
         return ExportReport()
+    from tuneforge.integration.bnb import exact_forwards
+
     folder = paths[0] if paths[0].is_dir() else paths[0].parent
-    return verify_exports(Reference(model, tokenizer, prompts), artefacts_of(kind, paths), folder)
+    # The reference is the model's exact function, not bitsandbytes' bf16 CPU gemm after for_inference.
+    with exact_forwards(model):
+        return verify_exports(Reference(model, tokenizer, prompts), artefacts_of(kind, paths), folder)
 
 
 def verify_folder_export(adapter: str | Path, fmt: str, paths: list[Path], output: str | Path,

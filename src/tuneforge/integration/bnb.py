@@ -35,6 +35,7 @@ takes 0.42-0.70 s for a 256-token prefill and 0.75-1.2 s for 32 greedy tokens, t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -147,6 +148,21 @@ def allow_cpu_repack(model: torch.nn.Module) -> int:
         else:
             layer.support_avx512bf16_for_cpu = False
     return count
+
+
+@contextlib.contextmanager
+def exact_forwards(model: torch.nn.Module):
+    """Inside: the standard layout and no repack, so forwards compute the model's exact function
+    (NF4 dequantised in its compute dtype; the repacked gemm rounds activations and block scales to
+    bf16), e.g. for a reference that exports are checked against. On exit, layers that were allowed
+    to repack (`for_inference`) are allowed again: the next generate repacks them, ~1 s for SmolLM2."""
+    allowed = [layer for layer in linear4bit_layers(model) if getattr(layer, "support_avx512bf16_for_cpu", False)]
+    prevent_cpu_repack(model)
+    try:
+        yield model
+    finally:
+        for layer in allowed:
+            layer.support_avx512bf16_for_cpu = True
 
 
 def standard_layout(model: torch.nn.Module) -> int:
