@@ -17,6 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -82,11 +83,11 @@ class _Planned:
     gguf_name: str
     shape: tuple[int, ...]
     qtype: object  # gguf.GGMLQuantizationType
-    part: tuple[int, int] | None = None  # (index, count): this slice of the source's rows (dim -2)
+    cut: Callable | None = None  # the part of the source this tensor is (GGUFArch.split)
 
     def data(self, parts: list[torch.Tensor]) -> torch.Tensor:
         data = torch.stack(parts) if len(parts) > 1 else parts[0]
-        return data.chunk(self.part[1], dim=-2)[self.part[0]] if self.part else data
+        return self.cut(data).contiguous() if self.cut else data
 
 
 def _model_arch(name: str):
@@ -117,12 +118,10 @@ def plan_tensors(infos, arch, config, method: str) -> list[_Planned]:
     for info in infos:
         parts = split_parts(arch, info.name)
         if parts is not None:
-            rows = info.shape[-2] // len(parts)
-            shape = (*info.shape[:-2], rows, info.shape[-1])
-            for index, part in enumerate(parts):
+            for part, cut in parts:
+                shape = tuple(cut(torch.empty(info.shape, device="meta")).shape)
                 gguf_name = _gguf_name(tensor_map, part, arch)
-                plan.append(_Planned([info.name], gguf_name, shape, _choose_type(method, shape, gguf_name),
-                                     part=(index, len(parts))))
+                plan.append(_Planned([info.name], gguf_name, shape, _choose_type(method, shape, gguf_name), cut))
             continue
         target = stack_target(arch, info.name)
         if target is not None:
@@ -226,10 +225,11 @@ def _config_kwargs(config: dict) -> dict:
 def _choose_type(method: str, shape: tuple[int, ...], gguf_name: str = ""):
     import gguf
 
-    if len(shape) <= 1 or gguf_name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or method == "f32":
+    if len(shape) <= 1 or gguf_name.endswith(("_norm.weight", "ffn_gate_inp.weight", ".bias")) or method == "f32":
         # Norms (per-head ones are 2-D), biases and other vectors stay F32: llama.cpp's CPU
         # multiplies activations by them only in F32, and they are tiny. A MoE router too, as
         # llama.cpp's converter and quantiser keep it: rounding it would flip routing decisions.
+        # Per-expert biases ([experts, out]) are vectors too.
         return gguf.GGMLQuantizationType.F32
     qtype = _ggml_type(method)
     block, _ = gguf.GGML_QUANT_SIZES[qtype]

@@ -37,14 +37,22 @@ which are optional) and `llama_model_rope_type`:
   `logit_scale` (llama.cpp divides the logits by it); head_dim is not read.
 - OLMo 2: post-norms only (`post_attention_norm`, `post_ffw_norm`), RMSNorm over all q / k heads
   at once (`attn_q_norm` of size hidden); llama.cpp requires a separate output tensor.
-- Mixture of experts (Mixtral as `llama`, Qwen3-MoE as `qwen3moe`): the router is `ffn_gate_inp`
-  [experts, hidden] (kept F32, as llama.cpp's converter and quantiser keep it: a routing decision
-  flips on a small rounding), and the experts three stacked tensors: transformers 5's
-  `gate_up_proj` [experts, 2 * ff, hidden] is cut into `ffn_gate_exps` (first half of the rows) and
-  `ffn_up_exps`, `down_proj` [experts, hidden, ff] is `ffn_down_exps` as it is. Both graphs take a
-  softmax over all experts, the top `expert_used_count` and renormalise their weights always
+- Mixture of experts (Mixtral as `llama`, Qwen3-MoE as `qwen3moe`, gpt-oss): the router is
+  `ffn_gate_inp` [experts, hidden] (kept F32, as llama.cpp's converter and quantiser keep it: a
+  routing decision flips on a small rounding), and the experts three stacked tensors: transformers
+  5's `gate_up_proj` [experts, 2 * ff, hidden] is cut into `ffn_gate_exps` (first half of the rows)
+  and `ffn_up_exps`, `down_proj` [experts, hidden, ff] is `ffn_down_exps` as it is. Mixtral's and
+  Qwen3-MoE's graphs take a softmax over all experts, the top `expert_used_count` and renormalise their weights always
   (Mixtral does; Qwen3-MoE only with norm_topk_prob); every qwen3moe layer is sparse, and its
   expert width is `expert_feed_forward_length`.
+- gpt-oss: experts stored transposed ([experts, in, out]) with biases, gate and up interleaved by
+  column (even / odd), so the exporter transposes and de-interleaves them; per-head attention sinks
+  (`attn_sinks`), biases on q/k/v/o and the router, `post_attention_norm` before the experts, the
+  router's softmax over the chosen experts only, and SwiGLU clamped at 7.0 with alpha 1.702 (both
+  hard-coded in llama.cpp). Layers alternate sliding-window and full attention from a sliding
+  first layer. YaRN RoPE: llama.cpp rounds the correction range to whole dimensions, which
+  transformers' gpt-oss (truncate=false) keeps fractional; a few slow frequencies then differ and
+  logits drift apart with position (every gpt-oss GGUF runs so; the exporter warns).
 """
 
 from __future__ import annotations
@@ -79,8 +87,8 @@ class GGUFArch:
     activations:    the MLP activations (HF names) llama.cpp's graph computes for this architecture.
     stacked:        (regex over HF names with one group per head index, HF name of the stack):
                     per-head tensors llama.cpp reads as one [heads, ...] tensor.
-    split:          (regex over HF names, the names of its parts): one HF tensor llama.cpp reads
-                    as several, cut into equal parts along its rows (dim -2); one part renames it.
+    split:          (regex over HF names, ((name of a part, tensor -> part), ...))): one HF tensor
+                    llama.cpp reads as several (or, with one part, renamed and laid out anew).
     experts:        llama.cpp runs mixture-of-experts layers for this architecture.
     kv_heads:       config -> the KV head count, where `num_key_value_heads` is not it (Falcon 7B).
     transforms:     {GGUF name suffix: (tensor [out, in], config) -> tensor} for layouts that differ.
@@ -97,7 +105,7 @@ class GGUFArch:
     head_dim_keys: bool = True
     activations: tuple[str, ...] = ("silu",)
     stacked: tuple[tuple[str, str], ...] = ()
-    split: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    split: tuple[tuple[str, tuple[tuple[str, Callable], ...]], ...] = ()
     experts: bool = False
     transforms: dict[str, Callable] = field(default_factory=dict)
     kv_heads: Callable | None = None
@@ -181,7 +189,7 @@ def _common(writer, config, arch: GGUFArch) -> None:
         writer.add_sliding_window(config.sliding_window)
         writer.add_sliding_window_pattern(windowed)
         local = rope_parameters(config, "sliding_attention")
-        if local.get("rope_type", "default") != "default":
+        if local != rope and local.get("rope_type", "default") != "default":
             raise UnsupportedForGGUF(f"{arch.name}: sliding-layer RoPE scaling {local['rope_type']!r} is not exported")
         writer.add_rope_freq_base_swa(float(local.get("rope_theta", rope.get("rope_theta", 10000.0))))
     elif any(windowed) and config.sliding_window < context:
@@ -221,6 +229,18 @@ def _rope_scaling(writer, rope: dict, arch: GGUFArch) -> None:
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+        return
+    if kind == "yarn" and arch.name == "gpt-oss":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
+        writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
+        if not rope.get("truncate", True):
+            log.warning("gpt-oss: llama.cpp rounds YaRN's correction range to whole dimensions, where this model "
+                        "(truncate=false) keeps it fractional; as in every gpt-oss GGUF (llama.cpp's converter "
+                        "writes the same), a few slow rotary frequencies differ slightly and logits drift apart "
+                        "with position")
         return
     if kind == "llama3" and arch.name == "llama":
         return  # carried by the rope_freqs tensor (see extra_tensors)
@@ -385,11 +405,75 @@ def _qwen3moe_check(config) -> None:
                                  "llama.cpp's qwen3moe runs experts in every layer")
 
 
-# transformers 5's stacked experts (Mixtral, Qwen3-MoE): [gate; up] rows, then down, per layer.
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _first_half(tensor: torch.Tensor) -> torch.Tensor:
+    """[experts, 2 * ff, hidden] -> the top half of the rows (the gate)."""
+    return tensor.chunk(2, dim=-2)[0]
+
+
+def _second_half(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.chunk(2, dim=-2)[1]
+
+
+# transformers 5's stacked experts (Mixtral, Qwen3-MoE): gate_up_proj [E, 2 * ff, hidden] holds the
+# gate's rows, then the up projection's; down_proj [E, hidden, ff] is llama.cpp's layout already.
 STACKED_EXPERTS = (
-    (r"(.*\.mlp\.experts)\.gate_up_proj$", (r"\1.gate_proj.weight", r"\1.up_proj.weight")),
-    (r"(.*\.mlp\.experts)\.down_proj$", (r"\1.down_proj.weight",)),
+    (r"(.*\.mlp\.experts)\.gate_up_proj$", ((r"\1.gate_proj.weight", _first_half),
+                                            (r"\1.up_proj.weight", _second_half))),
+    (r"(.*\.mlp\.experts)\.down_proj$", ((r"\1.down_proj.weight", _same),)),
 )
+
+
+def _gate_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """gpt-oss gate_up_proj [E, hidden, 2 * ff], gate and up interleaved -> the gate [E, ff, hidden]."""
+    return tensor.transpose(-1, -2)[..., 0::2, :]
+
+
+def _up_rows(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.transpose(-1, -2)[..., 1::2, :]
+
+
+def _transposed(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.transpose(-1, -2)
+
+
+def _even(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[..., 0::2]
+
+
+def _odd(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[..., 1::2]
+
+
+# gpt-oss: experts stored transposed ([E, in, out]) with biases, gate and up interleaved by column;
+# the per-head attention sinks are a bare parameter.
+GPT_OSS_TENSORS = (
+    (r"(.*\.mlp\.experts)\.gate_up_proj$", ((r"\1.gate_proj.weight", _gate_rows), (r"\1.up_proj.weight", _up_rows))),
+    (r"(.*\.mlp\.experts)\.gate_up_proj_bias$", ((r"\1.gate_proj.bias", _even), (r"\1.up_proj.bias", _odd))),
+    (r"(.*\.mlp\.experts)\.down_proj$", ((r"\1.down_proj.weight", _transposed),)),
+    (r"(.*\.mlp\.experts)\.down_proj_bias$", ((r"\1.down_proj.bias", _same),)),
+    (r"(.*\.self_attn\.sinks)$", ((r"\1.weight", _same),)),
+)
+
+
+def _gpt_oss_metadata(writer, config) -> None:
+    writer.add_expert_feed_forward_length(config.intermediate_size)
+
+
+def _gpt_oss_check(config) -> None:
+    # llama.cpp's gpt-oss hard-codes the clamped SwiGLU's constants and requires every bias.
+    if (config.swiglu_alpha, config.swiglu_limit) != (1.702, 7.0):
+        raise UnsupportedForGGUF(f"gpt_oss with swiglu_alpha={config.swiglu_alpha}, swiglu_limit="
+                                 f"{config.swiglu_limit}: llama.cpp's gpt-oss computes 1.702 and 7.0")
+    if not config.attention_bias:
+        raise UnsupportedForGGUF("gpt_oss with attention_bias=false: llama.cpp's gpt-oss requires the biases")
+    alternating = [layer % 2 == 0 for layer in range(config.num_hidden_layers)]
+    if not config.sliding_window or windowed_layers(config) != alternating:
+        raise UnsupportedForGGUF("gpt_oss whose layers do not alternate sliding-window and full attention from a "
+                                 "sliding first layer: llama.cpp's gpt-oss runs that pattern")
 
 
 def _phi3_metadata(writer, config) -> None:
@@ -411,6 +495,8 @@ ARCHES: dict[str, GGUFArch] = {arch.name: arch for arch in (
     GGUFArch("llama", permute_qk=True, check=_llama_check, split=STACKED_EXPERTS, experts=True),
     GGUFArch("qwen2"),
     GGUFArch("qwen3"),
+    GGUFArch("gpt-oss", sliding_window=True, output="required", split=GPT_OSS_TENSORS, experts=True,
+             metadata=_gpt_oss_metadata, check=_gpt_oss_check),
     GGUFArch("qwen3moe", split=STACKED_EXPERTS, experts=True, metadata=_qwen3moe_metadata, check=_qwen3moe_check),
     GGUFArch("phi3", metadata=_phi3_metadata),
     GGUFArch("gemma", norm_offset=1.0, output="tied", activations=("gelu_pytorch_tanh", "gelu")),
@@ -429,23 +515,11 @@ ARCHES: dict[str, GGUFArch] = {arch.name: arch for arch in (
 )}
 
 
-# Families tuneforge trains whose llama.cpp architecture this writer does not write yet, and why.
-NOT_WRITTEN = {
-    "gpt_oss": "llama.cpp's gpt-oss architecture (attention sinks, alternating sliding-window layers, experts "
-               "with biases and a clamped SwiGLU over interleaved gate / up columns, stored as MXFP4) is not "
-               "written by tuneforge's GGUF writer yet; save_pretrained_merged(..., 'merged_16bit') and run "
-               "llama.cpp's convert_hf_to_gguf.py on that folder",
-}
-
-
 def arch_for(config) -> GGUFArch:
     """The llama.cpp architecture a model exports to, from the family table's `gguf_arch`."""
     from tuneforge.models.families import all_families, family_for_model_type
 
     family = family_for_model_type(config.model_type)
-    if config.model_type in NOT_WRITTEN:
-        raise UnsupportedForGGUF(f"no GGUF export for model_type {config.model_type!r}: "
-                                 f"{NOT_WRITTEN[config.model_type]}")
     if family is None or family.gguf_arch is None:
         known = ", ".join(t for spec in all_families().values() if spec.gguf_arch for t in spec.model_types)
         raise UnsupportedForGGUF(f"no GGUF export for model_type {config.model_type!r} (supported: {known})")
@@ -468,12 +542,12 @@ def stack_target(arch: GGUFArch, hf_name: str) -> tuple[str, int] | None:
     return None
 
 
-def split_parts(arch: GGUFArch, hf_name: str) -> list[str] | None:
-    """The names (in llama.cpp's name map) of the parts `hf_name` is cut into, top rows first."""
+def split_parts(arch: GGUFArch, hf_name: str) -> list[tuple[str, Callable]] | None:
+    """(name in llama.cpp's name map, tensor -> part) of each part `hf_name` is cut into."""
     for pattern, parts in arch.split:
         match = re.match(pattern, hf_name)
         if match:
-            return [match.expand(part) for part in parts]
+            return [(match.expand(name), cut) for name, cut in parts]
     return None
 
 

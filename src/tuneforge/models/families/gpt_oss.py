@@ -27,6 +27,7 @@ GPT_OSS = register(
         activation=None,
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         experts=("gate_up_proj", "down_proj"),
+        gguf_arch="gpt-oss",
         attn_implementation="eager",
         # GptOssModel builds its masks without position_ids, so packed samples see each other
         # (tested in tests/models/test_families.py): no padding-free packing.
