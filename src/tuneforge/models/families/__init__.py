@@ -62,7 +62,7 @@ class FamilySpec:
                      peft's `target_parameters`, computed by `kernels.moe`. () for dense families.
     packing:         padding-free packing keeps samples apart: transformers builds the mask from
                      restarting position_ids (tested: packed loss equals the samples one by one).
-    gguf_arch:       the llama.cpp architecture the family exports to ("llama" for Mistral too,
+    gguf_arch:       the llama.cpp architecture the family exports to ("llama" for Mistral and Mixtral too,
                      "command-r" for Cohere); what that architecture needs is the exporter's table
                      (`tuneforge.export.gguf_arch`). None: no GGUF export.
     """
