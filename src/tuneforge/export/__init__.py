@@ -48,6 +48,7 @@ def save_pretrained_merged(model, save_directory: str | Path, tokenizer=None, sa
     if method not in SAVE_METHODS:
         raise ValueError(f"save_method {save_method!r} is not one of {', '.join(SAVE_METHODS)}")
     save_directory = Path(save_directory)
+    clear_earlier_weights(save_directory)
     if method == "lora":
         out = save_adapter(model, save_directory, tokenizer)
     elif method == "merged_16bit":
@@ -63,6 +64,31 @@ def save_pretrained_merged(model, save_directory: str | Path, tokenizer=None, sa
 
         verify_in_memory(model, tokenizer, method, [Path(out)])
     return out
+
+
+# What a loader reads as a model or an adapter in a folder: an earlier export's files of these
+# kinds would sit beside the new ones and be picked instead of them (a single model.safetensors
+# is read before a new sharded set's index; an adapter_config.json beside merged weights makes
+# transformers apply that adapter again on top of them).
+_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                    "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json",
+                    "adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
+
+
+def clear_earlier_weights(save_directory: Path) -> list[str]:
+    """Remove an earlier export's weight and adapter files from `save_directory` (logged), so the
+    folder holds only what this call writes; every other file (GGUFs, a Modelfile, the user's own)
+    stays. Notebooks save several exports into one folder in separate cells: this keeps the folder
+    loadable as the last one instead of refusing it."""
+    if not save_directory.is_dir():
+        return []
+    removed = sorted({path.name for pattern in _WEIGHT_PATTERNS for path in save_directory.glob(pattern)})
+    for name in removed:
+        (save_directory / name).unlink()
+    if removed:
+        log.warning("%s held an earlier export; removed its %s so that loaders read this one", save_directory,
+                    ", ".join(removed))
+    return removed
 
 
 def _save_side_files(model, tokenizer, out: Path) -> None:
