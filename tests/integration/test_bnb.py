@@ -254,3 +254,19 @@ def test_exact_forwards_compute_the_loaded_function_then_allow_the_repack_again(
             assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
         model(input_ids=ids)
     assert all(glue.is_repacked(layer.weight.quant_state) for layer in glue.linear4bit_layers(model))
+
+
+def test_get_peft_model_on_a_plain_transformers_nf4_model_stops_the_repack(tiny_folder):
+    # A model that never went through tuneforge's loader (plain transformers + bitsandbytes) still
+    # gets the no-repack policy from get_peft_model; without it bitsandbytes would repack here.
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tuneforge import FastLanguageModel
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    layers = glue.linear4bit_layers(plain)
+    # On a CPU with AVX512-BF16 (this machine's kind) bitsandbytes arms the repack at load.
+    assert layers and (not glue.cpu_repacks() or all(layer.support_avx512bf16_for_cpu for layer in layers))
+    model = FastLanguageModel.get_peft_model(plain, r=4, target_modules=ALL_LINEAR, use_gradient_checkpointing=False)
+    assert not any(layer.support_avx512bf16_for_cpu for layer in glue.linear4bit_layers(model))

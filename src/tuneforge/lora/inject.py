@@ -158,6 +158,11 @@ def get_peft_model(
     torch.manual_seed(random_state)
     # autocast_adapter_dtype (peft's default) keeps adapter weights in fp32 under a 16-bit base, so
     # small updates don't round away.
+    # A model loaded by plain transformers never went through our loader: bitsandbytes may not
+    # repack its NF4 weights on the CPU from here on either (integration/bnb.py; a no-op otherwise).
+    from tuneforge.integration.bnb import prevent_cpu_repack
+
+    prevent_cpu_repack(model)
     peft_model = peft.get_peft_model(model, config)
     return finish_peft_model(peft_model, spec, use_gradient_checkpointing, use_kernels)
 
