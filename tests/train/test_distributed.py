@@ -535,6 +535,7 @@ def test_torchrun_command_runs_the_cli_in_n_processes():
 
 if __name__ == "__main__":
     run_worker(json.loads(sys.argv[1]))
+    distributed.shutdown()
 
 
 @pytest.mark.parametrize("given, expected", [(None, False), (True, True)])

@@ -297,6 +297,14 @@ def check_strategy(trainer, strategy: Strategy | None) -> None:
 # ---------------------------------------------------------------- launching
 
 
+def shutdown() -> None:
+    """Leave the process group this process joined (a torchrun rank), so its gloo / NCCL threads
+    end before the interpreter does: a rank that exits with them alive can abort after its work is
+    done ("terminate called without an active exception", exit -6, seen on a CI run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, for the rendezvous of a single-machine job."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -128,6 +128,7 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strateg
         return _train(config, output_dir, identity, checkpoint, extra_callbacks, strategy)
     finally:
         claim.release()
+        distributed.shutdown()
 
 
 def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Path | None, extra_callbacks,
