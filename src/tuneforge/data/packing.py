@@ -142,7 +142,8 @@ class PaddingFreeCollator:
 
 
 def padding_free_batch(batch: Mapping) -> dict:
-    """A collated batch -> the same samples as one padding-free row with varlen boundaries.
+    """A collated batch -> the same samples as one padding-free row with varlen boundaries, as
+    PaddingFreeCollator makes it from the unpadded samples.
 
     Takes what collators produce: right- or left-padded rows with an attention_mask ([B, S], pads 0),
     or one padding-free row with restarting position_ids ([1, T], TRL's packing / padding_free).
@@ -166,26 +167,14 @@ def padding_free_batch(batch: Mapping) -> dict:
         if mask.shape != ids.shape:
             return dict(batch)
         keep = mask.bool()
-        lengths = keep.sum(1).tolist()
-        flat_ids, flat_labels = ids[keep], labels[keep].clone()
+        samples = [{"input_ids": ids[k][keep[k]].tolist(), "labels": labels[k][keep[k]].tolist()}
+                   for k in range(ids.shape[0])]
     elif "position_ids" in batch and ids.shape[0] == 1:
-        positions = batch["position_ids"][0]
-        starts = (positions == 0).nonzero().flatten().tolist()
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
         if not starts or starts[0] != 0:
             return dict(batch)
         lengths = [b - a for a, b in zip(starts, starts[1:] + [ids.shape[1]])]
-        flat_ids, flat_labels = ids[0], labels[0].clone()
+        samples = [{"input_ids": ids[0].tolist(), "labels": labels[0].tolist(), "seq_lengths": lengths}]
     else:
         return dict(batch)
-    lengths = [n for n in lengths if n > 0]
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
-    flat_labels[cu[:-1].long()] = IGNORE_INDEX
-    return {
-        "input_ids": flat_ids.unsqueeze(0),
-        "labels": flat_labels.unsqueeze(0),
-        "position_ids": torch.tensor([position_ids_for(lengths)], dtype=torch.long),
-        "use_cache": False,
-        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-        "max_length_q": max(lengths), "max_length_k": max(lengths),
-    }
+    return PaddingFreeCollator()(samples)

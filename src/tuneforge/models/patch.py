@@ -313,8 +313,7 @@ def _patch_varlen(model, spec: FamilySpec) -> str | None:
     attentions = _decoder_modules(model, "self_attn")
     if not attentions or any(getattr(a.forward, "__func__", None) is not _attention_forward for _, a in attentions):
         return None
-    layers = {type(module) for name, module in model.named_modules()
-              if any(attn_name == f"{name}.self_attn" for attn_name, _ in attentions)}
+    layers = {type(module) for module in model.modules() if isinstance(getattr(module, "self_attn", None), nn.Module)}
     for layer in layers:
         try:
             source = inspect.getsource(layer.forward)
