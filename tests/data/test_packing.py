@@ -14,6 +14,7 @@ from tuneforge.data.errors import DataError
 from tuneforge.data.masking import IGNORE_INDEX
 from tuneforge.data.packing import PaddingFreeCollator, best_fit_decreasing, pack_dataset
 from tuneforge.testing import tiny_model
+from tuneforge.testing.tiny import loss_one_by_one
 
 LENGTHS = (7, 12, 5, 9)
 
@@ -27,18 +28,6 @@ def samples(seed=0):
         labels[: n // 3] = [IGNORE_INDEX] * (n // 3)  # a masked "prompt" at the start of each sample
         out.append({"input_ids": ids, "labels": labels})
     return out
-
-
-def reference_loss(model, features):
-    """Token-weighted mean of each sample's loss, every sample run on its own."""
-    total, count = 0.0, 0
-    for feature in features:
-        ids = torch.tensor([feature["input_ids"]])
-        labels = torch.tensor([feature["labels"]])
-        n = int((labels[0, 1:] != IGNORE_INDEX).sum())
-        total += model(input_ids=ids, labels=labels).loss.double() * n
-        count += n
-    return total / count
 
 
 def test_collator_layout():
@@ -65,7 +54,7 @@ def test_packed_loss_equals_the_samples_run_one_by_one(attention):
     batch = PaddingFreeCollator()(features)
     with torch.no_grad():
         packed = model(**batch).loss.double()
-        reference = reference_loss(model, features)
+        reference = loss_one_by_one(model, features)
         assert torch.allclose(packed, reference, rtol=1e-5, atol=1e-6), (packed, reference)
         # Negative controls: samples that can see each other give another loss.
         leaky = dict(batch, position_ids=torch.arange(batch["input_ids"].shape[1])[None])
@@ -81,7 +70,7 @@ def test_gradients_match_too():
     model(**PaddingFreeCollator()(features)).loss.backward()
     packed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    reference_loss(model, features).float().backward()
+    loss_one_by_one(model, features).float().backward()
     for got, expected in zip(packed, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
@@ -115,7 +104,7 @@ def test_pack_dataset_then_collate_is_the_same_as_collating_samples():
         start += n
     with torch.no_grad():
         got = model(**PaddingFreeCollator()([row])).loss.double()
-        assert torch.allclose(got, reference_loss(model, members), rtol=1e-5)
+        assert torch.allclose(got, loss_one_by_one(model, members), rtol=1e-5)
 
 
 def test_collator_rejects_inconsistent_rows():

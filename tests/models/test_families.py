@@ -24,7 +24,6 @@ Tolerances: fp32 throughout (the CPU compute dtype), so kernels differ from PyTo
 order of fp32 sums: logits 1e-5, loss rtol 1e-5, gradients rtol 1e-4 / atol 1e-6.
 """
 
-import contextlib
 import json
 import os
 import time
@@ -49,33 +48,21 @@ RESULTS = Path(os.environ.get("TUNEFORGE_FAMILY_RESULTS", ROOT / "build" / "fami
 _STARTED = time.time()  # results written after this come from this session's run
 
 
-@contextlib.contextmanager
+def _family_table_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("family_table", ROOT / "scripts" / "family_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+FAMILY_TABLE = _family_table_script()
+
+
 def recorded(family: str, check: str, **details):
-    """Run a check and write its outcome (pass or the error) for the family table."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    record = {"family": family, "check": check, "ok": False, **details}
-    try:
-        yield record
-        record["ok"] = True
-    except BaseException as error:  # noqa: BLE001 - recorded, then re-raised
-        record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        raise
-    finally:
-        (RESULTS / f"{family}__{check}.json").write_text(json.dumps(record, sort_keys=True))
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """family -> a saved tiny model folder (made on first use)."""
-    made = {}
-
-    def folder(family):
-        if family not in made:
-            made[family] = tmp_path_factory.mktemp(family)
-            tiny_model(family, device=DEVICE).save_pretrained(made[family])
-        return made[family]
-
-    return folder
+    """Run a check and write its outcome (pass or the error) for the family table (the script's writer)."""
+    return FAMILY_TABLE.recorded(RESULTS, family, check, **details)
 
 
 def _load_ours(folder, family, **kwargs):
@@ -348,17 +335,8 @@ def test_packing_off_where_samples_would_see_each_other(family):
     assert (packed - alone).abs() > 1e-3
 
 
-def _family_table_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("family_table", ROOT / "scripts" / "family_table.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_family_table_is_rendered_from_results(tmp_path):
-    script = _family_table_script()
+    script = FAMILY_TABLE
     results = tmp_path / "results"
     results.mkdir()
     for family, check, ok, extra in [
@@ -495,7 +473,7 @@ def test_readme_and_docs_family_tables_are_the_ones_this_run_renders():
     # Runs after every recording test of this file (pytest keeps the file's order; CI's
     # --dist loadfile keeps a file on one worker): the committed tables must be what this run's
     # results render, so a table that claims more (or less) than the tests prove fails here.
-    script = _family_table_script()
+    script = FAMILY_TABLE
     fresh = script.load_results(RESULTS, since=_STARTED)
     table = script.render(fresh)
     if not fresh or "| ? |" in table:

@@ -32,19 +32,6 @@ from tuneforge.testing.tiny import lora_grads, nf4_round_trip_experts, randomize
 FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    made = {}
-
-    def folder(family):
-        if family not in made:
-            made[family] = tmp_path_factory.mktemp(family)
-            tiny_model(family).save_pretrained(made[family])
-        return made[family]
-
-    return folder
-
-
 def _ours(folder, family, load_in_4bit=False, use_kernels=True):
     model, _ = FastLanguageModel.from_pretrained(
         str(folder), max_seq_length=64, dtype=torch.float32, load_in_4bit=load_in_4bit,

@@ -22,23 +22,10 @@ from tuneforge import FastLanguageModel
 from tuneforge.data.masking import IGNORE_INDEX
 from tuneforge.data.packing import PaddingFreeCollator, padding_free_batch
 from tuneforge.models.families import all_families, get_family
-from tuneforge.testing.tiny import tiny_batch, tiny_model
+from tuneforge.testing.tiny import loss_one_by_one, tiny_batch
 
 NO_VARLEN = {"stablelm"}  # StableLmDecoderLayer calls self_attn without **kwargs (transformers 5)
 PACKING = sorted(f for f in all_families() if get_family(f).packing and get_family(f).attention == "rope")
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    made = {}
-
-    def folder(family):
-        if family not in made:
-            made[family] = tmp_path_factory.mktemp(family)
-            tiny_model(family).save_pretrained(made[family])
-        return made[family]
-
-    return folder
 
 
 def _ours(folder, family):
@@ -62,17 +49,6 @@ def _samples(lengths=(6, 11, 3, 8), seed=3):
         labels[:2] = [IGNORE_INDEX] * 2
         out.append({"input_ids": ids, "labels": labels})
     return out
-
-
-def _loss_one_by_one(reference, features):
-    """The token-weighted mean of the samples' losses, each sample run alone."""
-    total, count = 0.0, 0
-    for feature in features:
-        labels = torch.tensor([feature["labels"]])
-        n = int((labels[0, 1:] != IGNORE_INDEX).sum())
-        total = total + reference(input_ids=torch.tensor([feature["input_ids"]]), labels=labels).loss * n
-        count += n
-    return total / count
 
 
 class _Spy:
@@ -101,7 +77,7 @@ def test_varlen_row_equals_the_samples_one_by_one(family, folders, monkeypatch):
     batch = PaddingFreeCollator()(features)
     packed = ours(**batch).loss
     assert spy.calls == (ours.config.num_hidden_layers if varlen else 0)
-    torch.testing.assert_close(packed, _loss_one_by_one(reference, features), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed.double(), loss_one_by_one(reference, features), rtol=1e-5, atol=1e-6)
     # Logits token by token (no labels: the model's own head), a finer check than one mean loss.
     unlabelled = {k: v for k, v in batch.items() if k != "labels"}
     logits = ours(**unlabelled).logits[0]
@@ -119,7 +95,7 @@ def test_varlen_gradients_equal_the_samples_one_by_one(folders):
     ours, reference = _ours(folders("llama"), "llama"), _reference(folders("llama"))
     features = _samples(seed=4)
     ours(**PaddingFreeCollator()(features)).loss.backward()
-    _loss_one_by_one(reference, features).backward()
+    loss_one_by_one(reference, features).backward()
     got = dict(ours.named_parameters())
     for name, parameter in reference.named_parameters():
         torch.testing.assert_close(got[name].grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -67,6 +67,20 @@ def tiny_batch(batch: int = 2, seq: int = 8, seed: int = 1, vocab: int = TINY_DI
     return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
+def loss_one_by_one(model, features) -> torch.Tensor:
+    """The reference for a packed row's loss: each sample ({input_ids, labels} lists) run alone, and
+    the token-weighted mean of their losses (fp64), which is what the packed row's mean over all
+    its trained tokens must equal."""
+    total, count = 0.0, 0
+    for feature in features:
+        ids = torch.tensor([feature["input_ids"]])
+        labels = torch.tensor([feature["labels"]])
+        n = int((labels[0, 1:] != -100).sum())
+        total = total + model(input_ids=ids, labels=labels).loss.double() * n
+        count += n
+    return total / count
+
+
 def randomize_lora_b(model, seed: int = 7, std: float = 0.02) -> None:
     """Give every lora_B weight random values (deterministic by name order).
 
