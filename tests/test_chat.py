@@ -15,7 +15,7 @@ from tiny_chat_model import save_tiny_chat_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.chat import load_for_chat, respond
-from tuneforge.models.fast_language_model import FastLanguageModel
+from tuneforge.fast_language_model import FastLanguageModel
 
 PROMPT = "What is the capital of Peru?"
 
@@ -90,7 +90,7 @@ def test_greedy_generation_after_for_inference_equals_plain_transformers(model_d
 def trained_run(model_dir, tmp_path_factory):
     """A `tuneforge train` run folder: a few steps at a high learning rate, so the adapter matters."""
     from tuneforge.config import config_from_dict
-    from tuneforge.train.run import train
+    from tuneforge.train.command import train
 
     output = tmp_path_factory.mktemp("chat-run")
     threads = torch.get_num_threads()

@@ -16,7 +16,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _training_texts():
-    from tuneforge.train.run import default_dataset_path
+    from tuneforge.data.sources import default_dataset_path
 
     with default_dataset_path().open() as handle:
         for line in handle:

@@ -9,8 +9,8 @@ instead of trl (README, "Unsloth's notebooks").
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "FastLanguageModel": ("tuneforge.models.fast_language_model", "FastLanguageModel"),
-    "FastModel": ("tuneforge.models.fast_language_model", "FastLanguageModel"),
+    "FastLanguageModel": ("tuneforge.fast_language_model", "FastLanguageModel"),
+    "FastModel": ("tuneforge.fast_language_model", "FastLanguageModel"),
     "is_bfloat16_supported": ("tuneforge.device", "is_bfloat16_supported"),
     "SFTTrainer": ("tuneforge.train.trainer", "SFTTrainer"),
     "SFTConfig": ("tuneforge.train.trainer", "SFTConfig"),

@@ -22,7 +22,7 @@ def _sequence_length(folder: Path, fallback: int = 2048) -> int:
 
 def load_for_chat(model: str, load_in_4bit: bool = True):
     """(model, tokenizer) for a run folder, an adapter folder, a model folder or a shipped name."""
-    from tuneforge.models.fast_language_model import FastLanguageModel
+    from tuneforge.fast_language_model import FastLanguageModel
 
     path = Path(model)
     if (path / "adapter" / "adapter_config.json").is_file():  # a `tuneforge train` output folder

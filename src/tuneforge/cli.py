@@ -39,7 +39,7 @@ def _add_train(subparsers) -> None:
 def _run_train(args) -> int:
     from tuneforge.config import ConfigError, load_config, with_overrides
     from tuneforge.train import distributed
-    from tuneforge.train.run import train
+    from tuneforge.train.command import train
 
     config = load_config(args.config)  # validated before any process is started
     overrides = {"training.output_dir": args.output, "training.max_steps": args.max_steps}

@@ -185,7 +185,7 @@ def test_cli_export_checks_against_the_run_on_its_training_prompts(reference, sm
     from tuneforge.cli import main
     from tuneforge.config import TrainConfig
     from tuneforge.export.adapter import TOKENIZER_FILES
-    from tuneforge.train.run import default_rows
+    from tuneforge.data.sources import default_rows
 
     base_dir, run = tmp_path / "base", tmp_path / "run"
     _tiny_base().save_pretrained(base_dir)  # the reference's base, without the adapter

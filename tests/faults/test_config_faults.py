@@ -118,7 +118,7 @@ def test_command_line_overrides_are_checked_too(tmp_path):
     from tiny_chat_model import save_tiny_chat_model
 
     from tuneforge.cli import main
-    from tuneforge.train.run import default_rows
+    from tuneforge.data.sources import default_rows
 
     model = save_tiny_chat_model(tmp_path / "model")
     data = tmp_path / "rows.jsonl"

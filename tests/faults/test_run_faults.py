@@ -22,7 +22,8 @@ from tiny_chat_model import save_tiny_chat_model
 
 from tuneforge.config import config_from_dict
 from tuneforge.train.resume import ResumeError, checkpoint_problem, list_checkpoints
-from tuneforge.train.run import default_rows, train
+from tuneforge.data.sources import default_rows
+from tuneforge.train.command import train
 
 # Only names that existed before issue 15 are imported at the top, so that this file also runs
 # against the code before it (to show each test failed there); run_folder's ResumeError is a
@@ -83,7 +84,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def _no_model_load(monkeypatch):
     """Refusals must come before the model loads (seconds to minutes on a real model)."""
-    from tuneforge.models.fast_language_model import FastLanguageModel
+    from tuneforge.fast_language_model import FastLanguageModel
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
@@ -216,7 +217,7 @@ def test_two_processes_cannot_write_into_one_folder(inputs, tmp_path):
 
 def test_a_run_stopped_before_its_first_step_leaves_a_reusable_folder(inputs, tmp_path, monkeypatch):
     folder = tmp_path / "run"
-    from tuneforge.models.fast_language_model import FastLanguageModel
+    from tuneforge.fast_language_model import FastLanguageModel
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -338,7 +339,7 @@ def test_rotation_keeps_the_newest_checkpoints_whole(inputs, tmp_path):
 def test_a_full_disk_anywhere_else_is_one_line(tmp_path, monkeypatch, capsys):
     """A full disk outside the guarded writes (the datasets cache, the log) is still no traceback."""
     from tuneforge import cli
-    from tuneforge.train import run
+    from tuneforge.train import command as run
 
     def full(config, **options):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -27,7 +27,7 @@ from transformers.generation.logits_process import (
 from tuneforge.inference import Decoder, enable_fast_generate, transformers_generate
 from tuneforge.inference.generate import WARMUP_STEPS, resolve_call
 from tuneforge.inference.sampling import Sampling, choose, warp
-from tuneforge.models.fast_language_model import FastLanguageModel
+from tuneforge.fast_language_model import FastLanguageModel
 from tuneforge.testing import tiny_model
 from tuneforge.testing.tiny import randomize_lora_b
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from tuneforge.lora.fused import patch_lora
 from tuneforge.models.families import get_family
-from tuneforge.models.patch import patch_model
+from tuneforge.patch import patch_model
 from tuneforge.testing.bitsandbytes import exact_on_this_cpu
 from tuneforge.testing.tiny import (
     TEST_DEVICE as DEVICE, lora_grads, randomize_lora_b, record_rope_calls, tiny_batch, tiny_model,
@@ -162,7 +162,7 @@ def test_fused_qkv_outputs_are_rotated_in_place_and_match_peft(family, monkeypat
     calls = record_rope_calls(monkeypatch)
     ours, _ = _fused(tiny_model(family, device=DEVICE), family)
     reference = _lora(tiny_model(family, device=DEVICE), family)
-    with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
+    with caplog.at_level(logging.INFO, logger="tuneforge.patch"):
         _assert_same_step(ours, reference)
     assert calls and set(calls) == {(True, True)}
     assert "RoPE out of place" not in caplog.text

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tuneforge import FastModel
-from tuneforge.models.fast_language_model import FastLanguageModel
+from tuneforge.fast_language_model import FastLanguageModel
 from tuneforge.models.loader import ModelLoadError
 from tuneforge.testing import tiny_model
 from tuneforge.testing.tiny import randomize_lora_b
@@ -118,7 +118,7 @@ def test_fast_model_refuses_what_it_cannot_honour(base_folder):
 def test_get_peft_model_on_a_reloaded_adapter_passes_it_through_or_says_what_differs(base_folder, tmp_path, caplog):
     _trained(base_folder, four_bit=False).save_pretrained(tmp_path / "lora_model")
     model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "lora_model"), load_in_4bit=False, max_seq_length=64)
-    with caplog.at_level("WARNING", logger="tuneforge.models.fast_language_model"):
+    with caplog.at_level("WARNING", logger="tuneforge.fast_language_model"):
         same = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
     assert same is model and "already has this LoRA adapter" in caplog.text
     with pytest.raises(ValueError, match=r"r=16 \(the adapter has 4\)"):

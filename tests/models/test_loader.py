@@ -94,7 +94,7 @@ def test_pad_token_is_never_eos(smollm2_dir):
 
 
 def test_smollm2_answers_sensibly_before_training(smollm2_dir):
-    from tuneforge.models.fast_language_model import generate_text
+    from tuneforge.fast_language_model import generate_text
 
     model, tokenizer = FastLanguageModel.from_pretrained("tuneforge/smollm2-135m-instruct", max_seq_length=256)
     answer = generate_text(model, tokenizer, [{"role": "user", "content": "What is the capital of France?"}],

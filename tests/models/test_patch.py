@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tuneforge.models.families import all_families, get_family
-from tuneforge.models.patch import DISABLE_ENV, patch_model
+from tuneforge.patch import DISABLE_ENV, patch_model
 from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, record_rope_calls, tiny_batch, tiny_model
 from tuneforge.train.trainer import _has_fused_loss
 
@@ -78,13 +78,13 @@ def test_rope_rotates_q_and_k_in_place_where_autograd_allows(family, in_place, m
     # Projection outputs (llama), per-head q/k norm outputs (qwen3) and whole-q/k norm outputs
     # (olmo2) are fresh tensors: rotated in their own storage. Phi-3 splits one packed qkv_proj
     # output, so q and k are views that need grad: rotated out of place, said once in the log.
-    import tuneforge.models.patch as patch
+    import tuneforge.patch as patch
 
     calls = record_rope_calls(monkeypatch)
     monkeypatch.setattr(patch, "_LOGGED", set())
     _, ours, _ = _patched_pair(family)
     ids, mask, labels = tiny_batch(device=DEVICE)
-    with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
+    with caplog.at_level(logging.INFO, logger="tuneforge.patch"):
         ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     assert calls and set(calls) == {(in_place, in_place)}
     assert caplog.text.count("RoPE out of place") == (0 if in_place else 1)
@@ -150,7 +150,7 @@ def test_switch_turns_every_patch_off(how, monkeypatch, caplog):
     model = tiny_model("llama", device=DEVICE)
     if how == "environment":
         monkeypatch.setenv(DISABLE_ENV, "1")
-    with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
+    with caplog.at_level(logging.INFO, logger="tuneforge.patch"):
         applied = patch_model(model, get_family("llama"), enabled=False if how == "argument" else None)
     assert applied == [] and model.tuneforge_kernels == [] and _instance_forwards(model) == []
     assert "kernels off" in caplog.text
@@ -161,7 +161,7 @@ def test_switch_turns_every_patch_off(how, monkeypatch, caplog):
 def test_cpu_without_triton_interpreter_keeps_the_plain_path(monkeypatch, caplog):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = tiny_model("llama", device="cpu")
-    with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
+    with caplog.at_level(logging.INFO, logger="tuneforge.patch"):
         assert patch_model(model, get_family("llama"), enabled=True) == []
     assert "need a CUDA device" in caplog.text and _instance_forwards(model) == []
 
@@ -170,7 +170,7 @@ def test_family_without_kernels_logs_and_keeps_the_plain_path(caplog):
     spec = get_family("llama")
     plain = type(spec)(**{**vars(spec), "name": "plain-llama", "kernels": False})
     model = tiny_model("llama", device=DEVICE)
-    with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
+    with caplog.at_level(logging.INFO, logger="tuneforge.patch"):
         assert patch_model(model, plain, enabled=True) == []
     assert "plain-llama has no proven kernel patches" in caplog.text
 
@@ -180,7 +180,7 @@ def test_attention_with_an_undescribed_qk_norm_is_left_alone(caplog):
     # stay transformers' (the norms, MLP and loss are still patched), and the model stays exact.
     reference = tiny_model("stablelm", qk_layernorm=True, device=DEVICE)
     ours = tiny_model("stablelm", qk_layernorm=True, device=DEVICE)
-    with caplog.at_level(logging.INFO, logger="tuneforge.models.patch"):
+    with caplog.at_level(logging.INFO, logger="tuneforge.patch"):
         applied = patch_model(ours, get_family("stablelm"), enabled=True)
     assert "rope" not in applied and "qk_layernorm" in caplog.text
     ids, mask, _ = tiny_batch(device=DEVICE)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import tuneforge.models.patch as patch
+import tuneforge.patch as patch
 from tuneforge import FastLanguageModel
 from tuneforge.data.masking import IGNORE_INDEX
 from tuneforge.data.packing import PaddingFreeCollator, padding_free_batch

@@ -28,7 +28,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _load(folder, load_in_4bit=True, kernels=False, r=None):
-    from tuneforge.models.fast_language_model import FastLanguageModel
+    from tuneforge.fast_language_model import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=load_in_4bit, use_kernels=kernels,
                                                  dtype=torch.float32)
@@ -194,7 +194,7 @@ def test_fit_on_the_cpu_says_not_applicable(capsys):
 
 
 def test_fast_language_model_plan_from_arguments(tiny_dir):
-    from tuneforge.models.fast_language_model import FastLanguageModel
+    from tuneforge.fast_language_model import FastLanguageModel
 
     small = FastLanguageModel.plan(str(tiny_dir), max_seq_length=128, batch_size=1, r=8)
     large = FastLanguageModel.plan(str(tiny_dir), max_seq_length=256, batch_size=4, r=8)

@@ -15,7 +15,7 @@ from tiny_chat_model import save_tiny_chat_model
 
 from tuneforge.config import ConfigError, config_from_dict
 from tuneforge.train.callbacks import read_log, resolve_report_to
-from tuneforge.train.run import train
+from tuneforge.train.command import train
 
 STEPS = 4
 
@@ -227,7 +227,7 @@ def test_summary_table_shows_the_estimate_beside_the_measurement():
 
 def test_banner_names_model_device_and_estimate(tmp_path):
     from tuneforge.config import config_from_dict
-    from tuneforge.models.fast_language_model import FastLanguageModel
+    from tuneforge.fast_language_model import FastLanguageModel
     from tuneforge.planning import plan_config
     from tuneforge.testing import tiny_model
     from tuneforge.train.callbacks import banner_lines

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from tuneforge.testing import tiny_model
-from tuneforge.train.checkpointing import (
+from tuneforge.patch.activation_checkpointing import (
     LayerInputOffloader,
     enable_gradient_checkpointing,
     offloaded_checkpoint,
@@ -202,7 +202,7 @@ def test_offloaded_checkpoint_takes_the_hidden_state_positionally_or_by_keyword(
 
 
 def test_cpu_path_is_logged_once(caplog):
-    with caplog.at_level(logging.INFO, logger="tuneforge.train.checkpointing"):
+    with caplog.at_level(logging.INFO, logger="tuneforge.patch.activation_checkpointing"):
         loss_and_grads(lora_model(), "offload")
     paths = [r.getMessage() for r in caplog.records if "kept in place" in r.getMessage()]
     assert len(paths) == 1 and "no CUDA device" in paths[0]
@@ -284,14 +284,14 @@ def test_training_arguments_do_not_replace_offloaded_checkpointing(mode, caplog)
     checkpointing over the offloaded one; the trainer keeps ours and says so."""
     from types import SimpleNamespace
 
-    from tuneforge.train.checkpointing import active_mode, keep_offloaded_checkpointing
+    from tuneforge.patch.activation_checkpointing import active_mode, keep_offloaded_checkpointing
 
     model = lora_model()
     if mode != "none":
         enable_gradient_checkpointing(model, mode)
     assert active_mode(model) == (None if mode == "none" else mode)
     args = SimpleNamespace(gradient_checkpointing=True)
-    with caplog.at_level(logging.WARNING, logger="tuneforge.train.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="tuneforge.patch.activation_checkpointing"):
         keep_offloaded_checkpointing(model, args)
     assert args.gradient_checkpointing is (mode != "offload")
     assert ("keeping the offloaded one" in caplog.text) is (mode == "offload")

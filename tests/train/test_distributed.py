@@ -72,7 +72,7 @@ def watch_fast_paths(vocab: int, element_size: int):
 
     import tuneforge.kernels.cross_entropy as cross_entropy
     import tuneforge.kernels.lora as lora
-    from tuneforge.train.checkpointing import LayerInputOffloader
+    from tuneforge.patch.activation_checkpointing import LayerInputOffloader
 
     counts = Counter(max_logit_rows=0)
 
@@ -326,7 +326,8 @@ def test_cli_nproc_2_trains_like_one_process(strategy, tmp_path):
     from tiny_chat_model import save_tiny_chat_model
 
     from tuneforge.train.callbacks import read_log
-    from tuneforge.train.run import default_rows, train
+    from tuneforge.data.sources import default_rows
+    from tuneforge.train.command import train
     from tuneforge.config import config_from_dict
 
     model_dir = save_tiny_chat_model(tmp_path / "model")

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tuneforge.config import DEFAULT_HELDOUT, config_from_dict
 from tuneforge.train.callbacks import read_log
 from tuneforge.train.evaluate import answer_loss, normalise_answer
-from tuneforge.train.run import HELDOUT_ROWS, build_datasets, default_dataset_path, default_rows, train
+from tuneforge.data.sources import HELDOUT_ROWS, build_datasets, default_dataset_path, default_rows
+from tuneforge.train.command import train
 
 
 @pytest.fixture(scope="module")
@@ -195,5 +196,5 @@ def test_default_data_holds_out_its_last_rows_for_eval(model_dir):
     from tuneforge.cli import build_parser
 
     assert build_parser().parse_args(["eval", "--model", "x"]).data == DEFAULT_HELDOUT
-    assert len(prepare_dataset(__import__("tuneforge.train.run", fromlist=["x"]).dataset_source(DEFAULT_HELDOUT),
+    assert len(prepare_dataset(__import__("tuneforge.data.sources", fromlist=["x"]).dataset_source(DEFAULT_HELDOUT),
                                tokenizer, max_seq_length=512)) == HELDOUT_ROWS

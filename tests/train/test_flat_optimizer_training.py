@@ -20,7 +20,7 @@ from tiny_chat_model import save_tiny_chat_model
 from transformers import TrainerCallback
 
 from tuneforge.config import config_from_dict
-from tuneforge.train.run import train
+from tuneforge.train.command import train
 
 STEPS, SAVE_AT = 6, 3
 ADAPTER = "adapter_model.safetensors"

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from tuneforge.config import config_from_dict
 from tuneforge.train.guards import NonFiniteError
 from tuneforge.train.resume import checkpoint_problem, list_checkpoints
-from tuneforge.train.run import train
+from tuneforge.train.command import train
 
 BAD_STEP = 7
 SAVE_STEPS = 3  # checkpoints at 3 and 6: step 6 is the last good one
@@ -91,7 +91,7 @@ def test_stop_before_any_checkpoint_says_there_is_none(model_dir, tmp_path, one_
 def test_the_cli_reports_the_stop_without_a_traceback(model_dir, tmp_path, monkeypatch, capsys):
     """`tuneforge train` turns the error into one line and exit code 2."""
     from tuneforge import cli
-    from tuneforge.train import run
+    from tuneforge.train import command as run
 
     def stopped(config, **options):
         raise NonFiniteError("training stopped at step 5: the training loss is nan", 5, None)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tiny_chat_model import save_tiny_chat_model
 
 from tuneforge.train.resume import ResumeError, checkpoint_problem, last_complete_checkpoint, prepare_resume
-from tuneforge.train.run import default_rows
+from tuneforge.data.sources import default_rows
 
 SAVE_STEPS = 4
 MAX_STEPS = 16

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.config import config_from_dict
-from tuneforge.train.run import train
+from tuneforge.train.command import train
 
 
 @pytest.fixture(scope="module")

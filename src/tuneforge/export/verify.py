@@ -500,7 +500,7 @@ def training_prompts(run_folder: str | Path | None, count: int = 3) -> list | No
         return None
     from tuneforge.data.formats import to_conversations
     from tuneforge.data.loading import load_records
-    from tuneforge.train.run import dataset_source
+    from tuneforge.data.sources import dataset_source
 
     data = json.loads(resolved.read_text())["config"]["data"]
     try:

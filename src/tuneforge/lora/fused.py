@@ -24,7 +24,7 @@ import types
 from torch import nn
 
 from tuneforge.models.families import FamilySpec
-from tuneforge.models.patch import kernels_can_run, kernels_enabled
+from tuneforge.patch import kernels_can_run, kernels_enabled
 
 logger = logging.getLogger(__name__)
 

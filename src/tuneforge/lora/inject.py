@@ -87,7 +87,7 @@ def _check_target_parameters(model, target_parameters, lora_dropout) -> None:
 def _patch_experts_lora(peft_model, spec, use_kernels) -> None:
     """LoRA on stacked experts through kernels.moe (models.moe), on the same switch as the fused LoRA."""
     from tuneforge.models.moe import patch_moe_lora
-    from tuneforge.models.patch import kernels_enabled
+    from tuneforge.patch import kernels_enabled
 
     base = peft_model.get_base_model()
     enabled = kernels_enabled(use_kernels if use_kernels is not None else getattr(base, "tuneforge_use_kernels", None))
@@ -170,7 +170,7 @@ def get_peft_model(
 def finish_peft_model(peft_model, spec, use_gradient_checkpointing, use_kernels: bool | None = None):
     """What every LoRA model of ours gets, new (get_peft_model) or reloaded from an adapter folder:
     gradient checkpointing, the fused LoRA patch, the export methods, a trainable-parameter line."""
-    from tuneforge.train.checkpointing import enable_gradient_checkpointing
+    from tuneforge.patch.activation_checkpointing import enable_gradient_checkpointing
 
     enable_gradient_checkpointing(peft_model, use_gradient_checkpointing)
 

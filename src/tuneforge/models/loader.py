@@ -284,7 +284,7 @@ def load_model(
         quantize_experts(model, spec)
 
     from tuneforge.integration.bnb import prepare
-    from tuneforge.models.patch import patch_model
+    from tuneforge.patch import patch_model
 
     prepare(model)  # bitsandbytes' CPU repack off, and its wrong CPU dequantisation avoided (see there)
     patch_model(model, spec, enabled=resolve_use_kernels(use_kernels))  # records model.tuneforge_use_kernels

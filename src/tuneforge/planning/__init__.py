@@ -145,7 +145,7 @@ class RunPlan:
 def setup_for(config, device: DeviceSpec, lengths: Lengths | None, batch: int | None = None,
               seq: int | None = None) -> RunSetup:
     """The estimate's view of a TrainConfig on `device` (batch / seq override the config's)."""
-    from tuneforge.train.checkpointing import resolve_mode
+    from tuneforge.patch.activation_checkpointing import resolve_mode
 
     m, lora, t = config.model, config.lora, config.training
     cuda = not device.name.startswith("CPU")
@@ -198,7 +198,7 @@ def model_source(config) -> tuple[str, object]:
 
 def dataset_lengths(config, tokenizer) -> Lengths:
     """Tokenize the training data as `train` will (template, masking, overlong policy)."""
-    from tuneforge.train.run import build_datasets
+    from tuneforge.data.sources import build_datasets
 
     train, _ = build_datasets(config, tokenizer, config.data.chat_template)
     if config.data.packing and "seq_lengths" in train.column_names:

@@ -138,7 +138,7 @@ def plan_device(plan):
 
 
 def _load_for_probes(config):
-    from tuneforge.models.fast_language_model import FastLanguageModel
+    from tuneforge.fast_language_model import FastLanguageModel
     from tuneforge.train.optim import build_optimizer
 
     m, lora = config.model, config.lora

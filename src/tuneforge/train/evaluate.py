@@ -129,7 +129,7 @@ def evaluate(model_name: str, data=DEFAULT_HELDOUT, *, max_new_tokens: int = 64,
     (a file, folder or shipped name, Alpaca / ShareGPT / messages rows)."""
     from tuneforge.chat import load_for_chat
     from tuneforge.data import load_records, prepare_dataset, to_conversations
-    from tuneforge.train.run import dataset_source
+    from tuneforge.data.sources import dataset_source
 
     model, tokenizer = load_for_chat(model_name, load_in_4bit=load_in_4bit)
     source = dataset_source(str(data))

@@ -240,7 +240,7 @@ def data_fingerprint(path: str) -> dict:
     """{file name: sha256} of the data files a run reads (the shipped set's own file for its names);
     {} for a Hub dataset, whose content cannot be checked here."""
     if path in (DEFAULT_DATASET, DEFAULT_HELDOUT):
-        from tuneforge.train.run import default_dataset_path
+        from tuneforge.data.sources import default_dataset_path
 
         return {path: sha256_of(default_dataset_path())}
     local = _local_path(path)

@@ -14,7 +14,7 @@ import trl
 from tuneforge.data.packing import padding_free_batch
 from tuneforge.device import has_cuda, is_bfloat16_supported
 from tuneforge.train.callbacks import CsvLogCallback, SummaryCallback
-from tuneforge.train.checkpointing import keep_offloaded_checkpointing
+from tuneforge.patch.activation_checkpointing import keep_offloaded_checkpointing
 
 logger = logging.getLogger(__name__)
 

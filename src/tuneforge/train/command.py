@@ -8,40 +8,16 @@ import logging
 import os
 import platform
 import random
-from importlib import resources
 from pathlib import Path
 
 from tuneforge.atomic import atomic_folder, atomic_write_text, is_disk_full
-from tuneforge.config import DEFAULT_DATASET, DEFAULT_HELDOUT, TrainConfig
+from tuneforge.config import TrainConfig
+from tuneforge.data.sources import build_datasets
 from tuneforge.train.run_folder import RESOLVED_CONFIG_NAME, read_resolved
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIRNAME = "adapter"
-HELDOUT_ROWS = 40  # the shipped set's last rows: never trained on by default, scored by `tuneforge eval`
-
-
-def default_dataset_path() -> Path:
-    """The instruction set the package ships (200 Alpaca-style rows, see scripts/make_default_data.py)."""
-    return Path(str(resources.files("tuneforge") / "resources" / "default_instructions.jsonl"))
-
-
-def default_rows(part: str) -> list[dict]:
-    """The shipped set split once for train and eval: "train" (all but the last HELDOUT_ROWS rows)
-    or "heldout" (those last rows). The rows are shuffled when the file is made, so the tail holds
-    every kind of task."""
-    with default_dataset_path().open() as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    return rows[:-HELDOUT_ROWS] if part == "train" else rows[-HELDOUT_ROWS:]
-
-
-def dataset_source(path: str):
-    """data.path -> what prepare_dataset reads: the shipped names become their rows."""
-    if path == DEFAULT_DATASET:
-        return default_rows("train")
-    if path == DEFAULT_HELDOUT:
-        return default_rows("heldout")
-    return path
 
 
 def versions() -> dict[str, str]:
@@ -68,31 +44,6 @@ def write_run_metadata(config: TrainConfig, output_dir: Path, identity: dict, re
     payload = {"config": config.to_dict(), "versions": versions(), "seed": config.training.seed,
                "identity": identity, "resumes": resumes}
     atomic_write_text(output_dir / RESOLVED_CONFIG_NAME, json.dumps(payload, indent=2))
-
-
-def build_datasets(config: TrainConfig, tokenizer, chat_template: str | None, stats=None):
-    """Tokenized train (and optional eval) datasets with input_ids / labels; `stats` (a
-    data.report.PrepareStats) is filled for the dataset report."""
-    from tuneforge.data import prepare_dataset
-
-    data = config.data
-    dataset = prepare_dataset(
-        dataset_source(data.path),
-        tokenizer,
-        split=data.split,
-        format=data.format,
-        chat_template=chat_template,
-        field_map=data.field_map,
-        max_seq_length=config.model.max_seq_length,
-        overflow=data.overflow,
-        train_on_responses_only=data.train_on_responses_only,
-        packing=data.packing,
-        stats=stats,
-    )
-    if data.eval_fraction <= 0:
-        return dataset, None
-    split = dataset.train_test_split(test_size=data.eval_fraction, seed=config.training.seed, shuffle=True)
-    return split["train"], split["test"]
 
 
 def train(config: TrainConfig, resume: bool = False, extra_callbacks=(), strategy: str | None = None,
@@ -136,7 +87,7 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
     import numpy as np
     import torch
 
-    from tuneforge.models.fast_language_model import FastLanguageModel
+    from tuneforge.fast_language_model import FastLanguageModel
     from tuneforge.train import distributed
     from tuneforge.train.trainer import SFTConfig
 

@@ -215,7 +215,7 @@ class FastLanguageModel:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.use_cache = False
         if getattr(base, "tuneforge_resume_checkpointing", False) and use_gradient_checkpointing:
-            from tuneforge.train.checkpointing import enable_gradient_checkpointing
+            from tuneforge.patch.activation_checkpointing import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(model, getattr(base, "tuneforge_gradient_checkpointing", True))
             base.tuneforge_resume_checkpointing = False
