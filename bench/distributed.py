@@ -103,7 +103,7 @@ def count_fast_paths(model):
 
     import tuneforge.kernels.cross_entropy as cross_entropy
     import tuneforge.kernels.lora as lora
-    from tuneforge.train.checkpointing import LayerInputOffloader
+    from tuneforge.patch.activation_checkpointing import LayerInputOffloader
 
     counts = Counter()
 
