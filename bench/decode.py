@@ -90,8 +90,8 @@ def run_one(model, stack: str, model_dir: str, batch: int, prompt_len: int, new_
         "stack": stack, "model": Path(model_dir).name, "batch": batch, "prompt": prompt_len, "new": new_tokens,
         "four_bit": four_bit, "tokens_per_s": round(batch * new_tokens / seconds, 1), "seconds": round(seconds, 3),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "kernels": getattr(inner, "tuneforge_kernels", None),
-        "path": getattr(inner, "tuneforge_generate_path", None) or "transformers generate",
+        "kernels": getattr(getattr(inner, "tuneforge", None), "kernels", None),
+        "path": getattr(getattr(inner, "tuneforge", None), "generate_path", None) or "transformers generate",
         "tokens": first,
     }
 

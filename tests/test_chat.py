@@ -81,7 +81,7 @@ def test_greedy_generation_after_for_inference_equals_plain_transformers(model_d
     assert margin > 1e-3, "near-tie in the reference: the comparison would hinge on rounding"
     got = ours.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     inner = ours.get_base_model() if with_adapter else ours
-    assert inner.tuneforge_generate_path.startswith("static cache"), inner.tuneforge_generate_path
+    assert inner.tuneforge.generate_path.startswith("static cache"), inner.tuneforge.generate_path
     assert torch.equal(got, expected)
     assert got.shape[1] > ids["input_ids"].shape[1]
 
@@ -117,7 +117,7 @@ def test_respond_streams_what_generate_returns(smollm2_dir, monkeypatch):
     writes = []
     monkeypatch.setattr(sys, "stdout", type("Capture", (), {"write": writes.append, "flush": lambda self: None})())
     streamed = respond(model, tokenizer, messages, max_new_tokens=20, stream=True)
-    assert model.tuneforge_generate_path.startswith("static cache"), model.tuneforge_generate_path
+    assert model.tuneforge.generate_path.startswith("static cache"), model.tuneforge.generate_path
     assert streamed == whole and "".join(writes) == whole + "\n"
     assert len([w for w in writes if w.strip()]) > 1, "printed in one piece: nothing was streamed"
 

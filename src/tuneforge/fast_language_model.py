@@ -11,6 +11,8 @@ import torch
 from tuneforge.data.templates import accept_batched_columns
 from tuneforge.lora.inject import get_peft_model
 from tuneforge.models.loader import ModelLoadError, load_model
+from tuneforge.models.record import record_of
+from tuneforge.patch import patch_model
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ def _load_adapter(folder: Path, is_trainable: bool, use_gradient_checkpointing, 
     logger.info("%s is a LoRA adapter: loading its base %s, then the adapter (%s)", folder, base_name,
                 "trainable" if is_trainable else "frozen")
     model, tokenizer = load_model(base_name, use_kernels=use_kernels, **load_kwargs)
+    patch_model(model)
     if _has_tokenizer_files(folder):
         # The adapter folder's tokenizer carries what training set: chat template, EOS, padding.
         from transformers import AutoTokenizer
@@ -137,10 +140,11 @@ class FastLanguageModel:
                                              load_kwargs)
             return model, accept_batched_columns(tokenizer)
         model, tokenizer = load_model(model_name, use_kernels=use_kernels, **load_kwargs)
+        patch_model(model)
         accept_batched_columns(tokenizer)  # notebooks pass dataset["conversations"] to apply_chat_template
         if use_gradient_checkpointing is not None:
             # Unsloth accepts it here too; it takes effect in get_peft_model.
-            model.tuneforge_gradient_checkpointing = use_gradient_checkpointing
+            record_of(model).gradient_checkpointing = use_gradient_checkpointing
         return model, tokenizer
 
     @staticmethod
@@ -166,7 +170,8 @@ class FastLanguageModel:
         if not (finetune_attention_modules and finetune_mlp_modules):
             target_modules = _targets_by_kind(model, target_modules, finetune_attention_modules, finetune_mlp_modules)
         if use_gradient_checkpointing is None:
-            use_gradient_checkpointing = getattr(model, "tuneforge_gradient_checkpointing", "unsloth")
+            kept = record_of(model).gradient_checkpointing
+            use_gradient_checkpointing = "unsloth" if kept is None else kept
         return get_peft_model(
             model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             bias=bias, use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
@@ -190,7 +195,7 @@ class FastLanguageModel:
         base.config.use_cache = True
         if getattr(base, "is_gradient_checkpointing", False):
             base.gradient_checkpointing_disable()
-            base.tuneforge_resume_checkpointing = True
+            record_of(base).resume_checkpointing = True
         return enable_fast_generate(model)
 
     @staticmethod
@@ -214,11 +219,12 @@ class FastLanguageModel:
         model.train()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.use_cache = False
-        if getattr(base, "tuneforge_resume_checkpointing", False) and use_gradient_checkpointing:
+        if record_of(base).resume_checkpointing and use_gradient_checkpointing:
             from tuneforge.patch.activation_checkpointing import enable_gradient_checkpointing
 
-            enable_gradient_checkpointing(model, getattr(base, "tuneforge_gradient_checkpointing", True))
-            base.tuneforge_resume_checkpointing = False
+            kept = record_of(base).gradient_checkpointing
+            enable_gradient_checkpointing(model, True if kept is None else kept)
+            record_of(base).resume_checkpointing = False
         return model
 
 

@@ -107,7 +107,7 @@ def _assert_greedy_equal(model, batch, new=10, **options):
             break
     assert gap > MARGIN, f"every prompt draw has a near-tie in the reference ({gap:.2e})"
     got = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, **options)
-    assert _inner(model).tuneforge_generate_path.startswith("static cache")
+    assert _inner(model).tuneforge.generate_path.startswith("static cache")
     assert got.shape == expected.shape == (batch, 9 + new)
     assert torch.equal(got, expected)
 
@@ -142,7 +142,7 @@ def test_sliding_windows_shorter_than_the_sequence(family, overrides, scale):
 def test_kernel_backed_modules_and_fused_lora(folders):
     """The patched attention (RoPE kernel) writes the static cache too; kernels under the interpreter."""
     model = _load(folders("llama"), adapter=True, use_kernels=True)
-    assert "rope" in _inner(model).tuneforge_kernels and _inner(model).tuneforge_lora_kernels
+    assert "rope" in _inner(model).tuneforge.kernels and _inner(model).tuneforge.lora_kernels
     _assert_greedy_equal(model, batch=3, new=5)
 
 
@@ -284,7 +284,7 @@ def test_min_p_runs_on_the_fast_path_and_stays_inside_its_filter(llama, caplog):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         first = _sample(llama, ids, mask, seed=5, **options)
     assert not [r for r in caplog.records if r.name == LOGGER], "fell back to transformers' generate"
-    assert not _inner(llama).tuneforge_generate_path.startswith("transformers")
+    assert not _inner(llama).tuneforge.generate_path.startswith("transformers")
     assert torch.equal(first, _sample(llama, ids, mask, seed=5, **options))
     full_mask = torch.cat([mask, torch.ones(3, 10, dtype=mask.dtype, device=mask.device)], dim=1)
     with torch.no_grad():
@@ -312,7 +312,7 @@ def test_batch_encoding_as_input_ids(folders, how, adapter):
     else:
         got = llama.generate(input_ids=encoding, **options)
     assert torch.equal(got, expected)
-    assert not _inner(llama).tuneforge_generate_path.startswith("transformers")
+    assert not _inner(llama).tuneforge.generate_path.startswith("transformers")
 
 
 # --- what goes to transformers, and switching back ------------------------------------------------------
@@ -326,7 +326,7 @@ def test_unsupported_option_falls_back_with_one_log_line(llama, caplog):
         again = llama.generate(ids, **options)
     lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len(lines) == 1 and "repetition_penalty=1.3" in lines[0], lines
-    assert _inner(llama).tuneforge_generate_path.startswith("transformers")
+    assert _inner(llama).tuneforge.generate_path.startswith("transformers")
     expected = transformers_generate(llama, ids, **options)
     assert torch.equal(got, expected) and torch.equal(again, expected)
 
@@ -363,7 +363,7 @@ def test_for_training_restores_transformers_generate(folders):
     inner = model.get_base_model()
     ids, mask = _prompts(1)
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, pad_token_id=PAD)
-    assert "generate" in vars(inner) and inner.tuneforge_generate_path.startswith("static cache")
+    assert "generate" in vars(inner) and inner.tuneforge.generate_path.startswith("static cache")
     FastLanguageModel.for_training(model)
     assert "generate" not in vars(inner) and "_tuneforge_fast_generate" not in vars(inner)
     assert inner.generate.__func__ is type(inner).generate
@@ -418,7 +418,7 @@ def test_smollm2_greedy_chat_answer_equals_transformers(smollm2_dir, monkeypatch
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     options = dict(max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     got = model.generate(**inputs, **options)
-    assert model.tuneforge_generate_path.startswith("static cache")
+    assert model.tuneforge.generate_path.startswith("static cache")
     assert torch.equal(got, transformers_generate(model, **inputs, **options))
     assert tokenizer.decode(got[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
@@ -447,7 +447,7 @@ def test_cuda_graph_replay_gives_the_eager_loops_tokens(folders, four_bit):
         for call in calls:
             call = dict(call)
             results[graphs].append(model.generate(pad_token_id=PAD, **{"do_sample": False, **call}))
-            assert ("CUDA graph" in inner.tuneforge_generate_path) == graphs, inner.tuneforge_generate_path
+            assert ("CUDA graph" in inner.tuneforge.generate_path) == graphs, inner.tuneforge.generate_path
         if graphs:  # the same call again replays the graph captured for it
             graph = vars(inner)["_tuneforge_fast_generate"]["decoder"].session.graph
             assert torch.equal(model.generate(pad_token_id=PAD, **calls[-1]), results[True][-1])

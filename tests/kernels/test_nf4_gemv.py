@@ -274,7 +274,7 @@ def test_tiny_lora_model_generates_the_same_logits_with_the_gemv(tiny_llama_dir,
 
     model = FastLanguageModel.get_peft_model(_load_4bit(tiny_llama_dir), r=8, lora_alpha=16,
                                              use_gradient_checkpointing=False)
-    assert model.get_base_model().tuneforge_lora_kernels == ["lora_mlp", "lora_qkv", "lora_linear"]
+    assert model.get_base_model().tuneforge.lora_kernels == ["lora_mlp", "lora_qkv", "lora_linear"]
     randomize_lora_b(model)
     _assert_same_generation(model.eval(), monkeypatch)
 
@@ -283,6 +283,6 @@ def test_tiny_base_model_generates_the_same_logits_with_the_gemv(tiny_llama_dir,
     """No adapter: models.patch binds linear4bit_forward to every bitsandbytes Linear4bit."""
     model = _load_4bit(tiny_llama_dir)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert "nf4_gemv" in model.tuneforge_kernels and len(layers) == 14
+    assert "nf4_gemv" in model.tuneforge.kernels and len(layers) == 14
     assert all(layer.forward.__func__ is linear4bit_forward for layer in layers)
     _assert_same_generation(model.eval(), monkeypatch)

@@ -191,8 +191,8 @@ def test_registry_names_known_families_and_templates():
 def test_16bit_load_is_patched_and_equals_transformers(family, folders):
     with recorded(family, "load_16bit") as record:
         ours = _load_ours(folders(family), family)
-        record["kernels"] = list(ours.tuneforge_kernels)
-        assert bool(ours.tuneforge_kernels) == get_family(family).kernels
+        record["kernels"] = list(ours.tuneforge.kernels)
+        assert bool(ours.tuneforge.kernels) == get_family(family).kernels
         torch.testing.assert_close(_logits(ours), _logits(_load_reference(folders(family))), rtol=1e-5, atol=1e-5)
 
 
@@ -250,7 +250,7 @@ def test_4bit_lora_step_equals_peft_where_transformers_leaves_layers_dense(famil
     monkeypatch.setattr(tuneforge.kernels.moe.MoEExperts, "apply", lambda *a: experts_calls.append(1) or experts_op(*a))
     with recorded(family, "lora_step_4bit") as record:
         ours = _peft_ours(_load_ours(folders(family), family, load_in_4bit=True))
-        record["fused_lora"] = list(ours.get_base_model().tuneforge_lora_kernels)
+        record["fused_lora"] = list(ours.get_base_model().tuneforge.lora_kernels)
         reference = _peft_reference(_load_reference_quantised(folders(family), family), family)
         assert all(type(m).__module__ == "peft.tuners.lora.bnb" for n, m in reference.named_modules()
                    if n.rsplit(".", 1)[-1] in get_family(family).lora_targets)
@@ -285,7 +285,7 @@ def test_qlora_training_lowers_the_loss_and_leaves_nf4_weights_alone(family, fol
 def test_lora_step_equals_peft_and_adapter_reloads_with_plain_peft(family, folders, tmp_path):
     with recorded(family, "lora_step") as record:
         ours = _peft_ours(_load_ours(folders(family), family))
-        record["fused_lora"] = list(ours.get_base_model().tuneforge_lora_kernels)
+        record["fused_lora"] = list(ours.get_base_model().tuneforge.lora_kernels)
         reference = _peft_reference(_load_reference(folders(family)), family)
         _assert_lora_step_equal(ours, reference, family)
 
@@ -424,7 +424,7 @@ def _chat(model, tokenizer, question, new_tokens=8):
 ])
 def test_shipped_gemma3_270m_answers_like_llama_cpp(gemma3_270m, gemma3_270m_llama_cpp, question, answer):
     model, tokenizer = gemma3_270m
-    assert model.config.model_type == "gemma3_text" and model.tuneforge_family is get_family("gemma3")
+    assert model.config.model_type == "gemma3_text" and model.tuneforge.family is get_family("gemma3")
     prompt, got = _chat(model, tokenizer, question)
     assert tokenizer.decode(got).strip().startswith(answer), tokenizer.decode(got)
     # The same greedy tokens as llama.cpp running the original GGUF: the conversion is faithful.
@@ -456,7 +456,7 @@ def test_shipped_gemma3_270m_kernels_match(gemma3_270m):
     plain, tokenizer = gemma3_270m
     patched, _ = FastLanguageModel.from_pretrained(
         GEMMA3_270M, load_in_4bit=False, dtype=torch.float32, use_kernels=True, max_seq_length=64)
-    assert patched.tuneforge_kernels == ["rms_norm", "rope", "varlen", "geglu", "fused_cross_entropy"]
+    assert patched.tuneforge.kernels == ["rms_norm", "rope", "varlen", "geglu", "fused_cross_entropy"]
     ids = tokenizer("Water boils at a temperature of", return_tensors="pt").to(plain.device)
     with torch.no_grad():
         want = plain(**ids).logits

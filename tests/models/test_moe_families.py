@@ -122,7 +122,7 @@ def _assert_same_step(ours, reference, family, expected_experts_calls=None):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_16bit_load_equals_transformers(family, folders):
     ours = _ours(folders(family), family)
-    assert ours.tuneforge_family is get_family(family) and not any(is_nf4(m) for m in ours.modules())
+    assert ours.tuneforge.family is get_family(family) and not any(is_nf4(m) for m in ours.modules())
     torch.testing.assert_close(_logits(ours), _logits(_reference(folders(family), family)), rtol=1e-5, atol=1e-5)
 
 
@@ -160,7 +160,7 @@ def test_4bit_load_stores_experts_as_nf4(family, folders):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_step_equals_peft_and_adapter_reloads_with_plain_peft(family, folders, tmp_path):
     ours = _lora_ours(_ours(folders(family), family))
-    assert "moe_lora" in ours.get_base_model().tuneforge_lora_kernels
+    assert "moe_lora" in ours.get_base_model().tuneforge.lora_kernels
     reference = _lora_reference(_reference(folders(family), family), family)
     _assert_same_step(ours, reference, family)
 
@@ -186,14 +186,14 @@ def test_plain_peft_on_nf4_experts_equals_the_fused_path(family, folders):
     plain = FastLanguageModel.get_peft_model(plain_base, r=8, lora_alpha=16, use_gradient_checkpointing=False,
                                              random_state=3407, use_kernels=False)
     randomize_lora_b(plain)
-    assert "moe_lora" not in plain.get_base_model().tuneforge_lora_kernels
+    assert "moe_lora" not in plain.get_base_model().tuneforge.lora_kernels
     _assert_same_step(plain, fused, family, expected_experts_calls=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_router_aux_loss_as_transformers(family, folders):
     ours = _ours(folders(family), family)
-    assert "fused_cross_entropy" in ours.tuneforge_kernels
+    assert "fused_cross_entropy" in ours.tuneforge.kernels
     reference = _reference(folders(family), family)
     got = _step(ours, output_router_logits=True)
     want = _step(reference, output_router_logits=True)
@@ -290,7 +290,7 @@ def test_4bit_adapter_folder_reloads_through_from_pretrained(family, folders, tm
     _no_cpu_repack(reloaded)
     base = reloaded.get_base_model()
     assert all(is_nf4(m) for _, m in experts_modules(base, get_family(family)))
-    assert "moe_lora" in base.tuneforge_lora_kernels
+    assert "moe_lora" in base.tuneforge.lora_kernels
     torch.testing.assert_close(_logits(reloaded.eval()), want, rtol=0, atol=0)
 
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from tuneforge.models.families import all_families, get_family
-from tuneforge.patch import DISABLE_ENV, patch_model
+from tuneforge.patch import patch_model
+from tuneforge.switches import KERNELS_ENV as DISABLE_ENV
 from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, record_rope_calls, tiny_batch, tiny_model
 from tuneforge.train.trainer import _has_fused_loss
 
@@ -54,7 +55,7 @@ def _instance_forwards(model) -> list[str]:
 def test_patched_forward_loss_and_gradients_equal_transformers_fp32(family):
     reference, ours, applied = _patched_pair(family)
     assert applied == expected_patches(get_family(family))
-    assert ours.tuneforge_kernels == applied and _has_fused_loss(ours)
+    assert ours.tuneforge.kernels == applied and _has_fused_loss(ours)
     ids, mask, labels = tiny_batch(device=DEVICE)
 
     with torch.no_grad():
@@ -136,7 +137,7 @@ def test_patches_stay_on_the_patched_instance():
     # module-global patch would silently turn every later reference into a patched model.
     _, ours, _ = _patched_pair("llama")
     later = tiny_model("llama", device=DEVICE)
-    assert _instance_forwards(later) == [] and not hasattr(later, "tuneforge_kernels")
+    assert _instance_forwards(later) == [] and "tuneforge" not in vars(later)
     patched = set(_instance_forwards(ours))
     assert {"model.layers.0.self_attn", "model.layers.1.mlp", "model.norm"} <= patched
     assert "forward" in vars(ours), "the CausalLM forward is an instance attribute"
@@ -152,14 +153,14 @@ def test_switch_turns_every_patch_off(how, monkeypatch, caplog):
         monkeypatch.setenv(DISABLE_ENV, "1")
     with caplog.at_level(logging.INFO, logger="tuneforge.patch"):
         applied = patch_model(model, get_family("llama"), enabled=False if how == "argument" else None)
-    assert applied == [] and model.tuneforge_kernels == [] and _instance_forwards(model) == []
+    assert applied == [] and model.tuneforge.kernels == [] and _instance_forwards(model) == []
     assert "kernels off" in caplog.text
     # An explicit use_kernels=True wins over the environment.
     assert patch_model(tiny_model("llama", device=DEVICE), get_family("llama"), enabled=True)
 
 
 def test_cpu_without_triton_interpreter_keeps_the_plain_path(monkeypatch, caplog):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("tuneforge.patch.TRITON_INTERPRETER", False)  # as in a process started without it
     model = tiny_model("llama", device="cpu")
     with caplog.at_level(logging.INFO, logger="tuneforge.patch"):
         assert patch_model(model, get_family("llama"), enabled=True) == []

@@ -32,7 +32,7 @@ def _ours(folder, family):
     model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=64, dtype=torch.float32,
                                                  load_in_4bit=False, use_kernels=True,
                                                  attn_implementation=get_family(family).attn_implementation)
-    assert {"rope", "fused_cross_entropy"} <= set(model.tuneforge_kernels)
+    assert {"rope", "fused_cross_entropy"} <= set(model.tuneforge.kernels)
     return model
 
 
@@ -69,10 +69,10 @@ class _Spy:
 def test_varlen_row_equals_the_samples_one_by_one(family, folders, monkeypatch):
     spy = _Spy(monkeypatch)
     ours, reference = _ours(folders(family), family), _reference(folders(family))
-    varlen = "varlen" in ours.tuneforge_kernels
+    varlen = "varlen" in ours.tuneforge.kernels
     # Where the decoder layer does not hand cu_seq_lens to its attention (StableLM), the patch
     # says so and transformers' block-diagonal mask keeps the samples apart instead.
-    assert varlen == (family not in NO_VARLEN), ours.tuneforge_kernels
+    assert varlen == (family not in NO_VARLEN), ours.tuneforge.kernels
     features = _samples()
     batch = PaddingFreeCollator()(features)
     packed = ours(**batch).loss

@@ -92,7 +92,7 @@ def _trained(namespace):
 def _fast_path_used(namespace):
     model = namespace["model"]
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    assert not inner.tuneforge_generate_path.startswith("transformers"), inner.tuneforge_generate_path
+    assert not inner.tuneforge.generate_path.startswith("transformers"), inner.tuneforge.generate_path
 
 
 @pytest.mark.parametrize("script", ["nb_alpaca.py", "nb_conversational.py", "nb_qwen3.py"])

@@ -175,7 +175,7 @@ def run_worker(spec: dict) -> dict:
         "base_dtype": str(getattr(base, "_local_tensor", base).dtype),
         "base_is_4bit": hasattr(getattr(model.get_base_model().model.layers[0].self_attn.q_proj, "base_layer"),
                                 "quant_state"),
-        "kernels": list(getattr(model.get_base_model(), "tuneforge_kernels", []))
+        "kernels": list(model.get_base_model().tuneforge.kernels)
         + list(getattr(model.get_base_model(), "tuneforge_lora_kernels", [])),
         "paths": dict(paths),
         "outside_forward": _read_base_weight(model.get_base_model().model.layers[0].mlp.down_proj),

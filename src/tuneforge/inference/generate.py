@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneforge.models.record import record_of
 from tuneforge.inference.cache import StaticKVCache, decode_mask, prefill_mask
 from tuneforge.inference.sampling import Sampling, block_tokens, choose
 
@@ -491,7 +492,7 @@ def _fall_back(model, reason: str, args, kwargs):
     if reason not in warned:  # one line per reason, not one per chat turn
         warned.add(reason)
         logger.warning("fast generate not used, transformers' generate instead: %s", reason)
-    model.tuneforge_generate_path = f"transformers ({reason})"
+    record_of(model).generate_path = f"transformers ({reason})"
     return type(model).generate(model, *args, **kwargs)
 
 
@@ -535,9 +536,9 @@ def _fast_generate(model, *args, **kwargs):
     except Unsupported as error:
         settings["reason"] = str(error)  # a property of the model: no second attempt
         return _fall_back(model, str(error), args, kwargs)
-    if getattr(model, "tuneforge_generate_path", None) != decoder.path:
+    if record_of(model).generate_path != decoder.path:
         logger.info("generate: %s", decoder.path)
-    model.tuneforge_generate_path = decoder.path
+    record_of(model).generate_path = decoder.path
     return out
 
 

@@ -24,7 +24,8 @@ import types
 from torch import nn
 
 from tuneforge.models.families import FamilySpec
-from tuneforge.patch import kernels_can_run, kernels_enabled
+from tuneforge.models.record import record_of
+from tuneforge.patch import kernels_can_run
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +116,13 @@ _FUSED_BLOCKS = (
 def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None) -> list[str]:
     """Patch the LoRA-wrapped projections of `peft_model`; returns the names of patches applied.
 
-    Names: "lora_mlp", "lora_qkv", "lora_linear" (also stored in `tuneforge_lora_kernels` on the
-    base model). `enabled` None follows the base model's kernel switch (from `patch_model`).
+    Names: "lora_mlp", "lora_qkv", "lora_linear" (also stored in `model.tuneforge.lora_kernels`).
+    `enabled` None follows the model's kernel switch (`model.tuneforge.switches.kernels`).
     """
     base = peft_model.get_base_model()
-    base.tuneforge_lora_kernels = []
-    if enabled is None:
-        enabled = getattr(base, "tuneforge_use_kernels", None)
-    if not kernels_enabled(enabled):
+    record = record_of(base)
+    record.lora_kernels = []
+    if not (record.switches.kernels if enabled is None else enabled):
         logger.info("fused LoRA off (kernels switched off): peft's own LoRA forward")
         return []
     if spec is None or not spec.kernels:
@@ -159,6 +159,6 @@ def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None)
         layer.forward = types.MethodType(_fused_linear_forward, layer)
         if "lora_linear" not in applied:
             applied.append("lora_linear")
-    base.tuneforge_lora_kernels = applied
+    record.lora_kernels = applied
     logger.info("fused LoRA: %s", ", ".join(applied) or "no LoRA layer fits")
     return applied

@@ -87,12 +87,11 @@ def _check_target_parameters(model, target_parameters, lora_dropout) -> None:
 def _patch_experts_lora(peft_model, spec, use_kernels) -> None:
     """LoRA on stacked experts through kernels.moe (models.moe), on the same switch as the fused LoRA."""
     from tuneforge.models.moe import patch_moe_lora
-    from tuneforge.patch import kernels_enabled
+    from tuneforge.models.record import record_of
 
-    base = peft_model.get_base_model()
-    enabled = kernels_enabled(use_kernels if use_kernels is not None else getattr(base, "tuneforge_use_kernels", None))
-    base.tuneforge_lora_kernels = [*getattr(base, "tuneforge_lora_kernels", []),
-                                   *patch_moe_lora(peft_model, spec, enabled=enabled)]
+    record = record_of(peft_model)
+    enabled = use_kernels if use_kernels is not None else record.switches.kernels
+    record.lora_kernels = [*record.lora_kernels, *patch_moe_lora(peft_model, spec, enabled=enabled)]
 
 
 def get_peft_model(

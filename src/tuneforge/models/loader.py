@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from tuneforge import switches
 from tuneforge.device import default_compute_dtype, has_cuda
 from tuneforge.models import registry, shipped
 from tuneforge.models.families import FamilySpec, family_for_model_type
+from tuneforge.models.record import ModelRecord
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +268,6 @@ def load_model(
     if fix_tokenizer_ and tokenizer is not None:
         fix_tokenizer(tokenizer, model)
     model.max_seq_length = max_seq_length
-    model.tuneforge_family = spec
     if tokenizer is not None:
         tokenizer.model_max_length = max_seq_length
     kind = "nf4" if load_in_4bit else "int8" if load_in_8bit else str(compute_dtype).replace("torch.", "")
@@ -284,10 +285,11 @@ def load_model(
         quantize_experts(model, spec)
 
     from tuneforge.integration.bnb import prepare
-    from tuneforge.patch import patch_model
 
     prepare(model)  # bitsandbytes' CPU repack off, and its wrong CPU dequantisation avoided (see there)
-    patch_model(model, spec, enabled=resolve_use_kernels(use_kernels))  # records model.tuneforge_use_kernels
+    record = ModelRecord(switches=switches.resolve(kernels=resolve_use_kernels(use_kernels)), family=spec)
+    model.tuneforge = record
+    logger.info(record.switches.line())
     return model, tokenizer
 
 
@@ -345,7 +347,8 @@ def _has_tokenizer_files(folder: Path) -> bool:
 def family_of(model) -> FamilySpec | None:
     """The family spec recorded on a model (or its peft wrapper) at load time."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    spec = getattr(base, "tuneforge_family", None)
+    record = base.__dict__.get("tuneforge")
+    spec = record.family if record is not None else None
     if spec is None:
         spec = family_for_model_type(base.config.model_type)
     return spec

@@ -24,8 +24,8 @@ One switch turns every patch off so users can compare and bisect: `use_kernels=F
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import sys
 import types
 
@@ -35,21 +35,13 @@ from torch import nn
 
 from tuneforge.kernels.varlen_attention import varlen_attention
 from tuneforge.models.families import FamilySpec
+from tuneforge.models.record import record_of
+from tuneforge.switches import KERNELS_ENV, TRITON_INTERPRETER, VARLEN_ENV
 
 logger = logging.getLogger(__name__)
-VARLEN_ENV = "TUNEFORGE_VARLEN"  # "0": padding-free batches keep transformers' mask (A/B in bench/sft.py)
-
-DISABLE_ENV = "TUNEFORGE_DISABLE_KERNELS"
 
 # Per-call conditions that are logged once per process rather than at every layer and step.
 _LOGGED: set[str] = set()
-
-
-def kernels_enabled(explicit: bool | None = None) -> bool:
-    """The caller's choice if given, else on unless TUNEFORGE_DISABLE_KERNELS is set to 1/true."""
-    if explicit is not None:
-        return explicit
-    return os.environ.get(DISABLE_ENV, "").lower() not in ("1", "true", "yes")
 
 
 def kernels_can_run(model) -> str | None:
@@ -60,24 +52,29 @@ def kernels_can_run(model) -> str | None:
         return "the model has no parameters"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and TRITON_INTERPRETER:
         return None
     return f"Triton kernels need a CUDA device (the model is on {device}; on CPU set TRITON_INTERPRET=1 before importing triton)"
 
 
-def patch_model(model, spec: FamilySpec | None, enabled: bool | None = None) -> list[str]:
+def patch_model(model, spec: FamilySpec | None = None, enabled: bool | None = None) -> list[str]:
     """Patch `model` in place; returns the names of the patches applied (empty: plain path).
 
-    The names are also stored in `model.tuneforge_kernels` ("rms_norm" / "layer_norm", "rope", "varlen",
-    "swiglu" / "geglu", "fused_cross_entropy", "nf4_gemv"); the trainer reads "fused_cross_entropy" and
-    "varlen" there.
+    spec / enabled: the family and kernel switch of `model.tuneforge` (the loader's record) unless
+    given. The names are also stored in `model.tuneforge.kernels` ("rms_norm" / "layer_norm", "rope",
+    "varlen", "swiglu" / "geglu", "fused_cross_entropy", "nf4_gemv"); the trainer reads
+    "fused_cross_entropy" and "varlen" there.
     """
-    model.tuneforge_kernels = []
-    on = kernels_enabled(enabled)
-    # Remembered so that get_peft_model's fused LoRA follows the same switch by default.
-    model.tuneforge_use_kernels = on
-    if not on:
-        logger.info("kernels off (%s or use_kernels=False): plain transformers path", DISABLE_ENV)
+    record = record_of(model)
+    if spec is None:
+        spec = record.family
+    else:
+        record.family = spec
+    if enabled is not None and enabled != record.switches.kernels:
+        record.switches = dataclasses.replace(record.switches, kernels=enabled)
+    record.kernels = []
+    if not record.switches.kernels:
+        logger.info("kernels off (%s or use_kernels=False): plain transformers path", KERNELS_ENV)
         return []
     if spec is None or not spec.kernels:
         name = spec.name if spec else model.config.model_type
@@ -92,7 +89,7 @@ def patch_model(model, spec: FamilySpec | None, enabled: bool | None = None) -> 
         name = patcher(model, spec)
         if name:
             applied.append(name)
-    model.tuneforge_kernels = applied
+    record.kernels = applied
     logger.info("kernels for family %s: %s", spec.name, ", ".join(applied) or "none fit this model")
     return applied
 
@@ -307,7 +304,7 @@ def _patch_varlen(model, spec: FamilySpec) -> str | None:
     import inspect
     import re
 
-    if os.environ.get(VARLEN_ENV, "1") == "0":
+    if not record_of(model).switches.varlen:
         logger.info("%s=0: padding-free batches use transformers' block-diagonal mask", VARLEN_ENV)
         return None
     attentions = _decoder_modules(model, "self_attn")
@@ -447,7 +444,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
 
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
-    if kwargs.get("cu_seq_lens_q") is not None and past_key_values is None and "varlen" in self.tuneforge_kernels:
+    if kwargs.get("cu_seq_lens_q") is not None and past_key_values is None and "varlen" in self.tuneforge.kernels:
         # A padding-free batch: the patched attention reads the sample boundaries from cu_seq_lens
         # (varlen kernel). transformers would otherwise detect the packing from position_ids (a
         # device sync) and build a [T, T] block-diagonal mask that nothing reads (256 MB at 16k
@@ -466,7 +463,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     hidden = outputs[0]
     gathered = _gather_sharded_head(lm_head)
     weight = lm_head.weight
-    softcap, scale = self._tuneforge_logits
+    softcap, scale = self.tuneforge.logits
     loss = fused_linear_cross_entropy(
         hidden.to(weight.dtype), weight, labels if shift_labels is None else shift_labels,
         ignore_index=ignore_index, logit_softcap=softcap, logit_scale=scale,
@@ -542,7 +539,7 @@ def _patch_loss(model, spec: FamilySpec) -> str | None:
     if not isinstance(model.get_output_embeddings(), nn.Linear):
         logger.info("loss not patched: the output layer is not a Linear")
         return None
-    model._tuneforge_logits = _logit_transform(model, spec)
+    record_of(model).logits = _logit_transform(model, spec)
     model.forward = types.MethodType(_causal_lm_forward, model)
     return "fused_cross_entropy"
 

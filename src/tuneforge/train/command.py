@@ -10,6 +10,7 @@ import platform
 import random
 from pathlib import Path
 
+from tuneforge.models.record import record_of
 from tuneforge.atomic import atomic_folder, atomic_write_text, is_disk_full
 from tuneforge.config import TrainConfig
 from tuneforge.data.sources import build_datasets
@@ -128,7 +129,7 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
             random_state=lora.random_state,
             use_kernels=model_config.use_kernels,
         )
-    spec = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "tuneforge_family", None)
+    spec = record_of(model).family
     chat_template = config.data.chat_template
     stats = PrepareStats()
     train_dataset, eval_dataset = build_datasets(config, tokenizer, chat_template, stats=stats)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import trl
 
+from tuneforge.models.record import record_of
 from tuneforge.data.packing import padding_free_batch
 from tuneforge.device import has_cuda, is_bfloat16_supported
 from tuneforge.train.callbacks import CsvLogCallback, SummaryCallback
@@ -251,11 +252,11 @@ class PaddingFreeBatches:
 
 def _attention_is_varlen(model) -> bool:
     """Whether the model's attention is tuneforge's patched one, which reads cu_seq_lens."""
-    return "varlen" in getattr(_base_model(model), "tuneforge_kernels", [])
+    return "varlen" in record_of(_base_model(model)).kernels
 
 
 def _has_fused_loss(model) -> bool:
-    return "fused_cross_entropy" in getattr(_base_model(model), "tuneforge_kernels", [])
+    return "fused_cross_entropy" in record_of(_base_model(model)).kernels
 
 
 def _base_model(model):
