@@ -239,6 +239,7 @@ def run_rms_norm_sweep(out: Path) -> list[dict]:
 
     import triton
 
+    from tuneforge import switches
     from tuneforge.kernels import rms_norm
 
     bandwidth = copy_bandwidth()
@@ -258,10 +259,12 @@ def run_rms_norm_sweep(out: Path) -> list[dict]:
                 if rows * block > 32768 or rows * block < 32 * warps:  # spills, or idle threads
                     continue
                 os.environ[rms_norm.FWD_LAUNCH_ENV] = f"{rows},{warps}"
+                switches.resolve()  # the kernel reads the launch from the resolved switches
                 error = (rms_norm.rms_norm(x, w, 1e-5).float() - want.float()).abs().max().item()
                 assert error <= 0.02 * want.float().abs().max().item(), (hidden, rows, warps, error)
                 timed[f"{rows},{warps}"] = do_bench(lambda: rms_norm.rms_norm(x, w, 1e-5))
         os.environ.pop(rms_norm.FWD_LAUNCH_ENV)
+        switches.resolve()
         row["default_ms"] = round(do_bench(lambda: rms_norm.rms_norm(x, w, 1e-5)), 4)
         best = min(timed, key=timed.get)
         row.update(best_config=best, best_ms=round(timed[best], 4),

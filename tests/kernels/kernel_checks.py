@@ -6,7 +6,11 @@ at every size, which each test file compares with the tolerance its docstring ju
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+
+from tuneforge import switches
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -48,3 +52,11 @@ def check_mlp_with_kernel(mlp, gated, dtype, tol: float) -> None:
     y = mlp.down_proj(gated(mlp.gate_proj(x), mlp.up_proj(x)))
     assert rel_err(y, y_hf) < tol
     assert_gradients_match(y, y_hf, (x, mlp.gate_proj.weight, mlp.up_proj.weight), tol)
+
+
+def use_switches(monkeypatch, **fields) -> switches.Switches:
+    """For this test only, `tuneforge.switches.current()` returns switches read from the (monkeypatched)
+    environment, with `fields` changed; bad environment values raise `SwitchError` here."""
+    chosen = dataclasses.replace(switches.from_environment(), **fields)
+    monkeypatch.setattr(switches, "_current", [chosen])
+    return chosen

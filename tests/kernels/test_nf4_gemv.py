@@ -22,6 +22,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from kernel_checks import use_switches
+
 import tuneforge.kernels.lora as lora_ops
 import tuneforge.kernels.nf4_gemv as gemv
 from tuneforge.kernels.lora import LoRAProjection, lora_linear, lora_mlp, lora_qkv
@@ -162,7 +164,7 @@ class _Calls:
         self.count = 0
         monkeypatch.setattr(gemv, "nf4_matmul", self)
         # On CUDA decode_matmul picks bitsandbytes unless told: these tests are about our kernel.
-        monkeypatch.setenv("TUNEFORGE_NF4_GEMV", "1")
+        use_switches(monkeypatch, nf4_gemv=True)
 
     def __call__(self, *args, **kwargs):
         self.count += 1

@@ -13,7 +13,7 @@ import torch
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from kernel_checks import assert_gradients_match, rel_err
+from kernel_checks import assert_gradients_match, rel_err, use_switches
 from tuneforge.kernels.rms_norm import FWD_LAUNCH_ENV, _forward_launch, reference_rms_norm, rms_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,6 +109,7 @@ def test_forward_launch_override_changes_nothing_but_speed(lead, hidden, setting
     # bench/kernels.py sweeps rows per program and warps through the environment; every setting,
     # with masked (17 rows, hidden 1000) and whole (16 x 256) tiles, must give the same result.
     monkeypatch.setenv(FWD_LAUNCH_ENV, setting)
+    use_switches(monkeypatch)  # the environment is read once, by tuneforge.switches
     rows, warps = (int(v) for v in setting.split(","))
     assert _forward_launch(hidden, hidden) == (1024 if hidden == 1000 else 256, rows, warps)
     for offset in (0.0, 1.0):
@@ -122,6 +123,7 @@ def test_forward_launch_override_changes_nothing_but_speed(lead, hidden, setting
 def test_forward_launch_keeps_tile_offsets_in_32_bits(monkeypatch):
     # Rows per program shrink when ROWS x row stride would overflow the kernel's int32 offsets.
     monkeypatch.setenv(FWD_LAUNCH_ENV, "8,4")
+    use_switches(monkeypatch)
     assert _forward_launch(64, 2**29)[1] == 2
     assert _forward_launch(64, 2**31)[1] == 1
 
@@ -129,5 +131,6 @@ def test_forward_launch_keeps_tile_offsets_in_32_bits(monkeypatch):
 @pytest.mark.parametrize("setting", ["2", "3,8", "2,3", "two,eight"])
 def test_bad_forward_launch_override_is_refused(setting, monkeypatch):
     monkeypatch.setenv(FWD_LAUNCH_ENV, setting)
-    with pytest.raises(ValueError, match=FWD_LAUNCH_ENV):
+    with pytest.raises(ValueError, match=FWD_LAUNCH_ENV):  # by switches (form, ranges) or the kernel (warps)
+        use_switches(monkeypatch)
         rms_norm(torch.randn(4, 64, device=DEVICE), torch.ones(64, device=DEVICE))

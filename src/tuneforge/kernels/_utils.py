@@ -1,4 +1,4 @@
-"""Shared helpers for the Triton kernels: launch sizes, row views, device checks.
+"""Shared helpers for the Triton kernels: launch sizes, row views, device checks, dtype rounding.
 
 Launch sizes are picked by small heuristics instead of `triton.autotune`: autotuning many configs
 is slow under the CPU interpreter (every config is run) and the memory-bound kernels here reach
@@ -8,10 +8,12 @@ bandwidth with the obvious choices anyway.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
+import triton.language as tl
+
+from tuneforge.switches import TRITON_INTERPRETER
 
 # A row-wise kernel keeps one whole row in registers; beyond this many elements it would spill
 # (65536 fp32 values is already 256 KiB per program). No supported family comes near it.
@@ -120,12 +122,46 @@ def check_device(*tensors: torch.Tensor) -> None:
             raise ValueError(f"kernel inputs are on different devices: {device} and {t.device}")
     if device.type == "cuda":
         return
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and TRITON_INTERPRETER:
         return
     raise RuntimeError(
         f"Triton kernels need CUDA tensors (got {device}); on CPU set TRITON_INTERPRET=1 before "
         "importing triton, or call the reference_* function of this op"
     )
+
+
+# Triton's CPU interpreter converts fp32 -> bf16 by truncation, where a GPU rounds to nearest
+# even; kernels that store bf16 round the value themselves under the interpreter, so the CPU
+# tests see the GPU's exact numbers.
+def needs_bf16_rounding(dtype: torch.dtype) -> bool:
+    """The ROUND_BF16 constexpr for a kernel that stores `dtype`."""
+    return TRITON_INTERPRETER and dtype == torch.bfloat16
+
+
+@triton.jit
+def round_bf16_rtne(x, ROUND_BF16: tl.constexpr):
+    """fp32 x rounded to the nearest-even bf16 value (still fp32) when ROUND_BF16; else x.
+
+    Adds half an ulp of bf16 (minus one when the kept bit is even) to the raw bits and clears
+    the 16 dropped bits, so the later truncating conversion is exact. Finite values only.
+    """
+    if ROUND_BF16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = u + (0x7FFF + ((u >> 16) & 1))
+        x = ((u >> 16) << 16).to(tl.float32, bitcast=True)
+    return x
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype torch.autocast computes matmuls in on `device`'s type, or None when it is off.
+
+    The fused ops cast their inputs to it once and run with autocast off, so that every matmul
+    of the forward and the hand-written backward agrees on one dtype (autocast would otherwise
+    recast inside the forward only, leaving the backward with mixed dtypes).
+    """
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tuneforge.kernels._utils import check_device
-from tuneforge.kernels.nf4 import autocast_dtype, needs_bf16_rounding, round_bf16_rtne
+from tuneforge.kernels._utils import autocast_dtype, check_device, needs_bf16_rounding, round_bf16_rtne
 
 __all__ = [
     "LinearCrossEntropyFunction",

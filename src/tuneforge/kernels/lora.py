@@ -30,7 +30,6 @@ for 3+ rows of 16-bit X, the weight's rounding to X's dtype inside the dot diffe
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -38,18 +37,18 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
-from tuneforge.kernels._utils import check_device, elementwise_launch
+from tuneforge import switches
+from tuneforge.kernels._utils import (
+    autocast_dtype,
+    check_device,
+    elementwise_launch,
+    needs_bf16_rounding,
+    round_bf16_rtne,
+)
 from tuneforge.kernels.geglu import _gelu_and_grad, geglu
 from tuneforge.kernels.nf4_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from tuneforge.kernels.nf4_gemv import decode_matmul, nf4_matmul_unsupported
-from tuneforge.kernels.nf4 import (
-    autocast_dtype,
-    base_weight_parts,
-    dense_weight,
-    needs_bf16_rounding,
-    reference_dequantize_nf4,
-    round_bf16_rtne,
-)
+from tuneforge.kernels.nf4 import base_weight_parts, dense_weight, reference_dequantize_nf4
 from tuneforge.kernels import lora_group
 from tuneforge.kernels.lora_group import ProjectionGroup, group_backward, group_forward, groupable
 from tuneforge.kernels.rank_update import rank_update_
@@ -184,10 +183,10 @@ def _projection_backward(dy, x, xa, weight, quant_state, bias, lora_A, lora_B, s
     return dx, dbias, dA, dB
 
 
-# Grouped projections (kernels.lora_group) run unless TUNEFORGE_LORA_GROUPS=0. Their Triton kernels
-# are built at the first use of each configuration; one that fails to build on this GPU turns
-# grouping off for the process, with a warning, and each projection then runs on its own.
-_groups = {"on": os.environ.get("TUNEFORGE_LORA_GROUPS", "1") != "0", "built": set()}
+# Grouped projections (kernels.lora_group) run unless switched off (switches.lora_groups). Their
+# Triton kernels are built at the first use of each configuration; one that fails to build on this
+# GPU turns grouping off for the process, with a warning, and each projection then runs on its own.
+_groups = {"on": True, "built": set()}
 
 
 def _triton_build_errors() -> tuple[type[BaseException], ...]:
@@ -216,7 +215,7 @@ def _build_group_kernels(group: ProjectionGroup, x: torch.Tensor, activation: st
 def _group_of(parts: list[tuple], x: torch.Tensor, activation: str | None = None) -> ProjectionGroup | None:
     """The ProjectionGroup of `parts` for input `x`, or None: grouping off, not groupable, or its
     kernels failed to build here (logged once)."""
-    if not _groups["on"] or not groupable(parts):
+    if not (_groups["on"] and switches.current().lora_groups) or not groupable(parts):
         return None
     group = ProjectionGroup(parts)
     key = (x.device, x.dtype, activation, tuple(group.sizes), group.in_features, tuple(group.ranks))

@@ -20,53 +20,14 @@ The arithmetic is done in fp32 in the same order as bitsandbytes, so the result 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import triton
 import triton.language as tl
 
-from tuneforge.kernels._utils import check_device
+from tuneforge.kernels._utils import check_device, needs_bf16_rounding, round_bf16_rtne
 
 __all__ = ["base_weight_parts", "block_absmax", "dense_weight", "dequantize_nf4", "dequantize_nf4_rows", "get_base_weight", "reference_dequantize_nf4"]
-
-
-# Triton's CPU interpreter converts fp32 -> bf16 by truncation, where a GPU rounds to nearest
-# even; kernels that store bf16 round the value themselves under the interpreter, so the CPU
-# tests see the GPU's exact numbers.
-INTERPRETER_BF16_FIX = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def needs_bf16_rounding(dtype: torch.dtype) -> bool:
-    """The ROUND_BF16 constexpr for a kernel that stores `dtype`."""
-    return INTERPRETER_BF16_FIX and dtype == torch.bfloat16
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype torch.autocast computes matmuls in on `device`'s type, or None when it is off.
-
-    The fused ops cast their inputs to it once and run with autocast off, so that every matmul
-    of the forward and the hand-written backward agrees on one dtype (autocast would otherwise
-    recast inside the forward only, leaving the backward with mixed dtypes).
-    """
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-@triton.jit
-def round_bf16_rtne(x, ROUND_BF16: tl.constexpr):
-    """fp32 x rounded to the nearest-even bf16 value (still fp32) when ROUND_BF16; else x.
-
-    Adds half an ulp of bf16 (minus one when the kept bit is even) to the raw bits and clears
-    the 16 dropped bits, so the later truncating conversion is exact. Finite values only.
-    """
-    if ROUND_BF16:
-        u = x.to(tl.uint32, bitcast=True)
-        u = u + (0x7FFF + ((u >> 16) & 1))
-        x = ((u >> 16) << 16).to(tl.float32, bitcast=True)
-    return x
 
 
 @triton.jit

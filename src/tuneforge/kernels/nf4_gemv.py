@@ -27,21 +27,16 @@ CUDA graph: no host synchronisation and no branch on tensor values.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from tuneforge.kernels._utils import _num_sms, check_float, rows_view
-from tuneforge.kernels.nf4 import (
-    _launch_args,
-    block_absmax,
-    needs_bf16_rounding,
-    reference_dequantize_nf4,
-    round_bf16_rtne,
-)
+from tuneforge import switches
+from tuneforge.kernels._utils import _num_sms, check_float, needs_bf16_rounding, round_bf16_rtne, rows_view
+from tuneforge.kernels.nf4 import _launch_args, block_absmax, reference_dequantize_nf4
+from tuneforge.switches import NF4_GEMV_ENV, TRITON_INTERPRETER
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +50,7 @@ __all__ = [
 MAX_ROWS = 8
 _DOT_ROWS = 16  # tl.dot's smallest M
 # Triton's CPU interpreter computes 16-bit dots wrongly; there the dot path multiplies fp32 copies
-# of the same (16-bit-rounded) values.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# of the same (16-bit-rounded) values (DOT_FP32=TRITON_INTERPRETER).
 
 
 @dataclass(frozen=True)
@@ -287,7 +281,7 @@ def nf4_matmul(
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested), HAS_BIAS=has_bias,
         BLOCK_M=_DOT_ROWS if config.use_dot else triton.next_power_of_2(rows), BLOCK_N=config.block_n,
         SUB=sub, NB=config.block_kb // sub, SPLIT_K=split, USE_DOT=config.use_dot,
-        DOT_FP32=_INTERPRETED, ROUND_BF16=round_bf16, num_warps=config.num_warps,
+        DOT_FP32=TRITON_INTERPRETER, ROUND_BF16=round_bf16, num_warps=config.num_warps,
     )
     if split > 1:
         block = 1024
@@ -314,19 +308,18 @@ def reference_nf4_matmul(x: torch.Tensor, weight_packed: torch.Tensor, quant_sta
 # choice nf4_matmul took 0.10-0.57 ms where bitsandbytes' matmul_4bit took 0.011-0.13 ms at 1 and 8
 # rows of the Llama-3.1-8B shapes (0.10x-0.85x). Until a tuned launch beats it, decode steps on CUDA
 # multiply through bitsandbytes (its fused 4-bit GEMV for a single row); TUNEFORGE_NF4_GEMV=1
-# selects ours, as do CPU runs (bitsandbytes has no fused kernel there).
-_GEMV_ENV = "TUNEFORGE_NF4_GEMV"
+# selects ours (switches.nf4_gemv), as do CPU runs (bitsandbytes has no fused kernel there).
 _said_which: set = set()
 
 
 def decode_matmul(x: torch.Tensor, weight_packed: torch.Tensor, quant_state, bias: torch.Tensor | None = None):
     """x [..., K] (at most MAX_ROWS rows, no autograd) @ dequant(W)^T (+ bias) -> a fresh [..., N]
     in x's dtype, by the faster of nf4_matmul and bitsandbytes' matmul_4bit for the device."""
-    ours = not x.is_cuda or os.environ.get(_GEMV_ENV) == "1"
+    ours = not x.is_cuda or switches.current().nf4_gemv
     if x.device.type not in _said_which:
         _said_which.add(x.device.type)
         logger.info("decode matmuls on %s: %s", x.device.type, "nf4_matmul" if ours else
-                    f"bitsandbytes matmul_4bit (nf4_matmul measured slower on the H100; {_GEMV_ENV}=1 selects it)")
+                    f"bitsandbytes matmul_4bit (nf4_matmul measured slower on the H100; {NF4_GEMV_ENV}=1 selects it)")
     if ours:
         return nf4_matmul(x, weight_packed, quant_state, bias)
     import bitsandbytes as bnb

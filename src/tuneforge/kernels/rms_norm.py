@@ -15,12 +15,11 @@ promotes its output to fp32; the patched model keeps activations in the compute 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from tuneforge import switches
 from tuneforge.kernels._utils import (
     check_device,
     check_float,
@@ -120,21 +119,20 @@ def _cast_before(offset: float, cast_before_weight: bool | None) -> bool:
 
 
 # Forward launch override for benchmarking, e.g. TUNEFORGE_RMS_NORM_FWD=2,8 (rows per program,
-# warps); bench/kernels.py --rms-norm-sweep times the candidates. Unset: `_forward_launch`'s rule.
-FWD_LAUNCH_ENV = "TUNEFORGE_RMS_NORM_FWD"
+# warps; switches.rms_norm_launch); bench/kernels.py --rms-norm-sweep times the candidates. Unset:
+# `_forward_launch`'s rule.
+FWD_LAUNCH_ENV = switches.RMS_NORM_LAUNCH_ENV
 
 
 def _forward_launch(hidden: int, row_stride: int) -> tuple[int, int, int]:
     """(BLOCK, ROWS, num_warps) of the forward kernel for rows of `hidden` elements."""
     block, rows, num_warps = row_tile_launch(hidden)
-    override = os.environ.get(FWD_LAUNCH_ENV)
+    override = switches.current().rms_norm_launch
     if override:
-        try:
-            rows, num_warps = (int(v) for v in override.split(","))
-        except ValueError:
-            raise ValueError(f"{FWD_LAUNCH_ENV}={override!r}: expected 'ROWS,WARPS', e.g. '2,8'") from None
-        if rows < 1 or rows & (rows - 1) or num_warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"{FWD_LAUNCH_ENV}={override!r}: ROWS must be a power of two, WARPS one of 1..32")
+        rows, num_warps = override
+        # switches checks the form and ranges; a launch also needs a power-of-two warp count.
+        if num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"{FWD_LAUNCH_ENV}={rows},{num_warps}: WARPS must be one of 1, 2, 4, 8, 16, 32")
     # The tile's 32-bit offsets must not overflow (only a row-strided view of a huge buffer could).
     while rows > 1 and rows * row_stride >= 2**31:
         rows //= 2
