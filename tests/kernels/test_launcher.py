@@ -135,6 +135,7 @@ def test_key_covers_constexpr_values_and_their_types(fresh_plans):
 def test_only_verified_triton_versions_take_the_cached_path(monkeypatch):
     assert triton_version_verified("3.6.0") and triton_version_verified("3.9.0")
     assert triton_version_verified("3.9.1+git0abc") and triton_version_verified("3.6.0rc1")
+    assert triton_version_verified("3.6rc1") and not triton_version_verified("3.61.0")
     for version in ("3.5.1", "3.7.0", "3.8.0", "3.10.0", "4.0.0", "", "dev"):
         assert not triton_version_verified(version)
     monkeypatch.setattr(launcher, "TRITON_INTERPRETER", False)

@@ -36,18 +36,21 @@ process-wide compile knobs that its key reads (runtime.debug, compilation.instru
 The key may be finer than Triton's (e.g. ints of a `do_not_specialize` parameter still split on
 16 | n): that only costs an extra entry, each filled by a normal launch with those arguments.
 
-Triton's own launch is used, with one log line per kernel, under the Triton interpreter, without
-CUDA, for CPU tensors, for an argument type not listed above, with launch hooks or a pre-run hook
-set, for a kernel that is not a plain `@triton.jit` function (autotuned, heuristics), and on a
-Triton version whose launcher was not read (VERIFIED_TRITON). Skipped on the cached path: Triton's
-check that the globals a kernel reads have not changed since it was compiled (the first launch of
-each key still runs it).
+Triton's own launch is used, with one log line per kernel, under the Triton interpreter (CPU
+tensors), without CUDA, for an argument type not listed above, for arguments Triton's binder
+refuses (it then raises its own error), with launch hooks, a pre-run hook or a stage-inspection
+hook set, for a kernel that is not a plain `@triton.jit` function (autotuned, heuristics), and on a
+Triton version whose launcher was not read (VERIFIED_TRITON). A CPU tensor on a CUDA machine is
+refused by the direct call exactly as by Triton's launch (both go through the C launcher's pointer
+check). Skipped on the cached path: Triton's check that the globals a kernel reads have not changed
+since it was compiled (the first launch of each key still runs it).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -65,12 +68,8 @@ VERIFIED_TRITON = ((3, 6), (3, 9))
 
 def triton_version_verified(version: str) -> bool:
     """Whether `version` (e.g. "3.6.0", "3.9.0+git1234") is one whose launcher call was verified."""
-    parts = version.split(".")
-    try:
-        major, minor = int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or "x")
-    except (IndexError, ValueError):
-        return False
-    return (major, minor) in VERIFIED_TRITON
+    match = re.match(r"(\d+)\.(\d+)(?!\d)", version)
+    return match is not None and (int(match[1]), int(match[2])) in VERIFIED_TRITON
 
 
 try:  # Triton's internals the cached path uses (present in every verified version)
