@@ -69,7 +69,7 @@ def fused_lora_reads_fsdp_weights(device) -> bool:
     import bitsandbytes as bnb
     import torch
 
-    from tuneforge.kernels.lora import lora_linear
+    from tuneforge.lora.projections import lora_linear
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def count_fast_paths(model):
     from collections import Counter
 
     import tuneforge.kernels.cross_entropy as cross_entropy
-    import tuneforge.kernels.lora as lora
+    import tuneforge.lora.projections as lora
     from tuneforge.patch.activation_checkpointing import LayerInputOffloader
 
     counts = Counter()

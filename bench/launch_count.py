@@ -79,8 +79,7 @@ def count_step(model, optimizer, ids) -> tuple[int, int, collections.Counter]:
 
 
 def main() -> None:
-    from tuneforge import FastLanguageModel
-    from tuneforge.kernels import lora
+    from tuneforge import FastLanguageModel, switches
     from tuneforge.testing import tiny_model
     from tuneforge.train.optim import build_optimizer
 
@@ -97,7 +96,7 @@ def main() -> None:
     layers = model.config.num_hidden_layers
     rows = []
     for grouped in (False, True):
-        lora._groups["on"] = grouped
+        switches.resolve(lora_groups=grouped)  # lora.projections' default for `grouped`
         count_step(model, optimizer, ids)  # warm-up: caches, lazy state
         triton_launches, aten_ops, by_name = count_step(model, optimizer, ids)
         rows.append((grouped, triton_launches, aten_ops))

@@ -14,14 +14,8 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
-from tuneforge.kernels.lora import (
-    LoRAProjection,
-    lora_linear,
-    lora_mlp,
-    lora_qkv,
-    reference_lora_linear,
-    reference_lora_mlp,
-)
+from tuneforge.kernels.lora import reference_lora_linear, reference_lora_mlp, reference_lora_qkv
+from tuneforge.lora.projections import lora_linear, lora_mlp, lora_qkv, projection_of
 from tuneforge.testing import tiny_model
 
 from lora_checks import (
@@ -55,7 +49,7 @@ def test_linear_matchespeft_wrap(base, dtype, r, bias):
     want = outputs_and_grads(attn.o_proj, x, params)
     assert_close(got[0] + got[1], want[0] + want[1], dtype)
     # The plain-PyTorch reference agrees too.
-    ref = outputs_and_grads(lambda t: reference_lora_linear(t, LoRAProjection.from_module(attn.o_proj)), x, params)
+    ref = outputs_and_grads(lambda t: reference_lora_linear(t, projection_of(attn.o_proj)), x, params)
     assert_close(got[0] + got[1], ref[0] + ref[1], dtype)
 
 
@@ -68,6 +62,9 @@ def test_qkv_matches_peft_with_k_not_adapted(base):
     got = outputs_and_grads(lambda t: lora_qkv(t, attn.q_proj, attn.k_proj, attn.v_proj), x, params)
     want = outputs_and_grads(lambda t: (attn.q_proj(t), attn.k_proj(t), attn.v_proj(t)), x, params)
     assert_close(got[0] + got[1], want[0] + want[1], torch.float32)
+    projections = [projection_of(layer) for layer in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    ref = outputs_and_grads(lambda t: reference_lora_qkv(t, projections), x, params)
+    assert_close(got[0] + got[1], ref[0] + ref[1], torch.float32)
 
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])
@@ -109,7 +106,7 @@ def test_mlp_matches_peft_llama_mlp(activation, dtype, base):
     got = outputs_and_grads(lambda t: lora_mlp(t, *layers, activation=activation), x, params)
     want = outputs_and_grads(mlp, x, params)
     assert_close(got[0] + got[1], want[0] + want[1], dtype)
-    projections = [LoRAProjection.from_module(layer) for layer in layers]
+    projections = [projection_of(layer) for layer in layers]
     ref = outputs_and_grads(lambda t: reference_lora_mlp(t, *projections, activation), x, params)
     assert_close(got[0] + got[1], ref[0] + ref[1], dtype)
 

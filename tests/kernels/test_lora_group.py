@@ -9,11 +9,11 @@ kernel tile (block-wise updates), bf16, and the per-step cache of the concatenat
 import pytest
 import torch
 
-from tuneforge.kernels.lora import lora_mlp, lora_qkv
 from tuneforge.kernels.lora_group import ProjectionGroup, groupable
-from tuneforge.kernels.lora import LoRAProjection
+from tuneforge.lora.projections import lora_mlp, lora_qkv, projection_of
 from tuneforge.testing import tiny_model
 
+from kernel_checks import use_switches
 from lora_checks import DEVICE, HIDDEN_ACT, Attention, assert_close, lora_params, outputs_and_grads, peft_wrap, to_4bit
 
 QKV = ["q_proj", "k_proj", "v_proj"]
@@ -26,7 +26,7 @@ CASES = {
 
 
 def _group(*layers) -> ProjectionGroup:
-    parts = [LoRAProjection.from_module(layer).as_args() for layer in layers]
+    parts = [projection_of(layer).as_args() for layer in layers]
     assert groupable(parts)
     return ProjectionGroup(parts)
 
@@ -109,7 +109,7 @@ def test_concatenated_adapters_follow_optimizer_steps_and_in_place_writes():
 
 def test_dense_bases_are_not_grouped():
     attn = peft_wrap(Attention("dense", bias=False), QKV, 8)
-    parts = [LoRAProjection.from_module(layer).as_args() for layer in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    parts = [projection_of(layer).as_args() for layer in (attn.q_proj, attn.k_proj, attn.v_proj)]
     assert not groupable(parts) and not groupable(parts[:1])
 
 
@@ -122,8 +122,8 @@ def test_a_kernel_that_does_not_build_turns_grouping_off_with_a_warning(monkeypa
 
     import tuneforge.kernels.lora as lora
 
-    monkeypatch.setitem(lora._groups, "on", True)
-    monkeypatch.setitem(lora._groups, "built", set())
+    monkeypatch.setitem(lora._builds, "failed", False)
+    monkeypatch.setitem(lora._builds, "built", set())
     monkeypatch.setattr(lora, "_checks_builds", lambda x: True)
     built = []
 
@@ -136,8 +136,8 @@ def test_a_kernel_that_does_not_build_turns_grouping_off_with_a_warning(monkeypa
     layers = (attn.q_proj, attn.k_proj, attn.v_proj)
     x = torch.randn(5, 72, device=DEVICE)
     with caplog.at_level(logging.WARNING, logger="tuneforge.kernels.lora"):
-        got = outputs_and_grads(lambda t: lora_qkv(t, *layers), x, lora_params(*layers))
-    assert built == [None] and lora._groups["on"] is False
+        got = outputs_and_grads(lambda t: lora_qkv(t, *layers, grouped=True), x, lora_params(*layers))
+    assert built == [None] and lora._builds["failed"] is True
     assert "grouped LoRA projections off" in caplog.text and "OutOfResources" in caplog.text
     assert got[0][0]._base is None  # per-projection outputs, not column views
     want = outputs_and_grads(lambda t: tuple(layer(t) for layer in layers), x, lora_params(*layers))
@@ -145,12 +145,15 @@ def test_a_kernel_that_does_not_build_turns_grouping_off_with_a_warning(monkeypa
 
 
 def test_grouping_can_be_switched_off(monkeypatch):
-    import tuneforge.kernels.lora as lora
-
-    monkeypatch.setitem(lora._groups, "on", False)
+    """By the argument, and by default from the switches (TUNEFORGE_LORA_GROUPS=0)."""
     attn = peft_wrap(Attention("nf4", bias=False), QKV, 8)
-    q, _, _ = lora_qkv(torch.randn(3, 72, device=DEVICE), attn.q_proj, attn.k_proj, attn.v_proj)
-    assert q._base is None
+    layers = (attn.q_proj, attn.k_proj, attn.v_proj)
+    x = torch.randn(3, 72, device=DEVICE)
+    assert lora_qkv(x, *layers, grouped=False)[0]._base is None
+    assert lora_qkv(x, *layers, grouped=True)[0]._base is not None
+    monkeypatch.setenv("TUNEFORGE_LORA_GROUPS", "0")
+    use_switches(monkeypatch)
+    assert lora_qkv(x, *layers)[0]._base is None
 
 
 @pytest.mark.parametrize("r", [8, 32], ids=["one-tile", "block-wise"])

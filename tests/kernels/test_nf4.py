@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tuneforge.kernels.nf4 import dequantize_nf4, get_base_weight, reference_dequantize_nf4
+from tuneforge.integration.weights import get_base_weight
+from tuneforge.kernels.nf4 import dequantize_nf4, reference_dequantize_nf4
 from tuneforge.testing.bitsandbytes import bitsandbytes_dequantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,7 +12,7 @@ Tolerances, as a fraction of max|reference| of the case:
   rounds each dequantised weight to x's dtype as `dequantize_nf4` would (2^-9 relative each, of
   random sign). A wrong nibble, absmax block or split-K range moves y by tens of percent.
 
-The decode dispatch (kernels.lora's entry points, the Linear4bit forward that models.patch binds)
+The decode dispatch (lora.projections' entry points, the Linear4bit forward of patch.linear4bit)
 is held to what the dequantise+GEMM path computes on the same weights.
 """
 
@@ -24,17 +24,18 @@ import torch.nn as nn
 
 from kernel_checks import use_switches
 
-import tuneforge.kernels.lora as lora_ops
 import tuneforge.kernels.nf4_gemv as gemv
-from tuneforge.kernels.lora import LoRAProjection, lora_linear, lora_mlp, lora_qkv
+import tuneforge.lora.projections as lora_ops
+from tuneforge.kernels.lora import LoRAProjection
 from tuneforge.kernels.nf4_gemv import (
     GemvConfig,
     default_config,
-    linear4bit_forward,
     nf4_matmul,
     nf4_matmul_unsupported,
     reference_nf4_matmul,
 )
+from tuneforge.lora.projections import lora_linear, lora_mlp, lora_qkv
+from tuneforge.patch.linear4bit import linear4bit_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-7}
@@ -157,8 +158,8 @@ def test_gpu_cuda_graph_replay_equals_eager(rows):
 
 
 class _Calls:
-    """Counts nf4_matmul calls made through kernels.lora and the Linear4bit forward (both reach it
-    through nf4_gemv.decode_matmul, which picks it on the CPU)."""
+    """Counts nf4_matmul calls made through lora.projections and the Linear4bit forward (both reach it
+    through patch.linear4bit.decode_matmul, which picks it on the CPU)."""
 
     def __init__(self, monkeypatch):
         self.count = 0
@@ -269,7 +270,7 @@ def _load_4bit(folder):
 
 
 def test_tiny_lora_model_generates_the_same_logits_with_the_gemv(tiny_llama_dir, monkeypatch, one_thread):
-    """Fused LoRA on NF4 (kernels.lora's decode dispatch); the tiny MLP's down_proj reads 176 =
+    """Fused LoRA on NF4 (lora.projections' decode dispatch); the tiny MLP's down_proj reads 176 =
     2.75 absmax blocks per row, so it keeps dequantise + GEMM: both paths in one model."""
     from tuneforge import FastLanguageModel
     from tuneforge.testing.tiny import randomize_lora_b

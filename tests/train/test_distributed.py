@@ -187,7 +187,7 @@ def run_worker(spec: dict) -> dict:
 
 def _read_base_weight(layer) -> str:
     """What the fused kernels' weight reader says of `layer` between steps: 'ok', or its error."""
-    from tuneforge.kernels.nf4 import base_weight_parts
+    from tuneforge.integration.weights import base_weight_parts
 
     try:
         base_weight_parts(layer)

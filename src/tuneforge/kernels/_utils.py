@@ -164,6 +164,17 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def call_in_autocast_dtype(fn, x: torch.Tensor, *args):
+    """fn(x, *args) after checking x's device; under torch.autocast, x is cast to its dtype and
+    autocast is off inside (see `autocast_dtype`)."""
+    check_device(x)
+    cast = autocast_dtype(x.device)
+    if cast is None:
+        return fn(x, *args)
+    with torch.autocast(x.device.type, enabled=False):
+        return fn(x.to(cast), *args)
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     """Kernels accept fp32, fp16 and bf16 tensors; say which input is wrong otherwise."""
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -20,39 +20,33 @@ The LoRA branch runs in X's dtype (A and B are cast to it; their gradients come 
 dtype); under torch.autocast X is first cast to the autocast dtype. peft instead casts X to the adapter's dtype (fp32 adapters under a bf16 model): results
 agree to bf16 rounding.
 
-Decode steps skip the autograd Functions: when no gradient is wanted (grad mode off, or none of X,
-the biases and the adapters requires grad), X has at most `nf4_gemv.MAX_ROWS` rows and a base is NF4,
-each NF4 base goes through `nf4_matmul` (the packed weight read once, no dense copy) and the adapter
-through two small matmuls. Same formula, same dtypes; only the base product's summation order and,
-for 3+ rows of 16-bit X, the weight's rounding to X's dtype inside the dot differ from the GEMM.
+Q/K/V and gate/up of NF4 bases run as one group (`kernels.lora_group`) when the caller asks
+(`grouped`). The peft side (layers -> `LoRAProjection`, the grouping switch, decode steps without
+autograd) is `tuneforge.lora.projections`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import triton
 import triton.language as tl
 
-from tuneforge import switches
 from tuneforge.kernels._utils import (
-    autocast_dtype,
-    check_device,
+    call_in_autocast_dtype,
     elementwise_launch,
     needs_bf16_rounding,
     round_bf16_rtne,
 )
 from tuneforge.kernels.geglu import _gelu_and_grad, geglu
-from tuneforge.kernels.nf4_gemv import MAX_ROWS as GEMV_MAX_ROWS
-from tuneforge.kernels.nf4_gemv import decode_matmul, nf4_matmul_unsupported
-from tuneforge.kernels.nf4 import base_weight_parts, dense_weight, reference_dequantize_nf4
+from tuneforge.kernels.nf4 import dense_weight, reference_dequantize_nf4
 from tuneforge.kernels import lora_group
 from tuneforge.kernels.lora_group import ProjectionGroup, group_backward, group_forward, groupable
 from tuneforge.kernels.rank_update import rank_update_
-from tuneforge.kernels.swiglu import swiglu
+from tuneforge.kernels.swiglu import _silu_and_grad, swiglu
 from tuneforge.kernels.weight_cache import cast_for_compute
 
 logger = logging.getLogger(__name__)
@@ -63,11 +57,16 @@ __all__ = [
     "LoRAMLPFunction",
     "LoRAProjection",
     "LoRAQKVFunction",
+    "check_activation",
+    "check_inputs",
+    "gated",
     "lora_linear",
     "lora_mlp",
     "lora_qkv",
+    "projection_forward",
     "reference_lora_linear",
     "reference_lora_mlp",
+    "reference_lora_qkv",
 ]
 
 # Gate activations by the family table's names (FamilySpec.activation).
@@ -77,7 +76,8 @@ _ACT_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 
 @dataclass
 class LoRAProjection:
-    """One frozen base projection and its (optional) adapter, as tensors.
+    """One frozen base projection and its (optional) adapter, as tensors
+    (`tuneforge.lora.projections.projection_of` reads one from a peft layer).
 
     weight:      [out, in] dense, or bitsandbytes packed 4-bit data (then quant_state is its QuantState).
     bias:        [out] or None (frozen unless it requires grad; then its grad is returned too).
@@ -93,53 +93,18 @@ class LoRAProjection:
     lora_B: torch.Tensor | None = None
     scaling: float = 1.0
 
-    @classmethod
-    def from_module(cls, layer: nn.Module) -> "LoRAProjection":
-        """From a peft LoRA layer (its one active adapter) or a plain Linear / Linear4bit (no adapter).
-
-        Raises for what the fused kernels do not compute: lora_dropout > 0 while training, DoRA and
-        other variants, several active adapters, an adapter bias (lora_bias), a trainable base weight.
-        """
-        weight, quant_state, bias = base_weight_parts(layer)
-        name = type(layer).__name__
-        if weight.requires_grad:
-            raise ValueError(
-                f"{name}'s base weight requires grad; the fused LoRA kernels keep the base frozen "
-                "(no dW) - freeze it, or leave this layer unpatched"
-            )
-        if not hasattr(layer, "lora_A") or layer.disable_adapters or layer.merged:
-            # As peft: with adapters disabled or merged into W, the layer is its base.
-            return cls(weight, quant_state, bias)
-        active = [a for a in layer.active_adapters if a in layer.lora_A]
-        if not active:
-            return cls(weight, quant_state, bias)
-        if len(active) > 1:
-            raise NotImplementedError(f"{name} has {len(active)} active adapters {active}; the fused path takes one")
-        adapter = active[0]
-        if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
-            raise NotImplementedError(f"{name}: adapter {adapter!r} is a LoRA variant (DoRA, ...); only plain LoRA is fused")
-        dropout = layer.lora_dropout[adapter]
-        if isinstance(dropout, nn.Dropout) and dropout.p > 0 and dropout.training:
-            raise ValueError(
-                f"{name}: adapter {adapter!r} has lora_dropout={dropout.p}; the fused LoRA kernels need "
-                "lora_dropout=0 (set it in the LoRA config)"
-            )
-        if not isinstance(dropout, (nn.Identity, nn.Dropout)):
-            raise NotImplementedError(f"{name}: lora_dropout is a {type(dropout).__name__}, expected Identity or Dropout")
-        lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
-        if getattr(lora_B, "bias", None) is not None:
-            raise NotImplementedError(f"{name}: adapter {adapter!r} has a lora_B bias (lora_bias=True); not fused")
-        return cls(weight, quant_state, bias, lora_A.weight, lora_B.weight, float(layer.scaling[adapter]))
-
     def as_args(self) -> tuple:
+        """(weight, quant_state, bias, lora_A, lora_B, scaling): how a projection travels through
+        Function.apply, which takes tensors, not objects."""
         return (self.weight, self.quant_state, self.bias, self.lora_A, self.lora_B, self.scaling)
 
 
 _N_ARGS = 6  # LoRAProjection.as_args() length: how projections travel through Function.apply
 
 
-def _projection_forward(x, weight, quant_state, bias, lora_A, lora_B, scaling):
-    """y [..., out] and XA [T, r] (None without adapter) for x [..., in]; the dense W is dropped at once.
+def projection_forward(x, weight, quant_state, bias, lora_A, lora_B, scaling):
+    """y [..., out] and XA [T, r] (None without adapter) for x [..., in], no autograd; the dense W is
+    dropped at once. Arguments: `LoRAProjection.as_args()`.
 
     y is a fresh tensor, never a view (matmul folds the leading dims and un-views its result), so
     an attention layer may rotate q and k in place: autograd forbids in-place writes to a view
@@ -183,10 +148,11 @@ def _projection_backward(dy, x, xa, weight, quant_state, bias, lora_A, lora_B, s
     return dx, dbias, dA, dB
 
 
-# Grouped projections (kernels.lora_group) run unless switched off (switches.lora_groups). Their
-# Triton kernels are built at the first use of each configuration; one that fails to build on this
-# GPU turns grouping off for the process, with a warning, and each projection then runs on its own.
-_groups = {"on": True, "built": set()}
+# Grouped projections (kernels.lora_group) run when the caller asks (`grouped`). Their Triton kernels
+# are built at the first use of each configuration; one that fails to build on this GPU turns
+# grouping off for the process, with a warning, and each projection then runs on its own. This is
+# a cache of what built here, not a switch: "built" holds the configurations that did.
+_builds = {"failed": False, "built": set()}
 
 
 def _triton_build_errors() -> tuple[type[BaseException], ...]:
@@ -212,24 +178,24 @@ def _build_group_kernels(group: ProjectionGroup, x: torch.Tensor, activation: st
         _gated_backward_inplace(h, gu[:, : h.shape[1]], gu[:, h.shape[1]:], activation)
 
 
-def _group_of(parts: list[tuple], x: torch.Tensor, activation: str | None = None) -> ProjectionGroup | None:
-    """The ProjectionGroup of `parts` for input `x`, or None: grouping off, not groupable, or its
-    kernels failed to build here (logged once)."""
-    if not (_groups["on"] and switches.current().lora_groups) or not groupable(parts):
+def _group_of(parts: list[tuple], x: torch.Tensor, grouped: bool, activation: str | None = None) -> ProjectionGroup | None:
+    """The ProjectionGroup of `parts` for input `x`, or None: not asked for (`grouped` False), not
+    groupable, or its kernels failed to build here (logged once)."""
+    if not grouped or _builds["failed"] or not groupable(parts):
         return None
     group = ProjectionGroup(parts)
     key = (x.device, x.dtype, activation, tuple(group.sizes), group.in_features, tuple(group.ranks))
-    if key in _groups["built"] or not _checks_builds(x):
+    if key in _builds["built"] or not _checks_builds(x):
         return group
     try:
         _build_group_kernels(group, x, activation)
     except _triton_build_errors() as error:
-        _groups["on"] = False
+        _builds["failed"] = True
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         logger.warning("grouped LoRA projections off: a Triton kernel did not build on %s (%s: %s); each "
                        "projection runs on its own", x.device, type(error).__name__, first_line[:200])
         return None
-    _groups["built"].add(key)
+    _builds["built"].add(key)
     return group
 
 
@@ -238,7 +204,9 @@ def _split_args(projections) -> list[tuple]:
     return [projections[i : i + _N_ARGS] for i in range(0, len(projections), _N_ARGS)]
 
 
-def _check_inputs(x: torch.Tensor, projections) -> None:
+def check_inputs(x: torch.Tensor, projections: tuple) -> None:
+    """Raise when x [..., in] does not fit a projection of `projections` (concatenated
+    `LoRAProjection.as_args()`), or one has lora_A without lora_B."""
     for i in range(0, len(projections), _N_ARGS):
         weight, quant_state, _, lora_A, lora_B, _ = projections[i : i + _N_ARGS]
         in_features = quant_state.shape[1] if quant_state is not None else weight.shape[1]
@@ -251,18 +219,19 @@ def _check_inputs(x: torch.Tensor, projections) -> None:
 class LoRAQKVFunction(torch.autograd.Function):
     """Several LoRA projections of one input (Q, K, V): X saved once, dX summed.
 
-    apply(X [..., in], *projections) -> tuple of Y_i [..., out_i]; `projections` is the
-    concatenation of `LoRAProjection.as_args()` of each projection.
+    apply(X [..., in], grouped, *projections) -> tuple of Y_i [..., out_i]; `projections` is the
+    concatenation of `LoRAProjection.as_args()` of each projection; `grouped`: NF4 bases may run
+    as one group (`kernels.lora_group`).
     """
 
     @staticmethod
-    def forward(ctx, x, *projections):
+    def forward(ctx, x, grouped, *projections):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         ctx.projections = projections
         ctx.x_shape = shape
         parts = _split_args(projections)
-        ctx.group = _group_of(parts, x2)
+        ctx.group = _group_of(parts, x2, grouped)
         if ctx.group is not None:
             # One GEMM for all: the outputs are column blocks (views) of one [..., N] tensor, so
             # attention rotates q and k out of place (models.patch._rotate).
@@ -272,7 +241,7 @@ class LoRAQKVFunction(torch.autograd.Function):
             return tuple(y[..., ctx.group.rows(j)] for j in range(len(parts)))
         outs, saved = [], [x2]
         for args in parts:
-            y, xa = _projection_forward(x, *args)  # y [..., out], not a view
+            y, xa = projection_forward(x, *args)  # y [..., out], not a view
             outs.append(y)
             saved.append(xa)
         ctx.save_for_backward(*saved)
@@ -287,7 +256,7 @@ class LoRAQKVFunction(torch.autograd.Function):
             dy = torch.cat([d.reshape(-1, d.shape[-1]) for d in dys], dim=1)
             dx, group_grads = group_backward(dy, x2, xas[0], ctx.group, need_dx)
             grads = [g for dbias, dA, dB in group_grads for g in (None, None, dbias, dA, dB, None)]
-            return (dx.view(ctx.x_shape) if need_dx else None, *grads)
+            return (dx.view(ctx.x_shape) if need_dx else None, None, *grads)
         dx, grads = None, []
         for k, dy in enumerate(dys):
             args = projections[k * _N_ARGS : (k + 1) * _N_ARGS]
@@ -297,7 +266,7 @@ class LoRAQKVFunction(torch.autograd.Function):
                 dy2, x2, xas[k], weight, quant_state, bias, lora_A, lora_B, scaling, need_dx, dx
             )
             grads += [None, None, dbias, dA, dB, None]
-        return (dx.view(ctx.x_shape) if need_dx else None, *grads)
+        return (dx.view(ctx.x_shape) if need_dx else None, None, *grads)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -305,21 +274,20 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, *projection):
-        (y,) = LoRAQKVFunction.forward(ctx, x, *projection)
+        (y,) = LoRAQKVFunction.forward(ctx, x, False, *projection)  # one projection: nothing to group
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return LoRAQKVFunction.backward(ctx, dy)
+        dx, _, *grads = LoRAQKVFunction.backward(ctx, dy)
+        return (dx, *grads)
 
 
 @triton.jit
 def _act_and_grad(g, ACT: tl.constexpr):
-    """act(g) and act'(g) in fp32; ACT 0 silu, 1 gelu (erf), 2 gelu (tanh)."""
+    """act(g) and act'(g) in fp32; ACT 0 silu, 1 gelu (erf), 2 gelu (tanh): the swiglu / geglu maths."""
     if ACT == 0:
-        sig = tl.sigmoid(g)
-        act = g * sig
-        dact = sig * (1.0 + g * (1.0 - sig))
+        act, dact = _silu_and_grad(g)
     else:
         act, dact = _gelu_and_grad(g, ACT == 2)
     return act, dact
@@ -426,14 +394,15 @@ def _gated_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, 
     _gated_backward_rows_kernel[grid](dh, g, u, cols, g.stride(0), BLOCK=block, num_warps=num_warps, **extra)
 
 
-def _gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up by the swiglu / geglu kernels."""
+def gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up by the swiglu / geglu kernels; gate, up: [...] -> [...]; activation one of ACTIVATIONS."""
     if activation == "silu":
         return swiglu(gate, up)
     return geglu(gate, up, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
-def _check_activation(activation: str) -> None:
+def check_activation(activation: str) -> None:
+    """Raise unless `activation` is one of ACTIVATIONS."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS} (the family table's names), got {activation!r}")
 
@@ -441,27 +410,28 @@ def _check_activation(activation: str) -> None:
 class LoRAMLPFunction(torch.autograd.Function):
     """down(act(gate(X)) * up(X)) with LoRA on all three projections.
 
-    apply(X [..., H], activation, *gate.as_args(), *up.as_args(), *down.as_args()) -> Y [..., H_out].
+    apply(X [..., H], activation, grouped, *gate.as_args(), *up.as_args(), *down.as_args()) -> Y [..., H_out].
     Saves X, g and u ([T, I] each) and the three [T, r] LoRA products; act(g) * u is recomputed.
+    grouped: NF4 gate and up may run as one group (one GEMM gives [g | u]).
     """
 
     @staticmethod
-    def forward(ctx, x, activation, *projections):
+    def forward(ctx, x, activation, grouped, *projections):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         gate, up, down = (projections[i * _N_ARGS : (i + 1) * _N_ARGS] for i in range(3))
-        ctx.group = _group_of([gate, up], x2, activation)
+        ctx.group = _group_of([gate, up], x2, grouped, activation)
         if ctx.group is not None:  # one GEMM gives [g | u]; the activation reads both halves in place
             gu, xa_gu = group_forward(x2, ctx.group)
             h = _gated_halves(gu, activation)
-            y, ha_d = _projection_forward(h, *down)
+            y, ha_d = projection_forward(h, *down)
             del h
             ctx.save_for_backward(x2, gu, xa_gu, ha_d)
         else:
-            g, xa_g = _projection_forward(x2, *gate)
-            u, xa_u = _projection_forward(x2, *up)
-            h = _gated(g, u, activation)
-            y, ha_d = _projection_forward(h, *down)
+            g, xa_g = projection_forward(x2, *gate)
+            u, xa_u = projection_forward(x2, *up)
+            h = gated(g, u, activation)
+            y, ha_d = projection_forward(h, *down)
             del h
             ctx.save_for_backward(x2, g, u, xa_g, xa_u, ha_d)
         ctx.projections = (gate, up, down)
@@ -509,112 +479,46 @@ class LoRAMLPFunction(torch.autograd.Function):
             dx, dbias_g, dA_g, dB_g = _projection_backward(dg, x2, xa_g, *gate, need_dx)
             dx, dbias_u, dA_u, dB_u = _projection_backward(du, x2, xa_u, *up, need_dx, dx)
         return (
-            dx.view(ctx.x_shape) if need_dx else None, None,
+            dx.view(ctx.x_shape) if need_dx else None, None, None,
             None, None, dbias_g, dA_g, dB_g, None,
             None, None, dbias_u, dA_u, dB_u, None,
             *grads_down,
         )
 
 
-def _projection(layer) -> LoRAProjection:
-    return layer if isinstance(layer, LoRAProjection) else LoRAProjection.from_module(layer)
+def lora_linear(x: torch.Tensor, projection: LoRAProjection) -> torch.Tensor:
+    """y = x W^T + bias + s (x A^T) B^T through `LoRALinearFunction`; for O projections.
 
-
-def _apply(fn, x, *args):
-    """fn(x, *args); under torch.autocast, x is cast to its dtype and autocast is off inside."""
-    check_device(x)
-    cast = autocast_dtype(x.device)
-    if cast is None:
-        return fn(x, *args)
-    with torch.autocast(x.device.type, enabled=False):
-        return fn(x.to(cast), *args)
-
-
-# --- decode steps: no autograd, NF4 bases by nf4_matmul ----------------------------------------------
-
-
-def _gemv_reads(quant_state) -> bool:
-    return quant_state is not None and nf4_matmul_unsupported(quant_state) is None
-
-
-def _is_decode_step(x: torch.Tensor, projections) -> bool:
-    """True when this call needs no gradient, has at most GEMV_MAX_ROWS rows and an NF4 base nf4_matmul reads.
-
-    `projections`: concatenated `LoRAProjection.as_args()`. Checked on shapes and flags only, so a
-    captured CUDA graph never depends on tensor values.
+    x: [..., in]; returns [..., out] in x's dtype (under torch.autocast: its dtype).
     """
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows <= GEMV_MAX_ROWS:
-        return False
-    if torch.is_grad_enabled() and (
-        x.requires_grad or any(isinstance(t, torch.Tensor) and t.requires_grad for t in projections)
-    ):
-        return False
-    return any(_gemv_reads(projections[i + 1]) for i in range(0, len(projections), _N_ARGS))
+    args = projection.as_args()
+    check_inputs(x, args)
+    return call_in_autocast_dtype(LoRALinearFunction.apply, x, *args)
 
 
-def _decode_projection(x, weight, quant_state, bias, lora_A, lora_B, scaling):
-    """One projection without autograd; x: [..., in] -> [..., out] in x's dtype."""
-    if _gemv_reads(quant_state):
-        y = decode_matmul(x, weight, quant_state, bias)  # a fresh contiguous [..., out], not a view
-    else:
-        y2, _ = _projection_forward(x.reshape(-1, x.shape[-1]), weight, quant_state, bias, None, None, 1.0)
-        y = y2.view(*x.shape[:-1], y2.shape[-1])
-    if lora_A is not None:
-        x2 = x.reshape(-1, x.shape[-1])
-        rank_update_(y.view(-1, y.shape[-1]), x2 @ lora_A.to(x.dtype).t(), lora_B.to(x.dtype), scaling)
-    return y
+def lora_qkv(x: torch.Tensor, projections: Sequence[LoRAProjection], grouped: bool) -> tuple[torch.Tensor, ...]:
+    """(y_1, ..., y_m) of projections of one x in one autograd node that saves x once.
 
-
-def _decode_qkv(x, *projections):
-    return tuple(_decode_projection(x, *projections[i : i + _N_ARGS]) for i in range(0, len(projections), _N_ARGS))
-
-
-def _decode_mlp(x, activation, *projections):
-    gate, up, down = (projections[i * _N_ARGS : (i + 1) * _N_ARGS] for i in range(3))
-    return _decode_projection(_gated(_decode_projection(x, *gate), _decode_projection(x, *up), activation), *down)
-
-
-def lora_linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """y = layer(x) through `LoRALinearFunction`; for O projections.
-
-    x: [..., in]; layer: a peft LoRA layer (one active adapter), a plain Linear / Linear4bit, or a
-    LoRAProjection. Returns [..., out] in x's dtype.
+    x: [..., hidden]; projections: Q, K, V (one without adapter is allowed, e.g. peft's default
+    targets q_proj and v_proj only). Returns [..., out_j] each. grouped: NF4 bases as one GEMM; the
+    outputs are then column blocks (views) of one tensor.
     """
-    p = _projection(layer)
-    args = p.as_args()
-    _check_inputs(x, args)
-    if _is_decode_step(x, args):
-        return _apply(_decode_projection, x, *args)
-    return _apply(LoRALinearFunction.apply, x, *args)
+    args = sum((p.as_args() for p in projections), ())
+    check_inputs(x, args)
+    return call_in_autocast_dtype(LoRAQKVFunction.apply, x, grouped, *args)
 
 
-def lora_qkv(x: torch.Tensor, q_layer, k_layer, v_layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q_layer(x), k_layer(x), v_layer(x)) in one autograd node that saves x once.
+def lora_mlp(x: torch.Tensor, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection, activation: str,
+             grouped: bool) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) through `LoRAMLPFunction`.
 
-    x: [..., hidden]; each layer as in `lora_linear` (layers without an adapter are allowed, e.g.
-    peft's default targets q_proj and v_proj only). Returns ([..., q_out], [..., kv_out], [..., kv_out]).
+    x: [..., hidden]; activation: "silu" (SwiGLU: Llama, Mistral, Qwen), "gelu_tanh" (Gemma's
+    gelu_pytorch_tanh) or "gelu" (exact erf); grouped: NF4 gate and up as one GEMM. Returns [..., hidden].
     """
-    args = sum((_projection(layer).as_args() for layer in (q_layer, k_layer, v_layer)), ())
-    _check_inputs(x, args)
-    if _is_decode_step(x, args):
-        return _apply(_decode_qkv, x, *args)
-    return _apply(LoRAQKVFunction.apply, x, *args)
-
-
-def lora_mlp(x: torch.Tensor, gate_layer, up_layer, down_layer, activation: str = "silu") -> torch.Tensor:
-    """down_layer(act(gate_layer(x)) * up_layer(x)) through `LoRAMLPFunction`.
-
-    x: [..., hidden]; layers as in `lora_linear`; activation: "silu" (SwiGLU: Llama, Mistral, Qwen),
-    "gelu_tanh" (Gemma's gelu_pytorch_tanh) or "gelu" (exact erf). Returns [..., hidden].
-    """
-    _check_activation(activation)
-    gate, up, down = (_projection(layer) for layer in (gate_layer, up_layer, down_layer))
-    _check_inputs(x, gate.as_args() + up.as_args())
+    check_activation(activation)
+    check_inputs(x, gate.as_args() + up.as_args())
     args = (*gate.as_args(), *up.as_args(), *down.as_args())
-    if _is_decode_step(x, args):
-        return _apply(_decode_mlp, x, activation, *args)
-    return _apply(LoRAMLPFunction.apply, x, activation, *args)
+    return call_in_autocast_dtype(LoRAMLPFunction.apply, x, activation, grouped, *args)
 
 
 def reference_lora_linear(x: torch.Tensor, projection: LoRAProjection) -> torch.Tensor:
@@ -630,9 +534,14 @@ def reference_lora_linear(x: torch.Tensor, projection: LoRAProjection) -> torch.
     return y
 
 
+def reference_lora_qkv(x: torch.Tensor, projections: Sequence[LoRAProjection]) -> tuple[torch.Tensor, ...]:
+    """Plain PyTorch (autograd) `reference_lora_linear` of each projection; x: [..., in] -> ([..., out_j], ...)."""
+    return tuple(reference_lora_linear(x, p) for p in projections)
+
+
 def reference_lora_mlp(x, gate: LoRAProjection, up: LoRAProjection, down: LoRAProjection, activation="silu"):
     """Plain PyTorch (autograd) down(act(gate(x)) * up(x)); x: [..., H] -> [..., H_out]."""
-    _check_activation(activation)
+    check_activation(activation)
     g, u = reference_lora_linear(x, gate), reference_lora_linear(x, up)
     if activation == "silu":
         a = torch.nn.functional.silu(g)

@@ -1,4 +1,4 @@
-"""NF4 (bitsandbytes 4-bit) dequantisation in one Triton pass, and the dense weight of any base layer.
+"""NF4 (bitsandbytes 4-bit) dequantisation in one Triton pass, and the dense weight of (weight, quant_state).
 
 bitsandbytes stores a `Params4bit` weight of logical shape `quant_state.shape` as:
 - packed codes: the flattened weight, two 4-bit codes per byte, the first element in the HIGH
@@ -21,13 +21,12 @@ The arithmetic is done in fp32 in the same order as bitsandbytes, so the result 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import triton
 import triton.language as tl
 
 from tuneforge.kernels._utils import check_device, needs_bf16_rounding, round_bf16_rtne
 
-__all__ = ["base_weight_parts", "block_absmax", "dense_weight", "dequantize_nf4", "dequantize_nf4_rows", "get_base_weight", "reference_dequantize_nf4"]
+__all__ = ["block_absmax", "dense_weight", "dequantize_nf4", "dequantize_nf4_rows", "reference_dequantize_nf4"]
 
 
 @triton.jit
@@ -271,64 +270,8 @@ def reference_dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype
     return w.to(out_dtype or quant_state.dtype).reshape(tuple(quant_state.shape))
 
 
-def base_weight_parts(module: nn.Module):
-    """(weight, quant_state, bias) of a Linear, a bitsandbytes Linear4bit or a peft LoRA layer's base.
-
-    Nothing is dequantised: weight is the dense [out, in] Parameter (quant_state None) or the
-    packed 4-bit data with its QuantState. bias: [out] or None.
-
-    Under FSDP2, inside the forward/backward of the layer's shard unit, the weight is the
-    all-gathered plain tensor (the packed bytes typed as the quant storage dtype): FSDP2 does not
-    keep the Params4bit subclass, so its quant_state is read from the Linear4bit module, where
-    bitsandbytes also keeps it for this case. Outside the unit's forward the weight is a sharded
-    DTensor holding 1/N of the bytes, which nothing can multiply by: a clear error.
-    """
-    if getattr(module, "fan_in_fan_out", False):
-        raise NotImplementedError(f"{type(module).__name__} stores its weight transposed (fan_in_fan_out)")
-    if hasattr(module, "get_base_layer"):  # peft LoraLayer and friends
-        module = module.get_base_layer()
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        raise TypeError(f"{type(module).__name__} has no weight; expected a Linear-like layer")
-    if hasattr(weight, "_local_tensor"):  # a DTensor: FSDP2's shard, not gathered here
-        raise ValueError(
-            f"{type(module).__name__}'s weight is an FSDP2 shard (DTensor {tuple(weight._local_tensor.shape)} of "
-            f"{tuple(weight.shape)}); it is whole only inside its shard unit's forward and backward"
-        )
-    bias = getattr(module, "bias", None)
-    if getattr(weight, "quant_state", None) is None and getattr(module, "quant_state", None) is not None:
-        # FSDP2's gathered weight: a plain tensor; bitsandbytes keeps the state on the module.
-        return weight, module.quant_state, bias
-    if hasattr(weight, "quant_state") or type(weight).__name__ == "Params4bit":
-        if weight.quant_state is None:
-            raise ValueError(f"{type(module).__name__}'s 4-bit weight is not quantised yet (quant_state is None)")
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            from tuneforge.integration.bnb import standard_layout
-
-            standard_layout(module)  # bitsandbytes repacked it for its CPU gemm (an eval forward)
-        return weight, weight.quant_state, bias
-    if hasattr(weight, "SCB") or type(weight).__name__ == "Int8Params":
-        raise NotImplementedError(
-            f"{type(module).__name__} holds an 8-bit (LLM.int8) weight; the fused LoRA kernels take "
-            "16/32-bit or NF4 bases only"
-        )
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"{type(module).__name__}'s weight has dtype {weight.dtype}; expected a float weight")
-    return weight, None, bias
-
-
 def dense_weight(weight: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[out, in] in `dtype`: dequantised when quant_state is given, else weight itself (cast if asked)."""
     if quant_state is not None:
         return dequantize_nf4(weight, quant_state, dtype)
     return weight if dtype is None or weight.dtype == dtype else weight.to(dtype)
-
-
-def get_base_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense [out, in] weight of a Linear, a bitsandbytes Linear4bit, or a peft LoRA layer's base.
-
-    dtype: the dtype wanted (default: the weight's own, or quant_state.dtype for 4-bit).
-    A 4-bit weight is dequantised (a new tensor); a dense one is returned as is (cast if asked).
-    """
-    weight, quant_state, _ = base_weight_parts(module)
-    return dense_weight(weight, quant_state, dtype)

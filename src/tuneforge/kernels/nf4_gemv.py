@@ -26,22 +26,18 @@ CUDA graph: no host synchronisation and no branch on tensor values.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from tuneforge import switches
 from tuneforge.kernels._utils import _num_sms, check_float, needs_bf16_rounding, round_bf16_rtne, rows_view
 from tuneforge.kernels.nf4 import _launch_args, block_absmax, reference_dequantize_nf4
-from tuneforge.switches import NF4_GEMV_ENV, TRITON_INTERPRETER
-
-logger = logging.getLogger(__name__)
+from tuneforge.switches import TRITON_INTERPRETER
 
 __all__ = [
-    "MAX_ROWS", "GemvConfig", "default_config", "linear4bit_forward", "nf4_matmul", "nf4_matmul_unsupported",
+    "MAX_ROWS", "GemvConfig", "default_config", "nf4_matmul", "nf4_matmul_unsupported",
     "reference_nf4_matmul",
 ]
 
@@ -302,52 +298,3 @@ def reference_nf4_matmul(x: torch.Tensor, weight_packed: torch.Tensor, quant_sta
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
-
-
-# Measured on an H100 (bench/kernels.py --only nf4_matmul, 2026-11-23): with its current launch
-# choice nf4_matmul took 0.10-0.57 ms where bitsandbytes' matmul_4bit took 0.011-0.13 ms at 1 and 8
-# rows of the Llama-3.1-8B shapes (0.10x-0.85x). Until a tuned launch beats it, decode steps on CUDA
-# multiply through bitsandbytes (its fused 4-bit GEMV for a single row); TUNEFORGE_NF4_GEMV=1
-# selects ours (switches.nf4_gemv), as do CPU runs (bitsandbytes has no fused kernel there).
-_said_which: set = set()
-
-
-def decode_matmul(x: torch.Tensor, weight_packed: torch.Tensor, quant_state, bias: torch.Tensor | None = None):
-    """x [..., K] (at most MAX_ROWS rows, no autograd) @ dequant(W)^T (+ bias) -> a fresh [..., N]
-    in x's dtype, by the faster of nf4_matmul and bitsandbytes' matmul_4bit for the device."""
-    ours = not x.is_cuda or switches.current().nf4_gemv
-    if x.device.type not in _said_which:
-        _said_which.add(x.device.type)
-        logger.info("decode matmuls on %s: %s", x.device.type, "nf4_matmul" if ours else
-                    f"bitsandbytes matmul_4bit (nf4_matmul measured slower on the H100; {NF4_GEMV_ENV}=1 selects it)")
-    if ours:
-        return nf4_matmul(x, weight_packed, quant_state, bias)
-    import bitsandbytes as bnb
-
-    # bitsandbytes wants the bias in x's dtype (ours adds it in fp32); Linear4bit does the same cast.
-    return bnb.matmul_4bit(x, weight_packed.t(), quant_state=quant_state,
-                           bias=None if bias is None else bias.to(x.dtype))
-
-
-def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Forward of a bitsandbytes Linear4bit, bound to the instance by `models.patch`.
-
-    x: [..., in] -> [..., out] in x's dtype. A decode step (at most MAX_ROWS rows, no gradient
-    wanted, a weight nf4_matmul reads) multiplies by `nf4_matmul` in the layer's compute dtype, as
-    bitsandbytes does; anything else runs the class's own forward.
-    """
-    weight, bias = self.weight, self.bias
-    # Under FSDP the gathered weight loses its state; bitsandbytes keeps it on the module.
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None:
-        quant_state = getattr(self, "quant_state", None)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    # bitsandbytes settles compute_dtype on a layer's first call (and warns about fp16 there): let it.
-    if (0 < rows <= MAX_ROWS and not wants_grad and self.compute_type_is_set and x.device == weight.device
-            and nf4_matmul_unsupported(quant_state, x.shape[-1]) is None):
-        compute = self.compute_dtype or x.dtype
-        return decode_matmul(x.to(compute), weight, quant_state, bias).to(x.dtype)
-    from tuneforge.integration.bnb import linear4bit_forward as bitsandbytes_forward
-
-    return bitsandbytes_forward(self, x)

@@ -15,13 +15,21 @@ from tuneforge.kernels._utils import gated_backward, gated_forward
 
 
 @triton.jit
+def _silu_and_grad(a):
+    """silu(a) and silu'(a) in fp32: silu'(a) = s + a * s * (1 - s) = s * (1 + a * (1 - s)), s = sigmoid(a)."""
+    s = tl.sigmoid(a)
+    return a * s, s * (1.0 + a * (1.0 - s))
+
+
+@triton.jit
 def _swiglu_fwd_kernel(GATE, UP, OUT, n, BLOCK: tl.constexpr):
     # int64 offsets: tokens * intermediate passes 2^31 for long packed batches.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     a = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + offs, (a * tl.sigmoid(a) * b).to(OUT.dtype.element_ty), mask=mask)
+    silu, _ = _silu_and_grad(a)
+    tl.store(OUT + offs, (silu * b).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -33,7 +41,8 @@ def _swiglu_bwd_kernel(DOUT, GATE, UP, DGATE, DUP, n, BLOCK: tl.constexpr):
     b = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(a)
     silu = a * s
-    # silu'(a) = s + a * s * (1 - s) = s * (1 + a * (1 - s))
+    # _silu_and_grad's derivative, multiplied in this order ((dy * b) * s) * (...): the order the
+    # kernel has always used (another order can differ in the last bit).
     tl.store(DGATE + offs, (dy * b * s * (1.0 + a * (1.0 - s))).to(DGATE.dtype.element_ty), mask=mask)
     tl.store(DUP + offs, (dy * silu).to(DUP.dtype.element_ty), mask=mask)
 

@@ -63,10 +63,10 @@ def _projections(layers):
     Checked at every call because peft state changes after patching (set_adapter with several
     adapters, a dropout module put back into training, ...).
     """
-    from tuneforge.kernels.lora import LoRAProjection
+    from tuneforge.lora.projections import projection_of
 
     try:
-        return [LoRAProjection.from_module(layer) for layer in layers]
+        return [projection_of(layer) for layer in layers]
     except (NotImplementedError, ValueError) as error:
         if str(error) not in _WARNED:  # once per reason, not once per layer and step
             _WARNED.add(str(error))
@@ -76,7 +76,7 @@ def _projections(layers):
 
 def fused_qkv(attn: nn.Module, hidden_states):
     """(q, k, v) of `attn` by `lora_qkv`, or None when peft's forward must run instead."""
-    from tuneforge.kernels.lora import lora_qkv
+    from tuneforge.lora.projections import lora_qkv
 
     projections = _projections((attn.q_proj, attn.k_proj, attn.v_proj))
     return None if projections is None else lora_qkv(hidden_states, *projections)
@@ -84,7 +84,7 @@ def fused_qkv(attn: nn.Module, hidden_states):
 
 def fused_mlp(mlp: nn.Module, x):
     """down(act(gate(x)) * up(x)) of `mlp` by `lora_mlp`, or None when peft's forward must run."""
-    from tuneforge.kernels.lora import lora_mlp
+    from tuneforge.lora.projections import lora_mlp
 
     projections = _projections((mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     return None if projections is None else lora_mlp(x, *projections, activation=mlp._tuneforge_activation)
@@ -95,7 +95,7 @@ def _fused_linear_forward(self, x, *args, **kwargs):
     if not args and not kwargs:  # adapter_names=... (mixed-batch inference) is peft's business
         projections = _projections((self,))
         if projections is not None:
-            from tuneforge.kernels.lora import lora_linear
+            from tuneforge.lora.projections import lora_linear
 
             out = lora_linear(x, projections[0])
             # kernels.lora returns a view made inside its autograd Function, which autograd forbids
@@ -146,7 +146,7 @@ def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None)
                 claimed.update(id(layer) for layer in layers)
                 if patch_name not in applied:
                     applied.append(patch_name)
-    from tuneforge.kernels.nf4 import base_weight_parts
+    from tuneforge.integration.weights import base_weight_parts
 
     for name, layer in _lora_layers(base):
         if id(layer) in claimed:

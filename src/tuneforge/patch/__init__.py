@@ -551,7 +551,7 @@ def _patch_linear4bit(model, spec: FamilySpec) -> str | None:
     """Every bitsandbytes Linear4bit's forward -> `nf4_gemv.linear4bit_forward` (decode steps only)."""
     import bitsandbytes as bnb
 
-    from tuneforge.kernels.nf4_gemv import linear4bit_forward
+    from tuneforge.patch.linear4bit import linear4bit_forward
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     for layer in layers:
