@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import tuneforge.patch as patch
+import tuneforge.patch.attention as patch_attention
 from tuneforge import FastLanguageModel
 from tuneforge.data.masking import IGNORE_INDEX
 from tuneforge.data.packing import PaddingFreeCollator, padding_free_batch
@@ -56,13 +56,13 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = patch.varlen_attention
+        real = patch_attention.varlen_attention
 
         def varlen(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(patch, "varlen_attention", varlen)
+        monkeypatch.setattr(patch_attention, "varlen_attention", varlen)
 
 
 @pytest.mark.parametrize("family", PACKING)

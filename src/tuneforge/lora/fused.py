@@ -5,9 +5,9 @@ base layer (a bitsandbytes 4-bit matmul, or a dense one) and then the adapter as
 `patch_lora` replaces, on the module INSTANCES (nothing leaks to other models):
 
   the MLP block      -> `lora_mlp`: gate, up, act * up and down in one autograd Function
-                        (where `models.patch` runs the gated MLP: separate gate/up/down);
+                        (the `MlpPlan` of a block `patch.mlp` runs with separate gate/up/down);
   Q, K, V            -> `lora_qkv`: one Function that saves the input once and sums its gradient
-                        (where `models.patch` runs the attention: separate q/k/v projections);
+                        (the `AttentionPlan` of an attention with separate q/k/v projections);
   every other LoRA   -> `lora_linear` (O, and Phi-3's qkv_proj / gate_up_proj, StarCoder2's c_fc, ...).
 
 The kernels dequantise NF4 weights on the fly (no dense copy kept between the passes) and never
@@ -18,6 +18,7 @@ line saying why.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 
@@ -25,7 +26,9 @@ from torch import nn
 
 from tuneforge.models.families import FamilySpec
 from tuneforge.models.record import record_of
-from tuneforge.patch import kernels_can_run
+from tuneforge.patch import attention, kernels_can_run, mlp
+from tuneforge.patch.attention import AttentionPlan, separate_qkv
+from tuneforge.patch.mlp import MlpPlan, separate_mlp
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +78,21 @@ def _projections(layers):
 
 
 def fused_qkv(attn: nn.Module, hidden_states):
-    """(q, k, v) of `attn` by `lora_qkv`, or None when peft's forward must run instead."""
+    """(q, k, v) of `attn` by `lora_qkv`; the separate projections (peft's forwards) when the
+    adapters cannot be fused now. An `AttentionPlan.project`."""
     from tuneforge.lora.projections import lora_qkv
 
     projections = _projections((attn.q_proj, attn.k_proj, attn.v_proj))
-    return None if projections is None else lora_qkv(hidden_states, *projections)
+    return separate_qkv(attn, hidden_states) if projections is None else lora_qkv(hidden_states, *projections)
 
 
-def fused_mlp(mlp: nn.Module, x):
-    """down(act(gate(x)) * up(x)) of `mlp` by `lora_mlp`, or None when peft's forward must run."""
+def fused_mlp(mlp: nn.Module, x, activation: str):
+    """down(act(gate(x)) * up(x)) of `mlp` by `lora_mlp`; the separate projections (peft's forwards)
+    when the adapters cannot be fused now. An `MlpPlan.compute`."""
     from tuneforge.lora.projections import lora_mlp
 
     projections = _projections((mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    return None if projections is None else lora_mlp(x, *projections, activation=mlp._tuneforge_activation)
+    return separate_mlp(mlp, x, activation) if projections is None else lora_mlp(x, *projections, activation=activation)
 
 
 def _fused_linear_forward(self, x, *args, **kwargs):
@@ -105,12 +110,16 @@ def _fused_linear_forward(self, x, *args, **kwargs):
     return type(self).forward(self, x, *args, **kwargs)
 
 
-# Blocks computed by one fused Function: (the attribute models.patch marks the block with, the
-# projections the Function reads, the flag that routes the block's patched forward to it, name).
+# Blocks computed by one fused Function: (plan type, the plan's separate-projection function the
+# fused one replaces, the projections the Function reads, the plan field, the fused function, name).
 _FUSED_BLOCKS = (
-    ("_tuneforge_activation", ("gate_proj", "up_proj", "down_proj"), "_tuneforge_fused_lora", "lora_mlp"),
-    ("_tuneforge_qk_norm", ("q_proj", "k_proj", "v_proj"), "_tuneforge_fused_qkv", "lora_qkv"),
+    (MlpPlan, separate_mlp, ("gate_proj", "up_proj", "down_proj"), "compute", fused_mlp, "lora_mlp"),
+    (AttentionPlan, separate_qkv, ("q_proj", "k_proj", "v_proj"), "project", fused_qkv, "lora_qkv"),
 )
+
+
+def rebind(plan_type, model, name: str, block: nn.Module, plan) -> None:
+    (attention.bind if plan_type is AttentionPlan else mlp.bind)(model, name, block, plan)
 
 
 def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None) -> list[str]:
@@ -136,13 +145,14 @@ def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None)
 
     applied: list[str] = []
     claimed: set[int] = set()  # LoRA layers a fused block computes; their own forward is never called
-    for marker, projections, flag, patch_name in _FUSED_BLOCKS:
-        for block in base.modules():
-            if not hasattr(block, marker) or not all(hasattr(block, p) for p in projections):
-                continue  # not a block models.patch runs with these separate projections
+    for plan_type, separate, projections, field, fused, patch_name in _FUSED_BLOCKS:
+        for name, plan in list(record.plans.items()):
+            if not isinstance(plan, plan_type) or getattr(plan, field) is not separate:
+                continue  # another layout (Phi-3's packed projections) or already fused
+            block = base.get_submodule(name)
             layers = [getattr(block, p) for p in projections]
             if any(hasattr(layer, "lora_A") for layer in layers):
-                setattr(block, flag, True)
+                rebind(plan_type, base, name, block, dataclasses.replace(plan, **{field: fused}))
                 claimed.update(id(layer) for layer in layers)
                 if patch_name not in applied:
                     applied.append(patch_name)

@@ -28,8 +28,9 @@ class ModelRecord:
     gradient_checkpointing: object = None
     # for_inference turned checkpointing off; for_training puts it back.
     resume_checkpointing: bool = False
-    # (final logit soft-cap, logit scale) the fused loss applies (Gemma 2/3, Cohere, Granite).
-    logits: tuple[float | None, float | None] = (None, None)
+    # module name -> the plan its patched forward was bound with (patch.attention.AttentionPlan,
+    # patch.mlp.MlpPlan, patch.loss.LossPlan under ""): what runs, decided at patch time.
+    plans: dict[str, object] = field(default_factory=dict)
     # how generate() decodes: "tuneforge (...)" or "transformers (reason)".
     generate_path: str | None = None
 
