@@ -44,7 +44,7 @@ from tuneforge.kernels._utils import (
 from tuneforge.kernels.geglu import _gelu_and_grad, geglu
 from tuneforge.kernels.nf4 import dense_weight, reference_dequantize_nf4
 from tuneforge.kernels import lora_group
-from tuneforge.kernels.lora_group import ProjectionGroup, group_backward, group_forward, groupable
+from tuneforge.kernels.lora_group import Projection, ProjectionGroup, group_backward, group_forward, groupable
 from tuneforge.kernels.rank_update import rank_update_
 from tuneforge.kernels.swiglu import _silu_and_grad, swiglu
 from tuneforge.kernels.weight_cache import cast_for_compute
@@ -199,9 +199,9 @@ def _group_of(parts: list[tuple], x: torch.Tensor, grouped: bool, activation: st
     return group
 
 
-def _split_args(projections) -> list[tuple]:
-    """Concatenated `LoRAProjection.as_args()` tuples -> one tuple per projection."""
-    return [projections[i : i + _N_ARGS] for i in range(0, len(projections), _N_ARGS)]
+def _split_args(projections) -> list[Projection]:
+    """Concatenated `LoRAProjection.as_args()` tuples -> one Projection per projection."""
+    return [Projection(*projections[i : i + _N_ARGS]) for i in range(0, len(projections), _N_ARGS)]
 
 
 def check_inputs(x: torch.Tensor, projections: tuple) -> None:
@@ -419,7 +419,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     def forward(ctx, x, activation, grouped, *projections):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        gate, up, down = (projections[i * _N_ARGS : (i + 1) * _N_ARGS] for i in range(3))
+        gate, up, down = _split_args(projections)
         ctx.group = _group_of([gate, up], x2, grouped, activation)
         if ctx.group is not None:  # one GEMM gives [g | u]; the activation reads both halves in place
             gu, xa_gu = group_forward(x2, ctx.group)
