@@ -7,7 +7,7 @@ output dtype happens, so bf16/fp16 agree to within one ulp of y (rel. 2**-7 / 2*
 import pytest
 import torch
 
-from tuneforge.kernels.rank_update import launch_rank_update_
+from tuneforge.kernels.rank_update import launch_rank_update_, rank_update_, reference_rank_update
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -44,4 +44,17 @@ def test_rank_update_of_column_slices_in_place(dtype):
     assert out.data_ptr() == got[:, 40:160].data_ptr()
     assert torch.equal(got[:, :40], y[:, :40]) and torch.equal(got[:, 160:], y[:, 160:])
     error = (got.float() - expected).norm() / expected.norm()
+    assert error < TOLERANCE[dtype], error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [16, 80], ids=["one-tile", "above-MAX_RANK"])
+def test_rank_update_dispatch_matches_the_reference(dtype, r):
+    """rank_update_ (the kernel, or addmm_ where it does not apply) against reference_rank_update."""
+    y = torch.randn(17, 176, device=DEVICE).to(dtype)
+    xa = torch.randn(17, r, device=DEVICE).to(dtype)
+    b_t = torch.randn(176, r, device=DEVICE).to(dtype)
+    expected = reference_rank_update(y, xa, b_t, 0.5)
+    got = rank_update_(y.clone(), xa, b_t, 0.5)
+    error = (got.float() - expected.float()).norm() / expected.float().norm()
     assert error < TOLERANCE[dtype], error
