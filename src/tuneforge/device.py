@@ -1,6 +1,13 @@
-"""What the machine can do: accelerator, bf16 support, the compute dtype to train in."""
+"""What the machine can do (accelerator, bf16 support, the compute dtype to train in) and where this
+process stands in a launched job (rank, world size, the GPU it loads onto)."""
 
 import torch
+
+from tuneforge import switches
+
+
+class DistributedConfigError(ValueError):
+    """A distributed setting is wrong or impossible here; the message says what to do instead."""
 
 
 def has_cuda() -> bool:
@@ -35,3 +42,58 @@ def peak_memory_gib() -> float:
 
     # ru_maxrss is in KiB on Linux.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ---------------------------------------------------------------- where this process stands
+
+
+def _launcher_int(name: str, default: int) -> int:
+    try:
+        value = switches.env_int(name)
+    except switches.SwitchError as error:
+        raise DistributedConfigError(str(error)) from None
+    return default if value is None else value
+
+
+def world_size() -> int:
+    """Processes in this job (1 without a launcher). torchrun and accelerate set WORLD_SIZE."""
+    return _launcher_int("WORLD_SIZE", 1)
+
+
+def rank() -> int:
+    """This process's global index, 0 .. world_size-1."""
+    return _launcher_int("RANK", 0)
+
+
+def local_rank() -> int:
+    """This process's index on its machine: the GPU it owns."""
+    return _launcher_int("LOCAL_RANK", 0)
+
+
+def rank_device() -> torch.device:
+    """The device this rank trains on: cuda:LOCAL_RANK, or the CPU without CUDA."""
+    if not has_cuda():
+        return torch.device("cpu")
+    index = local_rank() if world_size() > 1 else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise DistributedConfigError(
+            f"LOCAL_RANK {index} but only {torch.cuda.device_count()} CUDA devices are visible: "
+            "start at most one process per GPU (torchrun --nproc_per_node <= GPU count)"
+        )
+    return torch.device("cuda", index)
+
+
+def device_map():
+    """`device_map` for from_pretrained: the whole model on this rank's device.
+
+    Every rank must load onto its own GPU; `torch.cuda.current_device()` is 0 in every fresh
+    process, which would put all ranks' copies on GPU 0. Under a launcher the rank's GPU also
+    becomes the current device, so that whatever allocates on plain "cuda" before accelerate
+    sets it (CUDA's context, bitsandbytes, our kernels' scratch) lands there too.
+    """
+    where = rank_device()
+    if where.type != "cuda":
+        return "cpu"
+    if world_size() > 1:
+        torch.cuda.set_device(where)
+    return {"": where.index}

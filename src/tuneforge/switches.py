@@ -6,6 +6,8 @@ defaults. `resolve()` reads the environment again and makes the result current (
 once per model and logs `Switches.line()`); `current()` returns the last one resolved (resolving
 once from the environment when nothing did yet). Code below the loader gets the switches it needs as
 arguments, or from the model's record (`model.tuneforge.switches`), never from the environment.
+Checks made where no model exists (a data file named like a Hub dataset, a Hub push) call
+`offline()`, which reads the offline variables at that moment, as huggingface_hub itself would.
 
 The environment variables and what they choose:
 
@@ -17,8 +19,9 @@ The environment variables and what they choose:
 | TUNEFORGE_FLAT_OPTIMIZER | flat_optimizer | 0: bitsandbytes' 8-bit AdamW steps each tensor (A/B) |
 | TUNEFORGE_NF4_GEMV | nf4_gemv | 1: our NF4 decode matmul on CUDA too (bitsandbytes' is faster on H100) |
 | TUNEFORGE_RMS_NORM_FWD | rms_norm_launch | "ROWS,WARPS": the RMSNorm forward's launch (bench sweeps) |
-| HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, HF_DATASETS_OFFLINE | offline | 1/true/yes/on |
+| HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, HF_DATASETS_OFFLINE | offline | any of them 1/true/yes/on: no Hub |
 | ACCELERATE_USE_FSDP | fsdp | true: NF4 codes stored in the compute dtype so FSDP2 can shard them |
+|   | | (`accelerate launch --use_fsdp` sets it; `tuneforge train` passes fsdp=True to the loader) |
 | TRITON_INTERPRET | triton_interpreter | 1: Triton kernels run on the CPU (set before triton is imported) |
 """
 
@@ -107,7 +110,7 @@ def from_environment(**given) -> Switches:
         flat_optimizer=_flag(FLAT_OPTIMIZER_ENV, True),
         nf4_gemv=_flag(NF4_GEMV_ENV, False),
         rms_norm_launch=_launch(RMS_NORM_LAUNCH_ENV),
-        offline=any(os.environ.get(name, "").strip().lower() in _TRUE for name in OFFLINE_ENVS),
+        offline=offline(),
         fsdp=_flag(FSDP_ENV, False),
     )
     unknown = set(given) - {f.name for f in dataclasses.fields(Switches)}
@@ -129,6 +132,11 @@ def resolve(**given) -> Switches:
 def current() -> Switches:
     """The switches last resolved; resolved from the environment on first use."""
     return _current[0] if _current else resolve()
+
+
+def offline() -> bool:
+    """The offline flag read now (Switches.offline, for checks made where no model record exists)."""
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in OFFLINE_ENVS)
 
 
 # --- other facts of the environment (not switches: where things live, who the user is) ------------

@@ -21,6 +21,7 @@ def test_unreachable_hub_names_the_saved_export(monkeypatch, tmp_path):
     import huggingface_hub.constants as constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")  # conftest sets it; any offline variable means offline
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     # A closed local port: the connection is refused at once, no network involved.
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
@@ -33,6 +34,7 @@ def _unreachable_hub(monkeypatch):
     import huggingface_hub.constants as constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")  # conftest sets it; any offline variable means offline
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # refused at once, no network involved
 

@@ -130,12 +130,11 @@ def run_worker(spec: dict) -> dict:
     from tuneforge.train.trainer import SFTConfig, SFTTrainer
 
     strategy = spec["strategy"]
-    if strategy == "fsdp":
-        os.environ[distributed.FSDP_ENV] = "true"  # before loading: the NF4 storage dtype depends on it
     bf16 = spec.get("dtype", "float32") == "bfloat16"
     model, tokenizer = FastLanguageModel.from_pretrained(
         spec["model_dir"], max_seq_length=64, dtype=spec.get("dtype", "float32"), load_in_4bit=spec["load_in_4bit"],
         use_kernels=spec["kernels"] in ("all", "model"),
+        fsdp=strategy == "fsdp",  # the NF4 storage dtype depends on it
     )
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=1,
                                              use_gradient_checkpointing=spec["checkpointing"],
@@ -175,8 +174,7 @@ def run_worker(spec: dict) -> dict:
         "base_dtype": str(getattr(base, "_local_tensor", base).dtype),
         "base_is_4bit": hasattr(getattr(model.get_base_model().model.layers[0].self_attn.q_proj, "base_layer"),
                                 "quant_state"),
-        "kernels": list(model.get_base_model().tuneforge.kernels)
-        + list(getattr(model.get_base_model(), "tuneforge_lora_kernels", [])),
+        "kernels": list(model.get_base_model().tuneforge.kernels) + list(model.get_base_model().tuneforge.lora_kernels),
         "paths": dict(paths),
         "outside_forward": _read_base_weight(model.get_base_model().model.layers[0].mlp.down_proj),
     }
@@ -412,26 +410,31 @@ def test_without_cuda_every_rank_loads_on_the_cpu(monkeypatch):
     (True, torch.float16, torch.float16),
     (True, torch.float32, torch.float32),
 ])
-def test_nf4_storage_is_floating_only_under_fsdp(monkeypatch, fsdp, compute, expected):
-    monkeypatch.setenv(distributed.FSDP_ENV, "true" if fsdp else "false")
-    assert distributed.quant_storage_dtype(compute) == expected
-    from tuneforge.models.loader import quantization_config
+def test_nf4_storage_is_floating_only_under_fsdp(fsdp, compute, expected):
+    from tuneforge.models.loader import quant_storage_dtype, quantization_config
 
-    assert quantization_config(True, False, compute).bnb_4bit_quant_storage == expected
+    assert quant_storage_dtype(compute, fsdp) == expected
+    assert quantization_config(True, False, compute, fsdp=fsdp).bnb_4bit_quant_storage == expected
 
 
-def test_nf4_storage_dtype_does_not_change_the_model(model_dir, monkeypatch):
-    """The same packed bytes, typed uint8 or float32: identical logits."""
+@pytest.mark.parametrize("given", ["argument", "environment"])
+def test_nf4_storage_dtype_does_not_change_the_model(model_dir, monkeypatch, given):
+    """The same packed bytes, typed uint8 or float32: identical logits. FSDP is asked for by the
+    `fsdp` argument (`tuneforge train --strategy fsdp`), which wins over the environment, or by
+    `accelerate launch --use_fsdp`'s ACCELERATE_USE_FSDP."""
     from tuneforge import FastLanguageModel
 
     ids = torch.randint(20, 317, (2, 12), generator=torch.Generator().manual_seed(3))
     logits = {}
     for fsdp in (False, True):
-        monkeypatch.setenv(distributed.FSDP_ENV, str(fsdp).lower())
-        model, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=True, dtype="float32", use_kernels=False)
+        told = {"fsdp": fsdp} if given == "argument" else {}
+        monkeypatch.setenv(distributed.FSDP_ENV, str(fsdp != (given == "argument")).lower())
+        model, _ = FastLanguageModel.from_pretrained(model_dir, load_in_4bit=True, dtype="float32", use_kernels=False,
+                                                     **told)
         weight = model.model.layers[0].mlp.down_proj.weight
         assert type(weight).__name__ == "Params4bit"
         assert weight.dtype == (torch.float32 if fsdp else torch.uint8)
+        assert model.tuneforge.switches.fsdp == fsdp
         with torch.no_grad():
             logits[fsdp] = model(input_ids=ids).logits
     torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=0)

@@ -9,7 +9,7 @@
 back into "train-2.jsonl, row 17" for error messages. Rows are numbered from 0.
 
 A string that is not an existing path is taken as a Hub dataset name only when it looks like one
-("owner/name") and the Hub is not switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); otherwise
+("owner/name") and the Hub is not switched off (`switches.offline()`); otherwise
 the error says the file is missing.
 """
 
@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from tuneforge import switches
 from tuneforge.data.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,6 @@ class _Locator:
     def __call__(self, index: int) -> tuple[str, int]:
         part = bisect.bisect_right(self.starts, index) - 1
         return self.names[part], index - self.starts[part]
-
-
-def _offline() -> bool:
-    return any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 class _Duplicated(dict):
@@ -271,9 +268,9 @@ def load_records(source, *, split: str = "train", name: str | None = None):
     text = str(source)
     if not _looks_like_hub_name(text):
         raise DataError("no such file or folder", source=text)
-    if _offline():
+    if switches.offline():
         raise DataError("is not a local file or folder, and the Hugging Face Hub is switched off "
-                        "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); download it first or pass a local path", source=text)
+                        "(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE/HF_DATASETS_OFFLINE); download it first or pass a local path", source=text)
     from datasets import load_dataset
 
     try:

@@ -10,8 +10,9 @@ errors say so and how to keep the export instead of naming a folder that no long
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
+
+from tuneforge import switches
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,7 @@ class HubUnavailable(RuntimeError):
 def _offline() -> bool:
     from huggingface_hub import constants
 
-    flag = os.environ.get("HF_HUB_OFFLINE", "")
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or flag.upper() in ("1", "ON", "YES", "TRUE")
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or switches.offline()
 
 
 def require_online(repo_id: str, saved_in: Path | None = None) -> None:
@@ -86,7 +86,7 @@ def open_repo(repo_id: str, token: str | None = None, private: bool = False) -> 
     require_online(repo_id)
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token or os.environ.get("HF_TOKEN"))
+    api = HfApi(token=token or switches.hub_token())
     return str(_hub_call(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
                          repo_id, None, "creating"))
 
@@ -103,7 +103,7 @@ def push_folder(folder: str | Path, repo_id: str, token: str | None = None, priv
     require_online(repo_id, None if temporary else folder)
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token or os.environ.get("HF_TOKEN"))
+    api = HfApi(token=token or switches.hub_token())
     what = "uploading to" if temporary else f"pushing {folder} to"
     url = _hub_call(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
                     repo_id, where, what)

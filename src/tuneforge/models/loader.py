@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tuneforge import switches
-from tuneforge.device import default_compute_dtype, has_cuda
+from tuneforge.device import default_compute_dtype, device_map as rank_device_map, has_cuda
 from tuneforge.models import registry, shipped
 from tuneforge.models.families import FamilySpec, family_for_model_type
 from tuneforge.models.record import ModelRecord
@@ -69,9 +69,9 @@ def resolve_source(model_name: str, load_in_4bit: bool) -> Source:
     return Source(hub_id, hub=True, requested=model_name)
 
 
-def _hub_error(source: Source, error: Exception) -> ModelLoadError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-    why = "HF_HUB_OFFLINE is set" if offline else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+def _hub_error(source: Source, error: Exception, offline: bool) -> ModelLoadError:
+    why = ("offline mode is on: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE" if offline
+           else f"{type(error).__name__}: {str(error).splitlines()[0]}")
     return ModelLoadError(
         f"could not load {source.requested!r} from the Hugging Face Hub ({why}). Pass a local model folder, "
         f"or a shipped model ({', '.join(shipped.SHIPPED_MODELS)}); for gated models pass token=..."
@@ -120,10 +120,20 @@ def apply_rope_scaling(config, max_seq_length: int, rope_scaling: dict | None) -
         config.max_position_embeddings = max_seq_length
 
 
+def quant_storage_dtype(compute_dtype: torch.dtype, fsdp: bool) -> torch.dtype:
+    """The dtype bitsandbytes stores packed NF4 codes in.
+
+    uint8 normally. Under FSDP the compute dtype: the bytes are the same, but FSDP2 shards only
+    floating parameters, and one dtype for all base weights keeps each shard group's all-gather a
+    single flat buffer.
+    """
+    return compute_dtype if fsdp else torch.uint8
+
+
 def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype,
-                        quant_storage: torch.dtype | None = None):
-    """quant_storage: dtype of the packed NF4 codes; None: uint8, or the compute dtype under FSDP
-    (see tuneforge.train.distributed.quant_storage_dtype)."""
+                        quant_storage: torch.dtype | None = None, *, fsdp: bool = False):
+    """quant_storage: dtype of the packed NF4 codes; None: `quant_storage_dtype(compute_dtype, fsdp)`
+    (fsdp: the `fsdp` switch the loader resolved)."""
     if not (load_in_4bit or load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
@@ -131,9 +141,7 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: t
     if load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     if quant_storage is None:
-        from tuneforge.train.distributed import quant_storage_dtype
-
-        quant_storage = quant_storage_dtype(compute_dtype)
+        quant_storage = quant_storage_dtype(compute_dtype, fsdp)
         if quant_storage != torch.uint8:
             logger.info("FSDP run: NF4 codes stored as %s so that FSDP2 can shard them", quant_storage)
     return BitsAndBytesConfig(
@@ -189,9 +197,14 @@ def load_model(
     revision: str | None = None,
     attn_implementation: str | None = None,
     use_kernels: bool | None = None,
+    fsdp: bool | None = None,
     **from_pretrained_kwargs,
 ):
-    """Returns (model, tokenizer). See `FastLanguageModel.from_pretrained` for the arguments."""
+    """Returns (model, tokenizer). See `FastLanguageModel.from_pretrained` for the arguments.
+
+    fsdp: the model will be sharded with FSDP2 (NF4 codes stored in the compute dtype); None: the
+    environment's `accelerate launch --use_fsdp`. `tuneforge train --strategy fsdp` passes True.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -203,13 +216,15 @@ def load_model(
     if max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be > 0, got {max_seq_length}")
     compute_dtype = resolve_dtype(dtype)
+    # Every switch (arguments, then the environment) decided once, before anything loads.
+    resolved = switches.resolve(kernels=resolve_use_kernels(use_kernels), fsdp=fsdp)
     source = resolve_source(model_name, load_in_4bit)
     hub_kwargs = dict(token=token, revision=revision, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(source.path, **hub_kwargs)
     except (OSError, ValueError) as error:
         if source.hub:
-            raise _hub_error(source, error) from None
+            raise _hub_error(source, error, resolved.offline) from None
         raise ModelLoadError(f"{source.path}: could not read config.json: {error}") from None
 
     spec = family_for_model_type(config.model_type)
@@ -224,7 +239,8 @@ def load_model(
 
     # Pre-quantised checkpoints carry their own quantization_config; don't stack another on top.
     prequantised = getattr(config, "quantization_config", None)
-    quantization = None if prequantised is not None else quantization_config(load_in_4bit, load_in_8bit, compute_dtype)
+    quantization = None if prequantised is not None else \
+        quantization_config(load_in_4bit, load_in_8bit, compute_dtype, fsdp=resolved.fsdp)
     model_class = AutoModelForCausalLM
     if spec is not None and spec.linear_subclasses and _is_bitsandbytes(prequantised if quantization is None else quantization):
         model_class = _with_plain_linears(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], spec.linear_subclasses)
@@ -237,8 +253,6 @@ def load_model(
         # Each stacked expert weight becomes NF4 as it is loaded (one dense stack in memory at a time).
         model_class = quantizing_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], spec)
     if device_map is None:
-        from tuneforge.train.distributed import device_map as rank_device_map
-
         # Under torchrun each rank loads onto its own GPU (LOCAL_RANK).
         device_map = rank_device_map()
     try:
@@ -262,7 +276,7 @@ def load_model(
                            source.path)
     except OSError as error:
         if source.hub:
-            raise _hub_error(source, error) from None
+            raise _hub_error(source, error, resolved.offline) from None
         raise
 
     if fix_tokenizer_ and tokenizer is not None:
@@ -287,7 +301,7 @@ def load_model(
     from tuneforge.integration.bnb import prepare
 
     prepare(model)  # bitsandbytes' CPU repack off, and its wrong CPU dequantisation avoided (see there)
-    record = ModelRecord(switches=switches.resolve(kernels=resolve_use_kernels(use_kernels)), family=spec)
+    record = ModelRecord(switches=resolved, family=spec)
     model.tuneforge = record
     logger.info(record.switches.line())
     return model, tokenizer
@@ -329,7 +343,7 @@ def _with_plain_linears(model_class, names: tuple[str, ...]):
 def resolve_use_kernels(use_kernels: bool | None) -> bool | None:
     """None (auto): kernels on a GPU; off on the CPU, where Triton only has its interpreter, which
     is orders of magnitude slower than eager PyTorch (kernel tests use it, training must not).
-    True forces them anywhere; False, or TUNEFORGE_DISABLE_KERNELS=1 (checked by the patch), turns
+    True forces them anywhere; False, or TUNEFORGE_DISABLE_KERNELS=1 (the `kernels` switch), turns
     them off."""
     if use_kernels is None and not has_cuda():
         logger.info("no CUDA device: Triton kernels off (plain PyTorch path); use_kernels=True forces them")

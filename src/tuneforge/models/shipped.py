@@ -18,11 +18,12 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from tuneforge.switches import cache_root  # converted folders live under it (TUNEFORGE_CACHE)
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,6 @@ ALIASES = {
     "smollm2-135m-instruct": "tuneforge/smollm2-135m-instruct",
     "gemma-3-270m": "tuneforge/gemma-3-270m",
 }
-
-
-def cache_root() -> Path:
-    """Where converted folders live: $TUNEFORGE_CACHE, else $XDG_CACHE_HOME/tuneforge, else ~/.cache/tuneforge."""
-    if os.environ.get("TUNEFORGE_CACHE"):
-        return Path(os.environ["TUNEFORGE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "tuneforge"
 
 
 def shipped_model(name: str) -> ShippedModel | None:

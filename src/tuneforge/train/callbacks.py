@@ -12,12 +12,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tuneforge import switches
 from tuneforge.config import ConfigError
 from tuneforge.device import peak_memory_gib
 
@@ -408,11 +408,11 @@ def resolve_report_to(report_to, output_dir: str | Path) -> list:
             if explicit:
                 raise ConfigError("training.report_to lists wandb, which is not installed: pip install wandb")
             logger.info("Weights & Biases logging off: wandb is not installed")
-        elif explicit or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") or _wandb_logged_in():
+        elif explicit or switches.wandb_configured() or _wandb_logged_in():
             from transformers.integrations import WandbCallback
 
             callbacks.append(WandbCallback())
-            logger.info("logging to Weights & Biases (project %s)", os.environ.get("WANDB_PROJECT", "huggingface"))
+            logger.info("logging to Weights & Biases (project %s)", switches.wandb_project())
         else:
             logger.info("Weights & Biases logging off: wandb is installed but not logged in "
                         "(run `wandb login`, or set WANDB_MODE=offline)")

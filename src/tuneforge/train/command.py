@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import platform
 import random
 from pathlib import Path
@@ -99,8 +98,6 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
     if strategy is None and distributed.is_distributed():
         # `accelerate launch --use_fsdp` says so through the environment.
         strategy = "fsdp" if distributed.fsdp_requested() else "ddp"
-    if strategy == "fsdp":
-        os.environ[distributed.FSDP_ENV] = "true"  # before loading: NF4 storage FSDP2 can shard
     seed = config.training.seed
     random.seed(seed)
     np.random.seed(seed)
@@ -115,6 +112,9 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
         load_in_8bit=model_config.load_in_8bit,
         full_finetuning=model_config.full_finetuning,
         use_kernels=model_config.use_kernels,
+        # FSDP2 shards only floating parameters: the loader stores NF4 codes in the compute dtype.
+        # None leaves it to the launcher (`accelerate launch --use_fsdp`, the `fsdp` switch).
+        fsdp=True if strategy == "fsdp" else None,
     )
     if not model_config.full_finetuning:
         model = FastLanguageModel.get_peft_model(

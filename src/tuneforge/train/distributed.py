@@ -13,15 +13,16 @@ device; TRL's SFTTrainer, i.e. transformers' Trainer on accelerate, then wraps t
           load must fit; what FSDP2 divides is the memory of the training steps.
 
 What this module adds on top:
-  - rank / world / device helpers that read the launcher's environment (LOCAL_RANK, ...), so each
-    rank loads onto its own GPU (`device_map`);
+  - rank / world / device helpers (tuneforge.device, through tuneforge.switches: WORLD_SIZE, RANK,
+    LOCAL_RANK), so each rank loads onto its own GPU (`device_map`, which the loader uses);
   - the FSDP2 settings for SFTConfig (`fsdp_arguments`): wrap the family's decoder layers,
     FULL_STATE_DICT saving (the adapter is written once, by rank 0, whole), and a mixed-precision
     policy that all-gathers in the compute dtype but reduces gradients in fp32;
   - QLoRA under FSDP2: bitsandbytes stores NF4 codes in a uint8 tensor by default, and FSDP2 can
     only shard floating parameters (accelerate leaves uint8 ones whole on every rank, defeating the
     point). With `bnb_4bit_quant_storage` equal to the compute dtype, the same packed bytes are
-    typed bf16 and shard like any other weight (`quant_storage_dtype`);
+    typed bf16 and shard like any other weight (models.loader.quant_storage_dtype; `tuneforge train`
+    passes fsdp=True to the loader, `accelerate launch --use_fsdp` says so through the `fsdp` switch);
   - `torchrun_command` / `relaunch`, behind `tuneforge train --nproc N`;
   - CPU runs with the gloo backend (what CI tests): accelerate only enables FSDP for accelerator
     devices, so `enable_fsdp_on_cpu` switches its state over, and the very same fully_shard path
@@ -31,52 +32,24 @@ What this module adds on top:
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
 from typing import Literal
 
 import torch
 
+from tuneforge import switches
+from tuneforge.device import DistributedConfigError, device_map, local_rank, rank, world_size  # noqa: F401
+from tuneforge.device import rank_device as device  # noqa: F401
+from tuneforge.switches import FSDP_ENV  # noqa: F401  (what `accelerate launch --use_fsdp` sets)
+
 logger = logging.getLogger(__name__)
 
 Strategy = Literal["ddp", "fsdp"]
 
-# Set by `tuneforge train --fsdp` (and by `accelerate launch --use_fsdp`) before the model loads:
-# the loader reads it to pick the 4-bit storage dtype that FSDP2 can shard.
-FSDP_ENV = "ACCELERATE_USE_FSDP"
-
-
-class DistributedConfigError(ValueError):
-    """A distributed setting is wrong or impossible here; the message says what to do instead."""
-
 
 # ---------------------------------------------------------------- where this process stands
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise DistributedConfigError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def world_size() -> int:
-    """Processes in this job (1 without a launcher). torchrun and accelerate set WORLD_SIZE."""
-    return _env_int("WORLD_SIZE", 1)
-
-
-def rank() -> int:
-    """This process's global index, 0 .. world_size-1."""
-    return _env_int("RANK", 0)
-
-
-def local_rank() -> int:
-    """This process's index on its machine: the GPU it owns."""
-    return _env_int("LOCAL_RANK", 0)
+# (tuneforge.device reads the launcher's variables; the loader places each rank with device_map)
 
 
 def is_distributed() -> bool:
@@ -88,50 +61,9 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def device() -> torch.device:
-    """The device this rank trains on: cuda:LOCAL_RANK, or the CPU without CUDA."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    index = local_rank() if is_distributed() else torch.cuda.current_device()
-    if index >= torch.cuda.device_count():
-        raise DistributedConfigError(
-            f"LOCAL_RANK {index} but only {torch.cuda.device_count()} CUDA devices are visible: "
-            "start at most one process per GPU (torchrun --nproc_per_node <= GPU count)"
-        )
-    return torch.device("cuda", index)
-
-
-def device_map():
-    """`device_map` for from_pretrained: the whole model on this rank's device.
-
-    Every rank must load onto its own GPU; `torch.cuda.current_device()` is 0 in every fresh
-    process, which would put all ranks' copies on GPU 0. Under a launcher the rank's GPU also
-    becomes the current device, so that whatever allocates on plain "cuda" before accelerate
-    sets it (CUDA's context, bitsandbytes, our kernels' scratch) lands there too.
-    """
-    where = device()
-    if where.type != "cuda":
-        return "cpu"
-    if is_distributed():
-        torch.cuda.set_device(where)
-    return {"": where.index}
-
-
 def fsdp_requested() -> bool:
-    """True when this process will shard its model with FSDP (see FSDP_ENV)."""
-    return os.environ.get(FSDP_ENV, "false").lower() in ("1", "true", "yes")
-
-
-def quant_storage_dtype(compute_dtype: torch.dtype, fsdp: bool | None = None) -> torch.dtype:
-    """The dtype bitsandbytes stores packed NF4 codes in.
-
-    uint8 normally. Under FSDP the compute dtype: the bytes are the same, but FSDP2 shards only
-    floating parameters, and one dtype for all base weights keeps each shard group's all-gather a
-    single flat buffer.
-    """
-    if fsdp is None:
-        fsdp = fsdp_requested()
-    return compute_dtype if fsdp else torch.uint8
+    """True when the launcher asked for FSDP (`accelerate launch --use_fsdp`: the `fsdp` switch)."""
+    return switches.from_environment().fsdp
 
 
 # ---------------------------------------------------------------- FSDP2 settings

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from dataclasses import dataclass, field
 
 import bitsandbytes.optim as bnb_optim
 import torch
+
+from tuneforge.models.record import record_of
+from tuneforge.switches import FLAT_OPTIMIZER_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +129,8 @@ def build_optimizer(
     """The optimiser `optim` (a key of OPTIMIZERS) over `model`'s trainable parameters, in groups.
 
     flat: for the 8-bit AdamW names, step over flat buffers (`FlatAdamW8bit`: same results, one
-          bitsandbytes update per buffer instead of per tensor). None: yes, unless the environment
-          has TUNEFORGE_FLAT_OPTIMIZER=0. Leave it off where something reads the optimizer's
+          bitsandbytes update per buffer instead of per tensor). None: the model's switch
+          (`flat_optimizer`, resolved at load: off with TUNEFORGE_FLAT_OPTIMIZER=0). Leave it off where something reads the optimizer's
           parameters' gradients between backward and step (a GradScaler's unscale_: fp16 training).
 
     Logs one line with the groups' sizes, learning rates and weight decay.
@@ -141,7 +143,7 @@ def build_optimizer(
     )
     device = groups[0]["params"][0].device
     optimizer_class, built = _optimizer_class(optim, spec, device)
-    if optimizer_class is bnb_optim.AdamW8bit and spec.flat and _flat_wanted(flat, optim):
+    if optimizer_class is bnb_optim.AdamW8bit and spec.flat and _flat_wanted(flat, optim, model):
         optimizer_class, built = FlatAdamW8bit, f"{optim} (bitsandbytes AdamW8bit over flat buffers)"
     extra = {"fused": True} if spec.torch_fused else {}
     optimizer = optimizer_class(groups, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, **extra)
@@ -153,20 +155,14 @@ def build_optimizer(
     return optimizer
 
 
-FLAT_OPTIMIZER_ENV = "TUNEFORGE_FLAT_OPTIMIZER"
-
-
-def _flat_wanted(flat: bool | None, optim: str) -> bool:
+def _flat_wanted(flat: bool | None, optim: str, model: torch.nn.Module) -> bool:
+    """The caller's `flat` wins; else the switch the model was loaded with (tuneforge.switches)."""
     if flat is not None:
         return flat
-    value = os.environ.get(FLAT_OPTIMIZER_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(
-            f"{FLAT_OPTIMIZER_ENV}={value!r}: write 1 (flat buffers, the default) or 0 (one update per tensor)"
-        )
-    if value == "0":
+    if not record_of(model).switches.flat_optimizer:
         logger.info("optim=%s: %s=0, bitsandbytes steps each tensor on its own", optim, FLAT_OPTIMIZER_ENV)
-    return value == "1"
+        return False
+    return True
 
 
 def _optimizer_class(optim: str, spec: OptimizerSpec, device: torch.device) -> tuple[type, str]:
