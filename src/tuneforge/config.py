@@ -2,13 +2,16 @@
 
 Every key is a dataclass field with a type; `load_config` rejects unknown keys (suggesting the
 closest known one) and values of the wrong type, naming the key path, so a typo never silently
-falls back to a default.
+falls back to a default. The `lora` keys are named as `FastLanguageModel.get_peft_model`'s
+arguments (`lora_alpha`, not `alpha`), so a section is passed on whole (`LoraSection.to_api()`);
+the older names (RENAMED_KEYS) are still read, mapped to the new ones with one log line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import reprlib
 import types
@@ -24,6 +27,8 @@ DEFAULT_MODEL = "tuneforge/smollm2-135m-instruct"
 DEFAULT_DATASET = "tuneforge:default"  # the instruction set shipped in tuneforge/resources, less the held-out rows
 DEFAULT_HELDOUT = "tuneforge:default-heldout"  # its last rows, never trained on: what `tuneforge eval` scores
 REPORT_TARGETS = ("tensorboard", "wandb")
+
+logger = logging.getLogger(__name__)
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -44,15 +49,36 @@ class ModelConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraSection:
+    """The `lora:` section: each key is the `FastLanguageModel.get_peft_model` argument of that name."""
+
     r: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
     target_modules: Union[list[str], str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
     use_rslora: bool = False
     modules_to_save: Union[list[str], None] = None
-    gradient_checkpointing: Union[bool, Literal["unsloth", "offload", "standard"]] = "unsloth"
+    use_gradient_checkpointing: Union[bool, Literal["unsloth", "offload", "standard"]] = "unsloth"
     random_state: int = 3407
+
+    def to_api(self) -> dict[str, Any]:
+        """get_peft_model's keyword arguments: `get_peft_model(model, **config.lora.to_api())`."""
+        return dataclasses.asdict(self)
+
+    # The section's old attribute names, still read by tuneforge.planning (fit.py, __init__.py);
+    # they go once planning reads the new ones.
+    alpha = property(lambda self: self.lora_alpha)
+    dropout = property(lambda self: self.lora_dropout)
+    gradient_checkpointing = property(lambda self: self.use_gradient_checkpointing)
+
+
+# Keys renamed to match the API's argument names: old path -> new path. Configs written with the
+# old names still load (`_renamed`, with one log line); giving both names is an error.
+RENAMED_KEYS = {
+    "lora.alpha": "lora.lora_alpha",
+    "lora.dropout": "lora.lora_dropout",
+    "lora.gradient_checkpointing": "lora.use_gradient_checkpointing",
+}
 
 
 @dataclass
@@ -96,7 +122,7 @@ class TrainingConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
@@ -126,8 +152,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.name": (_not_empty, "a model folder or name"),
     "model.max_seq_length": (lambda v: v >= 2, ">= 2"),
     "lora.r": (_positive, "> 0"),
-    "lora.alpha": (_positive, "> 0"),
-    "lora.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "lora.lora_alpha": (_positive, "> 0"),
+    "lora.lora_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "lora.target_modules": (_not_empty, "a non-empty list of module names or 'all-linear'"),
     "lora.modules_to_save": (_not_empty, "a non-empty list, or null"),
     "lora.random_state": (_seed, "in [0, 2^32)"),
@@ -323,8 +349,30 @@ def _check_evaluation(config: TrainConfig) -> None:
         )
 
 
+def _renamed(values):
+    """`values` with the old key names of RENAMED_KEYS replaced by the new ones (one info line)."""
+    if not isinstance(values, dict):
+        return values
+    values, used = dict(values), []
+    for old, new in RENAMED_KEYS.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        keys = values.get(section)
+        if not isinstance(keys, dict) or old_key not in keys:
+            continue
+        if new_key in keys:
+            raise ConfigError(f"config keys '{old}' and '{new}' are the same setting ('{old}' is its old name): "
+                              f"keep '{new}'")
+        values[section] = {new_key if key == old_key else key: value for key, value in keys.items()}
+        used.append(f"{old} -> {new}")
+    if used:
+        logger.info("config keys renamed to get_peft_model's argument names: %s (the old names still work)",
+                    ", ".join(used))
+    return values
+
+
 def config_from_dict(values: dict | None) -> TrainConfig:
-    return _build(TrainConfig, values or {}, "")
+    return _build(TrainConfig, _renamed(values or {}), "")
 
 
 def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -332,7 +380,7 @@ def with_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfi
     (the command line's --output / --max-steps go through here)."""
     values = config.to_dict()
     for path, value in overrides.items():
-        section, key = path.split(".")
+        section, key = RENAMED_KEYS.get(path, path).split(".")
         values[section][key] = value
     try:
         return config_from_dict(values)

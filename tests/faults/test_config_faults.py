@@ -126,7 +126,7 @@ def test_command_line_overrides_are_checked_too(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "model": {"name": str(model), "load_in_4bit": False, "max_seq_length": 256, "use_kernels": False},
-        "lora": {"gradient_checkpointing": False}, "data": {"path": str(data)},
+        "lora": {"use_gradient_checkpointing": False}, "data": {"path": str(data)},
         "training": {"optim": "adamw_torch", "report_to": "none"}}))
     assert main(["train", str(config), "--max-steps", "-3", "--output", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()

@@ -40,7 +40,7 @@ class StopAt(TrainerCallback):
 def _config(model_dir, output_dir):
     return config_from_dict({
         "model": {"name": str(model_dir), "load_in_4bit": False, "max_seq_length": 256, "use_kernels": False},
-        "lora": {"r": 72, "alpha": 16, "dropout": 0.0, "gradient_checkpointing": False},
+        "lora": {"r": 72, "lora_alpha": 16, "lora_dropout": 0.0, "use_gradient_checkpointing": False},
         "training": {"output_dir": str(output_dir), "max_steps": STEPS, "save_steps": SAVE_AT,
                      "per_device_train_batch_size": 2, "learning_rate": 2e-3, "warmup_steps": 2,
                      "weight_decay": 0.01, "optim": "adamw_8bit", "report_to": "none"},

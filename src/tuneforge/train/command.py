@@ -103,7 +103,7 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-    model_config, lora = config.model, config.lora
+    model_config = config.model
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_config.name,
         max_seq_length=model_config.max_seq_length,
@@ -117,18 +117,8 @@ def _train(config: TrainConfig, output_dir: Path, identity: dict, checkpoint: Pa
         fsdp=True if strategy == "fsdp" else None,
     )
     if not model_config.full_finetuning:
-        model = FastLanguageModel.get_peft_model(
-            model,
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            use_rslora=lora.use_rslora,
-            modules_to_save=lora.modules_to_save,
-            use_gradient_checkpointing=lora.gradient_checkpointing,
-            random_state=lora.random_state,
-            use_kernels=model_config.use_kernels,
-        )
+        # The section's keys are get_peft_model's argument names (config.LoraSection).
+        model = FastLanguageModel.get_peft_model(model, **config.lora.to_api(), use_kernels=model_config.use_kernels)
     spec = record_of(model).family
     chat_template = config.data.chat_template
     stats = PrepareStats()
