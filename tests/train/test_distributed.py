@@ -335,7 +335,7 @@ def test_cli_nproc_2_trains_like_one_process(strategy, tmp_path):
     def config(batch: int, output: Path) -> dict:
         return {
             "model": {"name": str(model_dir), "load_in_4bit": False, "max_seq_length": 128, "use_kernels": False},
-            "lora": {"r": 4, "alpha": 8, "gradient_checkpointing": "unsloth"},
+            "lora": {"r": 4, "lora_alpha": 8, "use_gradient_checkpointing": "unsloth"},
             "data": {"path": str(data)},
             "training": {"output_dir": str(output), "max_steps": STEPS, "per_device_train_batch_size": batch,
                          "learning_rate": LEARNING_RATE, "warmup_steps": 0, "lr_scheduler_type": "constant",
