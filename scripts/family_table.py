@@ -1,11 +1,17 @@
 """Write the family table, in docs/families.md and in README.md, from the results of the family tests.
 
     pytest tests/models/test_families.py      # writes build/family_results/<family>__<check>.json
+                                             # (TUNEFORGE_FAMILY_RESULTS: another folder, for both)
     pytest tests/export/test_gguf_families.py # the same for the "GGUF export" column
     python scripts/family_table.py           # reads them, writes docs/families.md and the README's table
     python scripts/family_table.py --check   # exit 1 if either file differs from what it would write
     python scripts/family_table.py --gguf-only  # only the GGUF column (and the legend) from its results;
                                              # every other cell stays as the last full run wrote it
+
+Which families there are and what applies to each (packing, a GGUF architecture) is the family
+table's (`tuneforge.models.families`), the example models the model registry's; nothing here
+repeats a family fact. The tests record their results through `recorded` (tests/models/conftest.py
+and tests/export/conftest.py put scripts/ on the path, so they `import family_table`).
 
 The README gets the same table between the marker lines `<!-- families:begin -->` and
 `<!-- families:end -->` of its "Model families" section; nothing else in the README is touched.
@@ -22,12 +28,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+RESULTS = Path(os.environ.get("TUNEFORGE_FAMILY_RESULTS", ROOT / "build" / "family_results"))
 README_BEGIN = "<!-- families:begin -->"
 README_END = "<!-- families:end -->"
 
@@ -49,7 +57,7 @@ GGUF_TITLE = "GGUF export"
 
 
 @contextlib.contextmanager
-def recorded(folder: Path, family: str, check: str, **details):
+def recorded(family: str, check: str, folder: Path = RESULTS, **details):
     """Run a check and write its outcome (pass, or the error) as `folder/<family>__<check>.json`.
 
     The record is a dict the check may add details to (measured differences, patches applied).
@@ -194,7 +202,7 @@ def outputs(table: str, docs: Path, readme: Path) -> dict[Path, str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=ROOT / "build" / "family_results")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "families.md")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is out of date")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 from export_helpers import lora_model, set_base
+
+# test_gguf_families.py records its results through scripts/family_table.py (`import family_table`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 
 @pytest.fixture

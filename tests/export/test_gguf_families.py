@@ -22,8 +22,6 @@ Each outcome (with the measured differences) is written to build/family_results 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from export_helpers import llama_cpp_quiet, spread_weights
+from family_table import RESULTS, recorded
 from transformers import PreTrainedTokenizerFast
 
 from tuneforge.export.gguf import write_gguf
@@ -42,7 +41,6 @@ from tuneforge.testing import TINY_DIMENSIONS, tiny_model
 pytest.importorskip("llama_cpp", reason="needs the gguf extra: pip install 'tuneforge[gguf]'")
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = Path(os.environ.get("TUNEFORGE_FAMILY_RESULTS", ROOT / "build" / "family_results"))
 _STARTED = time.time()
 FAMILIES = sorted(name for name, spec in all_families().items() if spec.gguf_arch)
 F16_TOLERANCE = 2e-3  # of the logit range
@@ -76,21 +74,6 @@ VARIANTS = [
         "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
         "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0], "short_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 9.0]})),
 ]
-
-
-def _family_table_script():
-    spec = importlib.util.spec_from_file_location("family_table", ROOT / "scripts" / "family_table.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-FAMILY_TABLE = _family_table_script()
-
-
-def recorded(family: str, check: str, **details):
-    """Run a check and write its outcome for the family table (the format scripts/family_table.py reads)."""
-    return FAMILY_TABLE.recorded(RESULTS, family, check, **details)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +212,8 @@ def test_configs_llama_cpp_runs_differently_are_refused(family, changes, message
 def test_family_table_gguf_column_is_what_this_run_proved():
     # Last in this file: the committed table's "GGUF export" column must be what this session's
     # results render (the other columns are tests/models/test_families.py's to check).
-    script = FAMILY_TABLE
+    import family_table as script  # scripts/family_table.py (tests/export/conftest.py: on the path)
+
     fresh = script.load_results(RESULTS, since=_STARTED)
     if not all((family, check) in fresh for family in FAMILIES for check in script.GGUF_CHECKS):
         pytest.skip("not every family's GGUF check ran in this session (-k, -x?): run the whole file")

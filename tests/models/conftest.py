@@ -1,8 +1,14 @@
 """Fixtures shared by the model tests."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from tuneforge.testing.tiny import TEST_DEVICE, tiny_model
+
+# test_families.py records its results through scripts/family_table.py (`import family_table`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 
 @pytest.fixture(scope="module")

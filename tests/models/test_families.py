@@ -25,7 +25,6 @@ order of fp32 sums: logits 1e-5, loss rtol 1e-5, gradients rtol 1e-4 / atol 1e-6
 """
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -34,6 +33,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+import family_table  # scripts/family_table.py (tests/models/conftest.py puts scripts/ on the path)
+from family_table import RESULTS, recorded
 from tuneforge import FastLanguageModel
 from tuneforge.data.templates import list_chat_templates
 from tuneforge.models import registry
@@ -44,25 +45,7 @@ from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, lora_grads, nf4_round_
 
 FAMILIES = sorted(all_families())
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = Path(os.environ.get("TUNEFORGE_FAMILY_RESULTS", ROOT / "build" / "family_results"))
 _STARTED = time.time()  # results written after this come from this session's run
-
-
-def _family_table_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("family_table", ROOT / "scripts" / "family_table.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-FAMILY_TABLE = _family_table_script()
-
-
-def recorded(family: str, check: str, **details):
-    """Run a check and write its outcome (pass or the error) for the family table (the script's writer)."""
-    return FAMILY_TABLE.recorded(RESULTS, family, check, **details)
 
 
 def _load_ours(folder, family, **kwargs):
@@ -336,7 +319,7 @@ def test_packing_off_where_samples_would_see_each_other(family):
 
 
 def test_family_table_is_rendered_from_results(tmp_path):
-    script = FAMILY_TABLE
+    script = family_table
     results = tmp_path / "results"
     results.mkdir()
     for family, check, ok, extra in [
@@ -473,7 +456,7 @@ def test_readme_and_docs_family_tables_are_the_ones_this_run_renders():
     # Runs after every recording test of this file (pytest keeps the file's order; CI's
     # --dist loadfile keeps a file on one worker): the committed tables must be what this run's
     # results render, so a table that claims more (or less) than the tests prove fails here.
-    script = FAMILY_TABLE
+    script = family_table
     fresh = script.load_results(RESULTS, since=_STARTED)
     table = script.render(fresh)
     if not fresh or "| ? |" in table:

@@ -1,9 +1,10 @@
 """What llama.cpp expects of each architecture, as data: metadata, tensor layout, unsupported configs.
 
-The family table (`tuneforge.models.families`, field `gguf_arch`) says which llama.cpp
-architecture a family exports to; this module holds one `GGUFArch` per llama.cpp architecture
-saying what that architecture needs. The GGUF writer asks the two tables; it never branches on
-a family name.
+The family table (`tuneforge.models.families`) holds every per-family fact: which llama.cpp
+architecture a family exports to (`gguf_arch`) and how its norms compute (`norm`). This module
+holds one `GGUFArch` per llama.cpp architecture saying what that architecture needs; `arch_for`
+joins the two. The GGUF writer asks the joined row; it never branches on a family or
+architecture name.
 
 The facts come from llama.cpp itself, the copy vendored in llama-cpp-python 0.3.36 (the runtime
 the tests load every exported file with): its converter (`conversion/<family>.py`, called by
@@ -59,10 +60,12 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
+
+from tuneforge.models.families import head_dim
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +79,10 @@ class GGUFArch:
     """One llama.cpp architecture, as the exporter needs to know it.
 
     name:           llama.cpp's architecture name (`general.architecture`).
+    norm:           the exported family's `FamilySpec.norm`, filled in by `arch_for` (a row of
+                    ARCHES leaves it at "rms"): it gives `norm_offset` and `layer_norm`.
     permute_qk:     llama.cpp rotates interleaved pairs but the HF rows are rotate-half: permute
                     q_proj / k_proj rows per head.
-    norm_offset:    added to every `*norm.weight` (Gemma's `1 + w` RMSNorm).
-    layer_norm:     the norms are LayerNorms (eps under `attention.layer_norm_epsilon`), not RMSNorms.
     sliding_window: llama.cpp runs per-layer sliding windows for this architecture.
     output:         the output (lm_head) tensor: "optional" (absent means tied), "tied" (llama.cpp
                     always uses the embeddings) or "required" (a tied model writes it twice).
@@ -90,6 +93,8 @@ class GGUFArch:
     split:          (regex over HF names, ((name of a part, tensor -> part), ...))): one HF tensor
                     llama.cpp reads as several (or, with one part, renamed and laid out anew).
     experts:        llama.cpp runs mixture-of-experts layers for this architecture.
+    rope_scalings:  RoPE scaling types (`rope_type`) exported beyond "default" and "linear": "llama3"
+                    (the rope_freqs tensor), "longrope" (rope_factors_long / _short), "yarn".
     kv_heads:       config -> the KV head count, where `num_key_value_heads` is not it (Falcon 7B).
     transforms:     {GGUF name suffix: (tensor [out, in], config) -> tensor} for layouts that differ.
     metadata:       writes the architecture's own keys: (writer, config) -> None.
@@ -97,9 +102,8 @@ class GGUFArch:
     """
 
     name: str
+    norm: str = "rms"
     permute_qk: bool = False
-    norm_offset: float = 0.0
-    layer_norm: bool = False
     sliding_window: bool = False
     output: str = "optional"
     head_dim_keys: bool = True
@@ -107,10 +111,21 @@ class GGUFArch:
     stacked: tuple[tuple[str, str], ...] = ()
     split: tuple[tuple[str, tuple[tuple[str, Callable], ...]], ...] = ()
     experts: bool = False
+    rope_scalings: tuple[str, ...] = ()
     transforms: dict[str, Callable] = field(default_factory=dict)
     kv_heads: Callable | None = None
     metadata: Callable | None = None
     check: Callable | None = None
+
+    @property
+    def norm_offset(self) -> float:
+        """Added to every `*norm.weight`: Gemma's RMSNorm computes x_hat * (1 + w), llama.cpp x_hat * w."""
+        return 1.0 if self.norm == "rms_offset" else 0.0
+
+    @property
+    def layer_norm(self) -> bool:
+        """The norms are LayerNorms (eps under `attention.layer_norm_epsilon`), not RMSNorms."""
+        return self.norm == "layer"
 
     def transform(self, gguf_name: str, tensor: torch.Tensor, config) -> torch.Tensor:
         """tensor: the HF tensor (fp32) -> the tensor llama.cpp expects under `gguf_name`."""
@@ -133,10 +148,6 @@ def permute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """
     shape = weight.shape
     return weight.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def rope_parameters(config, layer_type: str | None = None) -> dict:
@@ -230,26 +241,26 @@ def _rope_scaling(writer, rope: dict, arch: GGUFArch) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         return
-    if kind == "yarn" and arch.name == "gpt-oss":
+    if kind not in arch.rope_scalings:
+        supported = ", ".join(f"{scaling} for {row.name}" for row in ARCHES.values() for scaling in row.rope_scalings)
+        raise UnsupportedForGGUF(f"RoPE scaling {kind!r} is not exported to GGUF for {arch.name} yet "
+                                 f"(supported: default, linear, {supported})")
+    if kind == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(float(rope["factor"]))
         writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
         writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
         writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
         if not rope.get("truncate", True):
-            log.warning("gpt-oss: llama.cpp rounds YaRN's correction range to whole dimensions, where this model "
-                        "(truncate=false) keeps it fractional; as in every gpt-oss GGUF (llama.cpp's converter "
+            log.warning("%s: llama.cpp rounds YaRN's correction range to whole dimensions, where this model "
+                        "(truncate=false) keeps it fractional; as in every %s GGUF (llama.cpp's converter "
                         "writes the same), a few slow rotary frequencies differ slightly and logits drift apart "
-                        "with position")
+                        "with position", arch.name, arch.name)
         return
-    if kind == "llama3" and arch.name == "llama":
-        return  # carried by the rope_freqs tensor (see extra_tensors)
-    if kind == "longrope" and arch.name == "phi3":
+    if kind == "longrope":
         # The factors are the rope_factors_long / _short tensors (see extra_tensors).
         writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
-        return
-    raise UnsupportedForGGUF(f"RoPE scaling {kind!r} is not exported to GGUF for {arch.name} yet "
-                             "(supported: default, linear, llama3 for Llama, longrope for Phi-3)")
+    # llama3: carried by the rope_freqs tensor (see extra_tensors).
 
 
 def extra_tensors(arch: GGUFArch, config) -> dict[str, torch.Tensor]:
@@ -264,10 +275,13 @@ def extra_tensors(arch: GGUFArch, config) -> dict[str, torch.Tensor]:
     (n_ctx) longer than it: the two agree while Ollama's num_ctx stays within the original length.
     """
     rope = rope_parameters(config)
-    if arch.name == "phi3" and rope.get("rope_type") == "longrope":
+    scaling = rope.get("rope_type")
+    if scaling not in arch.rope_scalings:
+        return {}
+    if scaling == "longrope":
         return {f"rope_factors_{kind}.weight": torch.tensor(rope[f"{kind}_factor"], dtype=torch.float32)
                 for kind in ("long", "short")}
-    if arch.name != "llama" or rope.get("rope_type") != "llama3":
+    if scaling != "llama3":
         return {}
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -286,9 +300,9 @@ def _llama_check(config) -> None:
         raise UnsupportedForGGUF("llama with mlp_bias=true has no llama.cpp tensor for the MLP biases")
 
 
-def _gemma_query_scale(config, arch: str) -> None:
-    # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B models.
-    big = {"gemma2": 46, "gemma3": 62}.get(arch)
+def _gemma_query_scale(config, arch: str, big: int) -> None:
+    # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B models
+    # (which llama.cpp tells by their `big` layer count).
     expected = (config.hidden_size // config.num_attention_heads if config.num_hidden_layers == big
                 else head_dim(config))
     if config.query_pre_attn_scalar != expected:
@@ -304,7 +318,7 @@ def _gemma2_metadata(writer, config) -> None:
 
 
 def _gemma2_check(config) -> None:
-    _gemma_query_scale(config, "gemma2")
+    _gemma_query_scale(config, "gemma2", big=46)
     if config.attn_logit_softcapping is None:
         # llama.cpp's gemma2 always soft-caps the scores (its default cap is 50).
         raise UnsupportedForGGUF("gemma2 without attn_logit_softcapping: llama.cpp's gemma2 always soft-caps")
@@ -316,7 +330,7 @@ def _gemma3_metadata(writer, config) -> None:
 
 
 def _gemma3_check(config) -> None:
-    _gemma_query_scale(config, "gemma3")
+    _gemma_query_scale(config, "gemma3", big=62)
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise UnsupportedForGGUF(f"gemma3 with attn_logit_softcapping={config.attn_logit_softcapping}: "
                                  "llama.cpp's gemma3 does not soft-cap attention scores")
@@ -492,38 +506,40 @@ def _phi3_metadata(writer, config) -> None:
 
 
 ARCHES: dict[str, GGUFArch] = {arch.name: arch for arch in (
-    GGUFArch("llama", permute_qk=True, check=_llama_check, split=STACKED_EXPERTS, experts=True),
+    GGUFArch("llama", permute_qk=True, check=_llama_check, split=STACKED_EXPERTS, experts=True,
+             rope_scalings=("llama3",)),
     GGUFArch("qwen2"),
     GGUFArch("qwen3"),
     GGUFArch("gpt-oss", sliding_window=True, output="required", split=GPT_OSS_TENSORS, experts=True,
-             metadata=_gpt_oss_metadata, check=_gpt_oss_check),
+             rope_scalings=("yarn",), metadata=_gpt_oss_metadata, check=_gpt_oss_check),
     GGUFArch("qwen3moe", split=STACKED_EXPERTS, experts=True, metadata=_qwen3moe_metadata, check=_qwen3moe_check),
-    GGUFArch("phi3", metadata=_phi3_metadata),
-    GGUFArch("gemma", norm_offset=1.0, output="tied", activations=("gelu_pytorch_tanh", "gelu")),
-    GGUFArch("gemma2", norm_offset=1.0, output="tied", sliding_window=True, activations=("gelu_pytorch_tanh",),
+    GGUFArch("phi3", rope_scalings=("longrope",), metadata=_phi3_metadata),
+    GGUFArch("gemma", output="tied", activations=("gelu_pytorch_tanh", "gelu")),
+    GGUFArch("gemma2", output="tied", sliding_window=True, activations=("gelu_pytorch_tanh",),
              metadata=_gemma2_metadata, check=_gemma2_check),
-    GGUFArch("gemma3", norm_offset=1.0, sliding_window=True, activations=("gelu_pytorch_tanh",),
+    GGUFArch("gemma3", sliding_window=True, activations=("gelu_pytorch_tanh",),
              metadata=_gemma3_metadata, check=_gemma3_check),
     GGUFArch("granite", permute_qk=True, head_dim_keys=False, metadata=_granite_metadata, check=_granite_check),
     GGUFArch("olmo2", sliding_window=True, output="required"),
-    GGUFArch("command-r", layer_norm=True, output="tied", metadata=_command_r_metadata, check=_command_r_check),
-    GGUFArch("falcon", layer_norm=True, activations=("gelu",), transforms={"attn_qkv.weight": _falcon_qkv},
+    GGUFArch("command-r", output="tied", metadata=_command_r_metadata, check=_command_r_check),
+    GGUFArch("falcon", activations=("gelu",), transforms={"attn_qkv.weight": _falcon_qkv},
              kv_heads=_falcon_kv_heads, check=_falcon_check),
-    GGUFArch("stablelm", layer_norm=True, output="required", metadata=_stablelm_metadata,
+    GGUFArch("stablelm", output="required", metadata=_stablelm_metadata,
              stacked=((r"(.*\.self_attn\.[qk]_layernorm)\.norms\.(\d+)\.weight$", r"\1.weight"),)),
-    GGUFArch("starcoder2", layer_norm=True, activations=("gelu_pytorch_tanh",), check=_starcoder2_check),
+    GGUFArch("starcoder2", activations=("gelu_pytorch_tanh",), check=_starcoder2_check),
 )}
 
 
 def arch_for(config) -> GGUFArch:
-    """The llama.cpp architecture a model exports to, from the family table's `gguf_arch`."""
+    """The llama.cpp architecture a model exports to (the family table's `gguf_arch`), joined with
+    the family's `norm`."""
     from tuneforge.models.families import all_families, family_for_model_type
 
     family = family_for_model_type(config.model_type)
     if family is None or family.gguf_arch is None:
         known = ", ".join(t for spec in all_families().values() if spec.gguf_arch for t in spec.model_types)
         raise UnsupportedForGGUF(f"no GGUF export for model_type {config.model_type!r} (supported: {known})")
-    return ARCHES[family.gguf_arch]
+    return replace(ARCHES[family.gguf_arch], norm=family.norm)
 
 
 def gguf_model_types() -> set[str]:

@@ -100,6 +100,8 @@ class ModelFacts:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from tuneforge.models.families import head_dim
+
         if isinstance(config, dict):
             values = dict(config)
             config = AutoConfig.for_model(values.pop("model_type"), **values)
@@ -125,13 +127,12 @@ class ModelFacts:
                 other += parameter.numel()
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         names = {linear.short for linear in linears}
         return cls(
             model_type=text.model_type, hidden=text.hidden_size,
             intermediate=getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
             layers=text.num_hidden_layers, heads=heads,
-            kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim(text),
             vocab=text.vocab_size, tied=head == 0, gated_mlp=bool(names & {"gate_proj", "gate_up_proj", "w1"}),
             linears=tuple(linears), embedding_numel=embedding, head_numel=head, other_numel=other,
             buffer_bytes=sum(buffer.numel() * buffer.element_size() for buffer in model.buffers()),

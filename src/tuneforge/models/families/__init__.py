@@ -1,21 +1,25 @@
 """The family table: what differs between model families, as data (STYLE.md habit 3).
 
-Every supported family has one `FamilySpec` in one module of this package. Code elsewhere asks
-the spec (`spec.norm`, `spec.attention`, ...) instead of branching on family names; `models.patch`
-turns the layout fields into kernel-backed forwards.
+Every supported family has one `FamilySpec` in one module of this package, and every per-family
+fact is a field of it: the layout (`models.patch` turns it into kernel-backed forwards), the LoRA
+targets, the default chat template, the llama.cpp architecture it exports to (what that
+architecture needs is `tuneforge.export.gguf_arch`'s table, one row per llama.cpp architecture,
+which reads the family's norm from here), and the tiny test model's config (`tuneforge.testing.tiny`).
+Code elsewhere asks the spec instead of branching on family names. Per-model facts (Hub names,
+4-bit twins, a model's own chat template) are `models.registry`'s table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tuneforge.config import SEVEN_PROJECTIONS
+
 NORMS = ("rms", "rms_fp32", "rms_offset", "layer")
 ATTENTIONS = (None, "rope")
 QKV_LAYOUTS = ("separate", "fused")
 QK_NORMS = (None, "head", "full")
 MLPS = (None, "gated", "gated_fused")
-
-SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,9 @@ class FamilySpec:
                      restarting position_ids (tested: packed loss equals the samples one by one).
     gguf_arch:       the llama.cpp architecture the family exports to ("llama" for Mistral and Mixtral too,
                      "command-r" for Cohere); what that architecture needs is the exporter's table
-                     (`tuneforge.export.gguf_arch`). None: no GGUF export.
+                     (`tuneforge.export.gguf_arch`, which must have a row of that name: tested). The
+                     exporter takes the family's `norm` from here: "rms_offset" is written as w + 1
+                     (llama.cpp applies a norm weight as stored), "layer" as LayerNorms. None: no GGUF export.
     """
 
     name: str
@@ -78,7 +84,7 @@ class FamilySpec:
     attn_softcap: bool = False
     mlp: str | None = "gated"
     activation: str | None = "silu"
-    lora_targets: tuple[str, ...] = SEVEN_PROJECTIONS
+    lora_targets: tuple[str, ...] = tuple(SEVEN_PROJECTIONS)
     kernels: bool = True
     final_logit_softcap_attr: str | None = None
     logit_scale_attr: str | None = None
@@ -96,12 +102,23 @@ class FamilySpec:
                               ("qk_norm", QK_NORMS), ("mlp", MLPS)):
             if getattr(self, attr) not in allowed:
                 raise ValueError(f"family {self.name}: {attr}={getattr(self, attr)!r}, expected one of {allowed}")
+        if self.experts and self.mlp is not None:
+            raise ValueError(f"family {self.name}: experts={self.experts!r} with mlp={self.mlp!r}; a mixture of "
+                             "experts has no gated MLP for the MLP patch: write mlp=None")
+        if not isinstance(self.tiny_config_overrides, dict):
+            raise ValueError(f"family {self.name}: tiny_config_overrides must be a dict of config values")
 
     def new_config(self, **values):
         """An instance of this family's transformers config class built from `values`."""
         import transformers
 
         return getattr(transformers, self.config_class)(**values)
+
+
+def head_dim(config) -> int:
+    """A transformers config's per-head width: `head_dim` where the config sets it (Gemma, Qwen3:
+    not hidden / heads), else hidden_size / num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 _FAMILIES: dict[str, FamilySpec] = {}
