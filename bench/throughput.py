@@ -47,7 +47,8 @@ def load_stack(stack: str, model_dir: str, seq: int, checkpointing: str):
                                             use_gradient_checkpointing="unsloth", random_state=3407)
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     if stack == "tuneforge":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+        # TUNEFORGE_BENCH_SRC: another source tree (e.g. an older commit's src) for before/after runs.
+        sys.path.insert(0, os.environ.get("TUNEFORGE_BENCH_SRC") or str(Path(__file__).resolve().parents[1] / "src"))
         from tuneforge import FastLanguageModel
         from tuneforge.train.optim import build_optimizer
 

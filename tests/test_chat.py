@@ -14,7 +14,8 @@ import torch
 from tiny_chat_model import save_tiny_chat_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneforge.chat import load_for_chat, respond
+from tuneforge.chat import respond
+from tuneforge.fast_language_model import load_for_inference
 from tuneforge.fast_language_model import FastLanguageModel
 
 PROMPT = "What is the capital of Peru?"
@@ -111,7 +112,7 @@ def test_respond_streams_what_generate_returns(smollm2_dir, monkeypatch):
     """On the real SmolLM2 (the streamer prints at word ends, so it needs words, which a random
     tiny model does not write)."""
     monkeypatch.setenv("TUNEFORGE_DISABLE_KERNELS", "1")  # the Triton interpreter would cost minutes
-    model, tokenizer = load_for_chat(str(smollm2_dir), load_in_4bit=False)
+    model, tokenizer = load_for_inference(str(smollm2_dir), load_in_4bit=False)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     whole = respond(model, tokenizer, messages, max_new_tokens=20, stream=False)
     writes = []

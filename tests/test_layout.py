@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("planning", ("tuneforge.planning",)),
     ("inference", ("tuneforge.inference",)),
     ("export", ("tuneforge.export",)),
-    ("api", ("tuneforge.fast_language_model",)),
+    ("api", ("tuneforge.fast_language_model", "tuneforge.evaluate")),
     ("commands", ("tuneforge.train.command", "tuneforge.planning.command", "tuneforge.export.command",
                   "tuneforge.chat", "tuneforge.cli", "tuneforge")),
     ("testing", ("tuneforge.testing",)),

@@ -96,7 +96,7 @@ def _add_eval(subparsers) -> None:
 
 
 def _run_eval(args) -> int:
-    from tuneforge.train.evaluate import evaluate, write_report
+    from tuneforge.evaluate import evaluate, write_report
 
     report = evaluate(args.model, args.data, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       load_in_4bit=not args.no_4bit)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.data.templates import accept_batched_columns
+from tuneforge.export import attach_export_methods
 from tuneforge.lora.inject import get_peft_model
 from tuneforge.models.loader import ModelLoadError, load_model
 from tuneforge.models.record import record_of
@@ -67,7 +68,7 @@ def _load_adapter(folder: Path, is_trainable: bool, use_gradient_checkpointing, 
     peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
     checkpointing = (use_gradient_checkpointing if use_gradient_checkpointing is not None else "unsloth") \
         if is_trainable else False
-    return finish_peft_model(peft_model, family_of(model), checkpointing, use_kernels), tokenizer
+    return attach_export_methods(finish_peft_model(peft_model, family_of(model), checkpointing, use_kernels)), tokenizer
 
 
 class FastLanguageModel:
@@ -172,11 +173,11 @@ class FastLanguageModel:
         if use_gradient_checkpointing is None:
             kept = record_of(model).gradient_checkpointing
             use_gradient_checkpointing = "unsloth" if kept is None else kept
-        return get_peft_model(
+        return attach_export_methods(get_peft_model(
             model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             bias=bias, use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state,
             use_rslora=use_rslora, modules_to_save=modules_to_save, **kwargs,
-        )
+        ))
 
     @staticmethod
     def for_inference(model):
@@ -282,3 +283,46 @@ def generate_text(model, tokenizer, messages, max_new_tokens: int = 64, **genera
     output = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                             **generate_kwargs)
     return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _sequence_length(folder: Path, fallback: int = 2048) -> int:
+    """The max_seq_length to load with, so that RoPE is set up as in training: an adapter's
+    tokenizer carries the training max_seq_length (the loader sets model_max_length to it); a
+    model folder gets its own max_position_embeddings (a larger value would rescale RoPE)."""
+    for name, key in (("tokenizer_config.json", "model_max_length"), ("config.json", "max_position_embeddings")):
+        file = folder / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get(key)
+            if isinstance(value, int) and 0 < value < 10**7:  # tokenizers without a limit store ~1e30
+                return value
+    return fallback
+
+
+def load_for_inference(model: str, load_in_4bit: bool = True):
+    """(model, tokenizer) for a run folder, an adapter folder, a model folder or a shipped name."""
+    path = Path(model)
+    if (path / "adapter" / "adapter_config.json").is_file():  # a `tuneforge train` output folder
+        path = path / "adapter"
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        from tuneforge.export.adapter import adapter_problem
+        from tuneforge.models.loader import ModelLoadError
+
+        problem = adapter_problem(path)
+        if problem:
+            raise ModelLoadError(problem)
+
+        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        length = _sequence_length(path, fallback=_sequence_length(Path(base_name)))
+        base, tokenizer = FastLanguageModel.from_pretrained(base_name, load_in_4bit=load_in_4bit,
+                                                            max_seq_length=length)
+        if (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        loaded = PeftModel.from_pretrained(base, path)
+        return FastLanguageModel.for_inference(loaded), tokenizer
+    loaded, tokenizer = FastLanguageModel.from_pretrained(model, load_in_4bit=load_in_4bit,
+                                                          max_seq_length=_sequence_length(path))
+    return FastLanguageModel.for_inference(loaded), tokenizer

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneforge.config import DEFAULT_HELDOUT, config_from_dict
 from tuneforge.train.callbacks import read_log
-from tuneforge.train.evaluate import answer_loss, normalise_answer
+from tuneforge.evaluate import answer_loss, normalise_answer
 from tuneforge.data.sources import HELDOUT_ROWS, build_datasets, default_dataset_path, default_rows
 from tuneforge.train.command import train
 

@@ -48,9 +48,9 @@ def test_run_folder_has_log_plot_summary_and_config(trained_run):
 
 def test_adapter_reloads_with_plain_peft_and_gives_identical_logits(trained_run, smollm2_dir):
     output, _ = trained_run
-    from tuneforge.chat import load_for_chat
+    from tuneforge.fast_language_model import load_for_inference
 
-    ours, tokenizer = load_for_chat(str(output))
+    ours, tokenizer = load_for_inference(str(output))
     base = AutoModelForCausalLM.from_pretrained(
         smollm2_dir, dtype=torch.float32, device_map="cpu",
         quantization_config=__import__("transformers").BitsAndBytesConfig(

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.atomic import file_problem
+
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -242,3 +244,43 @@ def save_adapter(model, save_directory: str | Path, tokenizer=None) -> Path:
         tokenizer.save_pretrained(str(save_directory))
     log.info("saved the LoRA adapter to %s", save_directory)
     return save_directory
+
+
+def adapter_folder(path: str | Path) -> Path:
+    """The folder holding adapter_config.json: `path` itself or its `adapter/` (a train run)."""
+    path = Path(path)
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"--adapter {path}: no adapter_config.json there or in {path / 'adapter'}")
+
+
+def load_tokenizer(adapter_dir: Path, base_dir: Path):
+    """The adapter folder's tokenizer when it has one (chat template, added tokens), else the base's."""
+    from transformers import AutoTokenizer
+
+    source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def adapter_problem(folder: Path) -> str | None:
+    """What makes adapter `folder` unusable (a truncated or unreadable config or weights file), or None."""
+    config = folder / "adapter_config.json"
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as error:
+        return f"{config} cannot be read ({type(error).__name__}); the adapter is damaged"
+    weights = [folder / name for name in ("adapter_model.safetensors", "adapter_model.bin") if (folder / name).is_file()]
+    if not weights:
+        return f"{folder} has adapter_config.json but no adapter_model.safetensors"
+    problem = file_problem(weights[0])
+    if problem:
+        return (f"{folder}: {problem}; the adapter is damaged (a save cut off, a partial copy?): "
+                "export it again from the run's newest checkpoint-N folder, or retrain")
+    return None
+
+
+# What exports write (weights, configs, tokenizer files, GGUF, Modelfile, reports): --overwrite
+# replaces a folder holding only these; anything else in it is the user's and stops it.
+EXPORT_FILES = ("*.safetensors", "*.gguf", "*.json", "*.jinja", "*.bin", "tokenizer.model", "merges.txt",
+                "vocab.txt", "README.md", "Modelfile", "*.png")

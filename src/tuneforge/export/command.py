@@ -23,7 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
-from tuneforge.atomic import atomic_folder, file_problem, folder_is_empty, is_disk_full
+from tuneforge.atomic import atomic_folder, folder_is_empty, is_disk_full
+from tuneforge.export.adapter import adapter_folder, adapter_problem, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -57,38 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
 
 
-def adapter_folder(path: str | Path) -> Path:
-    """The folder holding adapter_config.json: `path` itself or its `adapter/` (a train run)."""
-    path = Path(path)
-    for candidate in (path, path / "adapter"):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"--adapter {path}: no adapter_config.json there or in {path / 'adapter'}")
-
-
-def adapter_problem(folder: Path) -> str | None:
-    """What makes adapter `folder` unusable (a truncated or unreadable config or weights file), or None."""
-    config = folder / "adapter_config.json"
-    try:
-        json.loads(config.read_text())
-    except (OSError, ValueError) as error:
-        return f"{config} cannot be read ({type(error).__name__}); the adapter is damaged"
-    weights = [folder / name for name in ("adapter_model.safetensors", "adapter_model.bin") if (folder / name).is_file()]
-    if not weights:
-        return f"{folder} has adapter_config.json but no adapter_model.safetensors"
-    problem = file_problem(weights[0])
-    if problem:
-        return (f"{folder}: {problem}; the adapter is damaged (a save cut off, a partial copy?): "
-                "export it again from the run's newest checkpoint-N folder, or retrain")
-    return None
-
-
-# What exports write (weights, configs, tokenizer files, GGUF, Modelfile, reports): --overwrite
-# replaces a folder holding only these; anything else in it is the user's and stops it.
-EXPORT_FILES = ("*.safetensors", "*.gguf", "*.json", "*.jinja", "*.bin", "tokenizer.model", "merges.txt",
-                "vocab.txt", "README.md", "Modelfile", "*.png")
-
-
 def _is_export_file(path: Path) -> bool:
     return path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in EXPORT_FILES)
 
@@ -116,13 +85,6 @@ def check_output(output: Path, overwrite: bool, keep: dict[str, Path]) -> None:
         raise ExportError(f"--output {output} is not empty ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''}): "
                           "loaders could pick its old files beside the new ones. Pass --overwrite to replace it "
                           "as a whole, or choose a new folder")
-
-
-def _load_tokenizer(adapter_dir: Path, base_dir: Path):
-    from transformers import AutoTokenizer
-
-    source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
-    return AutoTokenizer.from_pretrained(str(source))
 
 
 def export(adapter: str | Path, fmt: str, output: str | Path, quantization: str | list[str] = "q8_0",
@@ -189,7 +151,7 @@ def _write(adapter_dir: Path, fmt: str, output: Path, name: str, quantization, b
     from tuneforge.export.ollama import write_modelfile
 
     methods = [m.strip() for m in quantization.split(",")] if isinstance(quantization, str) else quantization
-    tokenizer = _load_tokenizer(adapter_dir, base_dir)
+    tokenizer = load_tokenizer(adapter_dir, base_dir)
     paths = save_gguf(source, tokenizer, output, methods, basename=name)
     if modelfile:
         from transformers import GenerationConfig

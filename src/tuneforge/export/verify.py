@@ -570,7 +570,7 @@ def verify_folder_export(adapter: str | Path, fmt: str, paths: list[Path], outpu
     peft, fp32 on the CPU) against each written artefact, on prompts from the run's training data
     (the run folder's config.resolved.json, when the adapter lies in one)."""
     from tuneforge.export.adapter import LoraAdapter
-    from tuneforge.export.command import _load_tokenizer, adapter_folder
+    from tuneforge.export.adapter import adapter_folder, load_tokenizer
     from tuneforge.export.merge import resolve_base
 
     adapter_dir = adapter_folder(adapter)
@@ -583,7 +583,7 @@ def verify_folder_export(adapter: str | Path, fmt: str, paths: list[Path], outpu
         report = ExportReport([check])
         report.write(output)
         return report
-    tokenizer = _load_tokenizer(adapter_dir, base_dir)
+    tokenizer = load_tokenizer(adapter_dir, base_dir)
     prompts = training_prompts(adapter_dir.parent) or training_prompts(adapter_dir)
     if prompts is None:
         log.info("export check: no run folder beside %s; built-in prompts", adapter_dir)

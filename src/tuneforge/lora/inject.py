@@ -168,7 +168,8 @@ def get_peft_model(
 
 def finish_peft_model(peft_model, spec, use_gradient_checkpointing, use_kernels: bool | None = None):
     """What every LoRA model of ours gets, new (get_peft_model) or reloaded from an adapter folder:
-    gradient checkpointing, the fused LoRA patch, the export methods, a trainable-parameter line."""
+    gradient checkpointing, the fused LoRA patch, a trainable-parameter line (FastLanguageModel adds
+    the export methods)."""
     from tuneforge.patch.activation_checkpointing import enable_gradient_checkpointing
 
     enable_gradient_checkpointing(peft_model, use_gradient_checkpointing)
@@ -177,12 +178,6 @@ def finish_peft_model(peft_model, spec, use_gradient_checkpointing, use_kernels:
 
     patch_lora(peft_model, spec, enabled=use_kernels)  # None: the base model's switch (patch_model)
     _patch_experts_lora(peft_model, spec, use_kernels)
-    try:
-        from tuneforge.export import attach_export_methods
-    except ImportError:  # the export package is optional at this layer
-        attach_export_methods = None
-    if attach_export_methods is not None:
-        attach_export_methods(peft_model)
     summary = trainable_parameter_summary(peft_model)
     logger.info(summary)
     print(summary, flush=True)

@@ -138,16 +138,21 @@ def plan_device(plan):
 
 
 def _load_for_probes(config):
-    from tuneforge.fast_language_model import FastLanguageModel
+    """The run's model as training builds it (load, kernel patches, LoRA), from the components
+    FastLanguageModel composes, and its optimizer."""
+    from tuneforge.lora.inject import get_peft_model
+    from tuneforge.models.loader import load_model
+    from tuneforge.patch import patch_model
     from tuneforge.train.optim import build_optimizer
 
     m, lora = config.model, config.lora
-    model, _ = FastLanguageModel.from_pretrained(
+    model, _ = load_model(
         m.name, max_seq_length=m.max_seq_length, dtype=None if m.dtype == "auto" else m.dtype,
         load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit, full_finetuning=m.full_finetuning,
         use_kernels=m.use_kernels)
+    patch_model(model)
     if not m.full_finetuning:
-        model = FastLanguageModel.get_peft_model(
+        model = get_peft_model(
             model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
             use_rslora=lora.use_rslora, modules_to_save=lora.modules_to_save,
             use_gradient_checkpointing=lora.gradient_checkpointing, random_state=lora.random_state,

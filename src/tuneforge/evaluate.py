@@ -127,11 +127,11 @@ def evaluate(model_name: str, data=DEFAULT_HELDOUT, *, max_new_tokens: int = 64,
              load_in_4bit: bool = True, format: str = "auto", field_map=None) -> EvalReport:
     """Score `model_name` (run folder, adapter folder, model folder or shipped name) on `data`
     (a file, folder or shipped name, Alpaca / ShareGPT / messages rows)."""
-    from tuneforge.chat import load_for_chat
+    from tuneforge.fast_language_model import load_for_inference
     from tuneforge.data import load_records, prepare_dataset, to_conversations
     from tuneforge.data.sources import dataset_source
 
-    model, tokenizer = load_for_chat(model_name, load_in_4bit=load_in_4bit)
+    model, tokenizer = load_for_inference(model_name, load_in_4bit=load_in_4bit)
     source = dataset_source(str(data))
     records, locate = load_records(source)
     conversations, _ = to_conversations(records, format, field_map, locate=locate)
