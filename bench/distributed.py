@@ -178,12 +178,11 @@ def worker(args) -> None:
         from tuneforge import FastLanguageModel
         from tuneforge.train.trainer import SFTConfig, SFTTrainer
 
-        if args.strategy == "fsdp":
-            os.environ[distributed.FSDP_ENV] = "true"  # before loading: NF4 storage FSDP2 can shard
         start = time.perf_counter()
         dtype = torch.bfloat16 if cuda else torch.float32
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            args.model, max_seq_length=args.seq, dtype=dtype, load_in_4bit=True, use_kernels=model_kernels)
+        model, tokenizer = FastLanguageModel.from_pretrained(  # fsdp: NF4 storage FSDP2 can shard
+            args.model, max_seq_length=args.seq, dtype=dtype, load_in_4bit=True, use_kernels=model_kernels,
+            fsdp=args.strategy == "fsdp" or None)
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, target_modules=SEVEN,
                                                  use_gradient_checkpointing="unsloth", random_state=3407,
                                                  use_kernels=lora_kernels)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tuneforge import config
 
-SECTIONS = [("model", config.ModelConfig), ("lora", config.LoraConfig), ("data", config.DataConfig),
+SECTIONS = [("model", config.ModelConfig), ("lora", config.LoraSection), ("data", config.DataConfig),
             ("training", config.TrainingConfig)]
 
 
@@ -27,7 +27,13 @@ def render() -> str:
              "written twice in one mapping is an error too, and YAML aliases may not expand past "
              f"{config.MAX_CONFIG_VALUES:,} values.", ""]
     for section, cls in SECTIONS:
-        lines += [f"## `{section}`", "", "| key | type | default | allowed |", "|---|---|---|---|"]
+        lines += [f"## `{section}`", ""]
+        if section == "lora":
+            old = ", ".join(f"`{a.split('.')[1]}` is `{b.split('.')[1]}`" for a, b in config.RENAMED_KEYS.items())
+            lines += ["The keys are `FastLanguageModel.get_peft_model`'s argument names, and the section is passed to it "
+                      "whole.", f"The older names still load, with one log line naming the new ones: {old} (writing "
+                      "both names of one key is an error).", ""]
+        lines += ["| key | type | default | allowed |", "|---|---|---|---|"]
         hints = typing.get_type_hints(cls)
         defaults = cls()
         for field in dataclasses.fields(cls):

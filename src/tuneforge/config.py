@@ -65,12 +65,6 @@ class LoraSection:
         """get_peft_model's keyword arguments: `get_peft_model(model, **config.lora.to_api())`."""
         return dataclasses.asdict(self)
 
-    # The section's old attribute names, still read by tuneforge.planning (fit.py, __init__.py);
-    # they go once planning reads the new ones.
-    alpha = property(lambda self: self.lora_alpha)
-    dropout = property(lambda self: self.lora_dropout)
-    gradient_checkpointing = property(lambda self: self.use_gradient_checkpointing)
-
 
 # Keys renamed to match the API's argument names: old path -> new path. Configs written with the
 # old names still load (`_renamed`, with one log line); giving both names is an error.

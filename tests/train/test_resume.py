@@ -174,3 +174,23 @@ def test_resume_names_config_changes_that_break_exactness():
     now.training.learning_rate, now.training.max_steps = 1e-3, 500
     changed = differences(run_identity(before), run_identity(now))
     assert changed == ["training.learning_rate: 0.0002 -> 0.001"]  # extending a run is what resuming is for
+
+
+def test_a_run_folder_written_with_the_old_lora_keys_still_resumes_as_the_same_run(tmp_path):
+    """Folders from before the lora keys took the API's names record lora.alpha / lora.dropout /
+    lora.gradient_checkpointing; read back, their identity uses the new names, so --resume does not
+    report them as changed."""
+    import json
+
+    from tuneforge.config import RENAMED_KEYS, TrainConfig
+    from tuneforge.train.run_folder import RESOLVED_CONFIG_NAME, identity_of_folder, run_identity
+
+    config = TrainConfig()
+    config.training.output_dir = str(tmp_path)
+    identity = run_identity(config)
+    old = {"config": {({v: k for k, v in RENAMED_KEYS.items()}).get(key, key): value
+                      for key, value in identity["config"].items()}}
+    old.update({k: v for k, v in identity.items() if k != "config"})
+    assert set(old["config"]) != set(identity["config"])  # the old folder really holds the old names
+    (tmp_path / RESOLVED_CONFIG_NAME).write_text(json.dumps({"config": {}, "identity": old}))
+    assert identity_of_folder(tmp_path) == identity

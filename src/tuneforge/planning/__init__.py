@@ -166,7 +166,7 @@ def setup_for(config, device: DeviceSpec, lengths: Lengths | None, batch: int | 
     return RunSetup(
         batch=batch, seq=peak_seq, mean_seq=mean_seq, quant=quant, compute_bytes=dtype, lora_r=lora.r,
         target_modules=targets, modules_to_save=tuple(lora.modules_to_save or ()),
-        checkpointing=resolve_mode(lora.gradient_checkpointing), optim=t.optim, kernels=bool(kernels),
+        checkpointing=resolve_mode(lora.use_gradient_checkpointing), optim=t.optim, kernels=bool(kernels),
         device="cuda" if cuda else "cpu", grad_accum=t.gradient_accumulation_steps,
     )
 
@@ -253,7 +253,7 @@ def plan_model(model_name: str, *, max_seq_length: int = 2048, load_in_4bit: boo
     values = {
         "model": {"name": model_name, "max_seq_length": max_seq_length, "load_in_4bit": load_in_4bit,
                   "load_in_8bit": load_in_8bit, "full_finetuning": full_finetuning},
-        "lora": {"r": r, "gradient_checkpointing": use_gradient_checkpointing},
+        "lora": {"r": r, "use_gradient_checkpointing": use_gradient_checkpointing},
         "training": {"per_device_train_batch_size": batch_size, "optim": optim, "max_steps": max_steps,
                      "gradient_accumulation_steps": gradient_accumulation_steps},
     }

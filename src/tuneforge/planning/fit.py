@@ -152,11 +152,7 @@ def _load_for_probes(config):
         use_kernels=m.use_kernels)
     patch_model(model)
     if not m.full_finetuning:
-        model = get_peft_model(
-            model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            use_rslora=lora.use_rslora, modules_to_save=lora.modules_to_save,
-            use_gradient_checkpointing=lora.gradient_checkpointing, random_state=lora.random_state,
-            use_kernels=m.use_kernels)
+        model = get_peft_model(model, **lora.to_api(), use_kernels=m.use_kernels)
     model.train()
     optimizer = build_optimizer(model, optim=config.training.optim, learning_rate=config.training.learning_rate)
     return model, optimizer, model.config.vocab_size

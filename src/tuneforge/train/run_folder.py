@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.atomic import sha256_of
-from tuneforge.config import DEFAULT_DATASET, DEFAULT_HELDOUT, TrainConfig
+from tuneforge.config import DEFAULT_DATASET, DEFAULT_HELDOUT, RENAMED_KEYS, TrainConfig
 from tuneforge.train.resume import CHECKPOINT_PATTERN, ResumeError
 
 logger = logging.getLogger(__name__)
@@ -307,6 +307,10 @@ def identity_of_folder(output_dir: Path) -> dict | None:
     if resolved is None:
         return None
     if "identity" in resolved:
-        return resolved["identity"]
+        identity = dict(resolved["identity"])
+        if isinstance(identity.get("config"), dict):
+            # Folders written before the lora keys took the API's names (lora.alpha -> lora.lora_alpha).
+            identity["config"] = {RENAMED_KEYS.get(key, key): value for key, value in identity["config"].items()}
+        return identity
     flat = _flatten(resolved.get("config", {}))
-    return {"config": {key: value for key, value in flat.items() if key not in RESUMABLE_CHANGES}}
+    return {"config": {RENAMED_KEYS.get(key, key): value for key, value in flat.items() if key not in RESUMABLE_CHANGES}}
