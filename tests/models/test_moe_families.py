@@ -25,11 +25,11 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import tuneforge.kernels.moe as moe_kernel
 from tuneforge import FastLanguageModel
-from tuneforge.models.families import get_family
+from tuneforge.models.families import all_families, get_family
 from tuneforge.models.moe import experts_modules, is_nf4
 from tuneforge.testing.tiny import lora_grads, nf4_round_trip_experts, randomize_lora_b, tiny_batch, tiny_model
 
-FAMILIES = ["qwen3_moe", "mixtral", "gpt_oss"]
+FAMILIES = sorted(name for name, spec in all_families().items() if spec.experts)  # the table's MoE families
 
 
 def _ours(folder, family, load_in_4bit=False, use_kernels=True):
