@@ -79,24 +79,25 @@ def count_step(model, optimizer, ids) -> tuple[int, int, collections.Counter]:
 
 
 def main() -> None:
-    from tuneforge import FastLanguageModel, switches
+    from tuneforge import FastLanguageModel
     from tuneforge.testing import tiny_model
     from tuneforge.train.optim import build_optimizer
 
     seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    with tempfile.TemporaryDirectory() as folder:
-        tiny_model("llama", num_hidden_layers=4).save_pretrained(folder)
-        model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=64, load_in_4bit=True,
-                                                     dtype=torch.float32, use_kernels=True)
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=seven,
-                                             use_gradient_checkpointing="unsloth", random_state=3)
-    model.train()
-    optimizer = build_optimizer(model, optim="adamw_torch", learning_rate=1e-4)
     ids = torch.randint(3, 317, (2, 32), generator=torch.Generator().manual_seed(0))
-    layers = model.config.num_hidden_layers
     rows = []
     for grouped in (False, True):
-        switches.resolve(lora_groups=grouped)  # lora.projections' default for `grouped`
+        # The grouping is chosen when the LoRA layers are patched, from the switches the loader resolves.
+        os.environ["TUNEFORGE_LORA_GROUPS"] = "1" if grouped else "0"
+        with tempfile.TemporaryDirectory() as folder:
+            tiny_model("llama", num_hidden_layers=4).save_pretrained(folder)
+            model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=64, load_in_4bit=True,
+                                                         dtype=torch.float32, use_kernels=True)
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, target_modules=seven,
+                                                 use_gradient_checkpointing="unsloth", random_state=3)
+        model.train()
+        optimizer = build_optimizer(model, optim="adamw_torch", learning_rate=1e-4)
+        layers = model.config.num_hidden_layers
         count_step(model, optimizer, ids)  # warm-up: caches, lazy state
         triton_launches, aten_ops, by_name = count_step(model, optimizer, ids)
         rows.append((grouped, triton_launches, aten_ops))

@@ -19,6 +19,7 @@ line saying why.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import types
 
@@ -77,22 +78,22 @@ def _projections(layers):
         return None
 
 
-def fused_qkv(attn: nn.Module, hidden_states):
+def fused_qkv(attn: nn.Module, hidden_states, *, grouped: bool):
     """(q, k, v) of `attn` by `lora_qkv`; the separate projections (peft's forwards) when the
-    adapters cannot be fused now. An `AttentionPlan.project`."""
+    adapters cannot be fused now. An `AttentionPlan.project` (grouped bound in by patch_lora)."""
     from tuneforge.lora.projections import lora_qkv
 
     projections = _projections((attn.q_proj, attn.k_proj, attn.v_proj))
-    return separate_qkv(attn, hidden_states) if projections is None else lora_qkv(hidden_states, *projections)
+    return separate_qkv(attn, hidden_states) if projections is None else lora_qkv(hidden_states, *projections, grouped=grouped)
 
 
-def fused_mlp(mlp: nn.Module, x, activation: str):
+def fused_mlp(mlp: nn.Module, x, activation: str, *, grouped: bool):
     """down(act(gate(x)) * up(x)) of `mlp` by `lora_mlp`; the separate projections (peft's forwards)
-    when the adapters cannot be fused now. An `MlpPlan.compute`."""
+    when the adapters cannot be fused now. An `MlpPlan.compute` (grouped bound in by patch_lora)."""
     from tuneforge.lora.projections import lora_mlp
 
     projections = _projections((mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    return separate_mlp(mlp, x, activation) if projections is None else lora_mlp(x, *projections, activation=activation)
+    return separate_mlp(mlp, x, activation) if projections is None else lora_mlp(x, *projections, activation=activation, grouped=grouped)
 
 
 def _fused_linear_forward(self, x, *args, **kwargs):
@@ -152,7 +153,9 @@ def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None)
             block = base.get_submodule(name)
             layers = [getattr(block, p) for p in projections]
             if any(hasattr(layer, "lora_A") for layer in layers):
-                rebind(plan_type, base, name, block, dataclasses.replace(plan, **{field: fused}))
+                # NF4 Q|K|V and gate|up as one group each unless TUNEFORGE_LORA_GROUPS=0 (decided here, once).
+                fused_fn = functools.partial(fused, grouped=record.switches.lora_groups)
+                rebind(plan_type, base, name, block, dataclasses.replace(plan, **{field: fused_fn}))
                 claimed.update(id(layer) for layer in layers)
                 if patch_name not in applied:
                     applied.append(patch_name)

@@ -25,6 +25,7 @@ One switch turns every patch off so users can compare and bisect: `use_kernels=F
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import types
 
@@ -91,12 +92,13 @@ def patch_model(model, spec: FamilySpec | None = None, enabled: bool | None = No
 
 
 def _patch_linear4bit(model, spec: FamilySpec) -> str | None:
-    """Every bitsandbytes Linear4bit's forward -> `nf4_gemv.linear4bit_forward` (decode steps only)."""
+    """Every bitsandbytes Linear4bit's forward -> `linear4bit.linear4bit_forward` (decode steps only)."""
     import bitsandbytes as bnb
 
     from tuneforge.patch.linear4bit import linear4bit_forward
 
+    forward = functools.partial(linear4bit_forward, nf4_gemv_on_cuda=record_of(model).switches.nf4_gemv)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     for layer in layers:
-        layer.forward = types.MethodType(linear4bit_forward, layer)
+        layer.forward = types.MethodType(forward, layer)
     return "nf4_gemv" if layers else None

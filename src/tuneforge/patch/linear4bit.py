@@ -11,7 +11,6 @@ import logging
 
 import torch
 
-from tuneforge import switches
 from tuneforge.integration.bnb import linear4bit_forward as bitsandbytes_forward
 from tuneforge.kernels import nf4_gemv
 from tuneforge.switches import NF4_GEMV_ENV
@@ -49,12 +48,13 @@ def decode_matmul(x: torch.Tensor, weight_packed: torch.Tensor, quant_state, bia
                            bias=None if bias is None else bias.to(x.dtype))
 
 
-def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
+def linear4bit_forward(self, x: torch.Tensor, *, nf4_gemv_on_cuda: bool = False) -> torch.Tensor:
     """Forward of a bitsandbytes Linear4bit, bound to the instance by `patch._patch_linear4bit`.
 
     x: [..., in] -> [..., out] in x's dtype. A decode step (at most nf4_gemv.MAX_ROWS rows, no
     gradient wanted, a weight nf4_matmul reads) multiplies by `decode_matmul` in the layer's compute
     dtype, as bitsandbytes does; anything else runs bitsandbytes' forward (`integration.bnb`).
+    nf4_gemv_on_cuda: the model's `switches.nf4_gemv`, bound in when the layer is patched.
     """
     weight, bias = self.weight, self.bias
     # Under FSDP the gathered weight loses its state; bitsandbytes keeps it on the module.
@@ -68,5 +68,5 @@ def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
             and nf4_gemv.nf4_matmul_unsupported(quant_state, x.shape[-1]) is None):
         compute = self.compute_dtype or x.dtype
         return decode_matmul(x.to(compute), weight, quant_state, bias,
-                             nf4_gemv_on_cuda=switches.current().nf4_gemv).to(x.dtype)
+                             nf4_gemv_on_cuda=nf4_gemv_on_cuda).to(x.dtype)
     return bitsandbytes_forward(self, x)
