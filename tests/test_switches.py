@@ -14,8 +14,8 @@ from tuneforge import switches
 from tuneforge.switches import SwitchError, Switches
 
 ALL = ("TUNEFORGE_DISABLE_KERNELS", "TUNEFORGE_VARLEN", "TUNEFORGE_LORA_GROUPS", "TUNEFORGE_FLAT_OPTIMIZER",
-       "TUNEFORGE_NF4_GEMV", "TUNEFORGE_RMS_NORM_FWD", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-       "HF_DATASETS_OFFLINE", "ACCELERATE_USE_FSDP")
+       "TUNEFORGE_NF4_GEMV", "TUNEFORGE_RMS_NORM_FWD", "TUNEFORGE_CACHED_LAUNCH", "HF_HUB_OFFLINE",
+       "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "ACCELERATE_USE_FSDP")
 
 
 @pytest.fixture
@@ -41,6 +41,8 @@ def test_the_defaults_without_variables(clean):
     ("TUNEFORGE_NF4_GEMV", "1", "nf4_gemv", True),
     ("TUNEFORGE_RMS_NORM_FWD", "2,8", "rms_norm_launch", (2, 8)),
     ("TUNEFORGE_RMS_NORM_FWD", " 4, 16 ", "rms_norm_launch", (4, 16)),
+    ("TUNEFORGE_CACHED_LAUNCH", "0", "cached_launch", False),
+    ("TUNEFORGE_CACHED_LAUNCH", "1", "cached_launch", True),
     ("HF_HUB_OFFLINE", "1", "offline", True),
     ("TRANSFORMERS_OFFLINE", "true", "offline", True),
     ("HF_DATASETS_OFFLINE", "ON", "offline", True),
@@ -83,6 +85,7 @@ def test_triton_interpret_is_read_once_at_import(value):
     ("TUNEFORGE_LORA_GROUPS", "no way"),
     ("TUNEFORGE_FLAT_OPTIMIZER", "flat"),
     ("TUNEFORGE_NF4_GEMV", "fast"),
+    ("TUNEFORGE_CACHED_LAUNCH", "cached"),
     ("ACCELERATE_USE_FSDP", "sharded"),
     ("TUNEFORGE_RMS_NORM_FWD", "2"),
     ("TUNEFORGE_RMS_NORM_FWD", "3,8"),
@@ -116,6 +119,7 @@ def test_line_names_every_field_on_one_line():
     words = dict(word.split("=") for word in line.removeprefix("switches: ").split())
     assert list(words) == [f.name for f in dataclasses.fields(Switches)]
     assert words["kernels"] == "on" and words["nf4_gemv"] == "off" and words["fsdp"] == "on"
+    assert words["cached_launch"] == "on"
     assert words["rms_norm_launch"] == "2,8" and Switches().line().count("rms_norm_launch=default") == 1
 
 

@@ -3,7 +3,8 @@
 On the CPU (Triton's interpreter) every launch takes Triton's own path; what is checked there is
 that fallback, the specialization key (it must split wherever Triton compiles a different kernel:
 ints 1 / multiples of 16 / others and their 32/64-bit range, pointer alignment, dtypes, constexpr
-values and types, launch options), the binding of arguments and the version gate. The `gpu`
+values and types, launch options), the binding of arguments, the version gate and the
+`cached_launch` switch (off: every call is `kernel[grid]`). The `gpu`
 tests run the cached path against plain launches of a test kernel and of the RMSNorm and SwiGLU
 forward kernels, over changing sizes, an unaligned view, a side stream and a CUDA graph, and count
 how many launches went through Triton (one per specialization).
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from tuneforge import switches
 from tuneforge.kernels import launcher
 from tuneforge.kernels.launcher import argument_token, launch, triton_version_verified
 
@@ -143,11 +145,10 @@ def test_only_verified_triton_versions_take_the_cached_path(monkeypatch):
     assert "3.7.0" in launcher._fast_path_blocker()
 
 
-def test_cached_call_is_tritons_launcher_call(monkeypatch, fresh_plans):
-    """The cached path with Triton's compiled kernel faked: the first launch goes through
-    `kernel[grid]`; the next calls `compiled.run(grid0, grid1, grid2, stream, function,
-    packed_metadata, launch_metadata=None, enter_hook=None, exit_hook=None, *every_argument)`,
-    the constexprs and defaults included, as JITFunction.run does in Triton 3.6 and 3.9."""
+def _faked_cached_path(monkeypatch):
+    """A kernel whose Triton launch is faked (it records (grid, args, options) in `launched` and
+    returns a fake CompiledKernel whose launcher records its call in `ran`), with the cached path
+    open as on a CUDA machine: device 0, stream 1234. Returns (kernel, compiled, launched, ran)."""
     launched, ran = [], []
     compiled = object.__new__(launcher._CompiledKernel)
     compiled.module, compiled.function, compiled.packed_metadata = None, 0xF00, (4, 1, 0)
@@ -157,6 +158,15 @@ def test_cached_call_is_tritons_launcher_call(monkeypatch, fresh_plans):
     monkeypatch.setattr(launcher, "_BLOCKER", None)
     monkeypatch.setattr(launcher.torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(launcher, "_raw_stream", lambda device: 1234)
+    return kernel, compiled, launched, ran
+
+
+def test_cached_call_is_tritons_launcher_call(monkeypatch, fresh_plans):
+    """The cached path with Triton's compiled kernel faked: the first launch goes through
+    `kernel[grid]`; the next calls `compiled.run(grid0, grid1, grid2, stream, function,
+    packed_metadata, launch_metadata=None, enter_hook=None, exit_hook=None, *every_argument)`,
+    the constexprs and defaults included, as JITFunction.run does in Triton 3.6 and 3.9."""
+    kernel, compiled, launched, ran = _faked_cached_path(monkeypatch)
     x, y = torch.zeros(64), torch.zeros(64)
     assert launch(kernel, (3,), x, y, 64, 0.5, 1.0, BLOCK=32, num_warps=4) is compiled
     assert launched == [((3,), (x, y, 64, 0.5, 1.0), {"BLOCK": 32, "num_warps": 4})] and ran == []
@@ -182,6 +192,34 @@ def test_cached_call_is_tritons_launcher_call(monkeypatch, fresh_plans):
     assert len(launched) == 5 and len(ran) == 2
     launch(kernel, (3,), x, y, 64, 0.5, 1.0, BLOCK=32, num_warps=4)
     assert len(launched) == 5 and len(ran) == 3
+
+
+def test_switch_off_takes_tritons_launch(monkeypatch, fresh_plans):
+    """TUNEFORGE_CACHED_LAUNCH=0: every call is `kernel[grid](...)` (no plan made), also for a
+    specialization already cached; `switches.resolve()` with the variable set back is honoured from
+    the next launch."""
+    kernel, compiled, launched, ran = _faked_cached_path(monkeypatch)
+    monkeypatch.setattr(switches, "_current", [])  # resolve() below fills this one; restored after
+    x, y = torch.zeros(64), torch.zeros(64)
+    args, kw = (x, y, 64, 0.5, 1.0), {"BLOCK": 32, "num_warps": 4}
+    monkeypatch.setenv("TUNEFORGE_CACHED_LAUNCH", "1")
+    assert switches.resolve().cached_launch
+    launch(kernel, (3,), *args, **kw)
+    launch(kernel, (3,), *args, **kw)
+    assert len(launched) == 1 and len(ran) == 1  # filled, then cached
+    monkeypatch.setenv("TUNEFORGE_CACHED_LAUNCH", "0")
+    assert not switches.resolve().cached_launch
+    for _ in range(3):
+        assert launch(kernel, (3,), *args, **kw) is compiled
+    assert launched == [((3,), args, kw)] * 4 and len(ran) == 1
+    fresh = JITFunction(_affine)
+    monkeypatch.setattr(fresh, "run", lambda *a, grid, warmup, **kw: launched.append((grid, a, kw)) or compiled)
+    launch(fresh, (3,), *args, **kw)
+    assert id(fresh) not in launcher._PLANS and len(launched) == 5
+    monkeypatch.setenv("TUNEFORGE_CACHED_LAUNCH", "1")
+    switches.resolve()
+    launch(kernel, (3,), *args, **kw)
+    assert len(launched) == 5 and len(ran) == 2
 
 
 # ---------------------------------------------------------------- GPU: the cached path

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tuneforge.kernels.launcher import launch
 from tuneforge.switches import TRITON_INTERPRETER
 
 # A row-wise kernel keeps one whole row in registers; beyond this many elements it would spill
@@ -213,7 +214,8 @@ def gated_forward(kernel, gate: torch.Tensor, up: torch.Tensor, **constexprs):
     n = gate_f.numel()
     block, num_warps = elementwise_launch(n)
     if n:
-        kernel[(triton.cdiv(n, block),)](gate_f, up_f, out, n, BLOCK=block, num_warps=num_warps, **constexprs)
+        launch(kernel, (triton.cdiv(n, block),), gate_f, up_f, out, n, BLOCK=block, num_warps=num_warps,
+               **constexprs)
     return out.view(gate.shape), gate_f, up_f
 
 
@@ -224,7 +226,8 @@ def gated_backward(kernel, dout: torch.Tensor, gate_f: torch.Tensor, up_f: torch
     n = gate_f.numel()
     block, num_warps = elementwise_launch(n)
     if n:
-        kernel[(triton.cdiv(n, block),)](dout_f, gate_f, up_f, dgate, dup, n, BLOCK=block, num_warps=num_warps, **constexprs)
+        launch(kernel, (triton.cdiv(n, block),), dout_f, gate_f, up_f, dgate, dup, n, BLOCK=block,
+               num_warps=num_warps, **constexprs)
     return dgate.view(shape), dup.view(shape)
 
 

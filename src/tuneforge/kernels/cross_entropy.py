@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from tuneforge.kernels._utils import autocast_dtype, check_device, needs_bf16_rounding, round_bf16_rtne
+from tuneforge.kernels.launcher import launch
 
 __all__ = [
     "LinearCrossEntropyFunction",
@@ -125,7 +126,7 @@ def _launch_rows_kernel(logits, labels, loss_rows, inv_denom, ignore_index, scal
     else:
         block_m, block_v, extra = 16, min(4096, triton.next_power_of_2(vocab)), {}
     grid = (triton.cdiv(n_rows, block_m),)
-    _cross_entropy_rows_kernel[grid](
+    launch(_cross_entropy_rows_kernel, grid,
         logits, logits.stride(0), labels, loss_rows, inv_denom,
         n_rows, vocab, ignore_index,
         1.0 if scale is None else float(scale),

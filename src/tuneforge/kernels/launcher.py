@@ -44,6 +44,12 @@ Triton version whose launcher was not read (VERIFIED_TRITON). A CPU tensor on a 
 refused by the direct call exactly as by Triton's launch (both go through the C launcher's pointer
 check). Skipped on the cached path: Triton's check that the globals a kernel reads have not changed
 since it was compiled (the first launch of each key still runs it).
+
+The switch `cached_launch` (TUNEFORGE_CACHED_LAUNCH=0 turns it off, for A/B benches) sends every
+launch straight to `kernel[grid](...)`, before any plan is made or logged. `launch` reads it from
+`switches.current()` on each call (the resolved Switches object, ~30 ns; the environment is read
+only by `switches.resolve()`), so a later `resolve()` (the loader's, once per model) is honoured
+from the next launch on.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from typing import Any, Callable
 import torch
 import triton
 
+from tuneforge import switches
 from tuneforge.switches import TRITON_INTERPRETER
 
 logger = logging.getLogger(__name__)
@@ -237,8 +244,11 @@ def launch(kernel, grid, *args, **kwargs):
     kernel: a `@triton.jit` function; grid: a tuple of 1-3 ints, or a callable of the bound
     arguments (a dict by name) as Triton takes it; args / kwargs: the kernel's arguments, its
     constexprs and Triton's launch options (num_warps, num_stages, ...), as for `kernel[grid]`.
-    Returns the CompiledKernel, like `kernel[grid](...)`.
+    Returns the CompiledKernel, like `kernel[grid](...)`. With the switch `cached_launch` off
+    (TUNEFORGE_CACHED_LAUNCH=0) it is exactly `kernel[grid](*args, **kwargs)`.
     """
+    if not switches.current().cached_launch:
+        return kernel[grid](*args, **kwargs)
     plan = _PLANS.get(id(kernel))
     if plan is None:
         plan = _plan(kernel)

@@ -23,6 +23,7 @@ from tuneforge.kernels._utils import (
     row_tile_launch,
     rows_view,
 )
+from tuneforge.kernels.launcher import launch
 
 
 @triton.jit
@@ -116,7 +117,7 @@ class LayerNormFunction(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block, rows, num_warps = row_tile_launch(hidden)
         if n_rows > 0:
-            _layer_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            launch(_layer_norm_fwd_kernel, (triton.cdiv(n_rows, rows),),
                 x2d, weight, bias_arg, y, mean, rstd,
                 x2d.stride(0), y.stride(0), n_rows, hidden, float(eps),
                 BLOCK=block, ROWS=rows, HAS_BIAS=has_bias, num_warps=num_warps,
@@ -140,7 +141,7 @@ class LayerNormFunction(torch.autograd.Function):
         dw_partial = param_grad_partials(programs, hidden, x2d.device, compute_dw)
         db_partial = param_grad_partials(programs, hidden, x2d.device, compute_db)
         if n_rows > 0:
-            _layer_norm_bwd_kernel[(programs,)](
+            launch(_layer_norm_bwd_kernel, (programs,),
                 dy2d, x2d, weight, mean, rstd, dx, dw_partial, db_partial,
                 dy2d.stride(0), x2d.stride(0), dx.stride(0),
                 n_rows, hidden, rows_per_program,

@@ -42,6 +42,7 @@ from tuneforge.kernels._utils import (
     round_bf16_rtne,
 )
 from tuneforge.kernels.geglu import _gelu_and_grad, geglu
+from tuneforge.kernels.launcher import launch
 from tuneforge.kernels.nf4 import dense_weight, reference_dequantize_nf4
 from tuneforge.kernels import lora_group
 from tuneforge.kernels.lora_group import Projection, ProjectionGroup, group_backward, group_forward, groupable
@@ -373,8 +374,8 @@ def _gated_halves(gu: torch.Tensor, activation: str) -> torch.Tensor:
     h = torch.empty(rows, cols, dtype=gu.dtype, device=gu.device)
     if rows and cols:
         grid, block, num_warps = _row_launch(rows, cols)
-        _gated_pairs_kernel[grid](gu, gu[:, cols:], h, cols, gu.stride(0), ACT=_ACT_CODE[activation],
-                                  ROUND_BF16=needs_bf16_rounding(h.dtype), BLOCK=block, num_warps=num_warps)
+        launch(_gated_pairs_kernel, grid, gu, gu[:, cols:], h, cols, gu.stride(0), ACT=_ACT_CODE[activation],
+               ROUND_BF16=needs_bf16_rounding(h.dtype), BLOCK=block, num_warps=num_warps)
     return h
 
 
@@ -387,11 +388,11 @@ def _gated_backward_inplace(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, 
     extra = dict(ACT=_ACT_CODE[activation], ROUND_BF16=needs_bf16_rounding(dh.dtype))
     if g.is_contiguous() and u.is_contiguous():
         block, num_warps = elementwise_launch(dh.numel())
-        _gated_backward_inplace_kernel[(triton.cdiv(dh.numel(), block),)](
+        launch(_gated_backward_inplace_kernel, (triton.cdiv(dh.numel(), block),),
             dh, g, u, dh.numel(), BLOCK=block, num_warps=num_warps, **extra)
         return
     grid, block, num_warps = _row_launch(rows, cols)
-    _gated_backward_rows_kernel[grid](dh, g, u, cols, g.stride(0), BLOCK=block, num_warps=num_warps, **extra)
+    launch(_gated_backward_rows_kernel, grid, dh, g, u, cols, g.stride(0), BLOCK=block, num_warps=num_warps, **extra)
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:

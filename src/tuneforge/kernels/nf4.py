@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from tuneforge.kernels._utils import check_device, needs_bf16_rounding, round_bf16_rtne
+from tuneforge.kernels.launcher import launch
 
 __all__ = ["block_absmax", "dense_weight", "dequantize_nf4", "dequantize_nf4_rows", "reference_dequantize_nf4"]
 
@@ -195,7 +196,7 @@ def dequantize_nf4(weight_packed: torch.Tensor, quant_state, out_dtype: torch.dt
         return out
     block, extra = _launch_config(device)
     grid = (triton.cdiv(packed.numel(), block),)
-    _dequantize_nf4_kernel[grid](
+    launch(_dequantize_nf4_kernel, grid,
         packed, code, absmax, code2, absmax2, offset, out, n,
         BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
         BLOCK=block, ROUND_BF16=needs_bf16_rounding(out_dtype), **extra,
@@ -244,7 +245,7 @@ def dequantize_nf4_rows(weights: list[tuple[torch.Tensor, object]], out: torch.T
     if len(args) == 2:
         segments += segments[7:]
     state = weights[0][1]
-    _dequantize_nf4_segments_kernel[(sum(programs),)](
+    launch(_dequantize_nf4_segments_kernel, (sum(programs),),
         args[0][2], *segments, programs[0], programs[0] + programs[1],
         BLOCKSIZE=state.blocksize, BLOCKSIZE2=args[0][7], NESTED=bool(state.nested),
         BLOCK=block, ROUND_BF16=needs_bf16_rounding(out.dtype), **extra,

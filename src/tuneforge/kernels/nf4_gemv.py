@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from tuneforge.kernels._utils import _num_sms, check_float, needs_bf16_rounding, round_bf16_rtne, rows_view
+from tuneforge.kernels.launcher import launch
 from tuneforge.kernels.nf4 import _launch_args, block_absmax, reference_dequantize_nf4
 from tuneforge.switches import TRITON_INTERPRETER
 
@@ -271,7 +272,7 @@ def nf4_matmul(
     target = out2 if split == 1 else torch.empty((split, rows, n), dtype=torch.float32, device=x.device)
     round_bf16 = needs_bf16_rounding(x.dtype)
     has_bias = bias is not None
-    _nf4_matmul_kernel[(triton.cdiv(n, config.block_n), split)](
+    launch(_nf4_matmul_kernel, (triton.cdiv(n, config.block_n), split),
         x2, packed, code, absmax, code2, absmax2, offset, bias if has_bias else code, target,
         rows, n, k, x2.stride(0), out2.stride(0), k_per_split,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested), HAS_BIAS=has_bias,
@@ -281,7 +282,7 @@ def nf4_matmul(
     )
     if split > 1:
         block = 1024
-        _split_k_sum_kernel[(triton.cdiv(rows * n, block),)](
+        launch(_split_k_sum_kernel, (triton.cdiv(rows * n, block),),
             target, bias if has_bias else code, out2, rows, n, out2.stride(0),
             SPLIT_K=split, HAS_BIAS=has_bias, ROUND_BF16=round_bf16, BLOCK=block, num_warps=4,
         )

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from tuneforge.kernels._utils import check_device
+from tuneforge.kernels.launcher import launch
 
 __all__ = ["MAX_RANK", "launch_rank_update_", "rank_update_", "reference_rank_update"]
 
@@ -70,7 +71,7 @@ def launch_rank_update_(y: torch.Tensor, xa: torch.Tensor, b_t: torch.Tensor, sc
     block_r = max(16, triton.next_power_of_2(r))
     block_m, block_n = 64, 128
     grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
-    _rank_update_kernel[grid](
+    launch(_rank_update_kernel, grid,
         y, xa, b_t, rows, cols, r, y.stride(0), xa.stride(0), b_t.stride(0), b_t.stride(1), float(scale),
         # A 64-wide rank (grouped projections) holds three fp32 tiles per program: 8 warps keep
         # them in registers.

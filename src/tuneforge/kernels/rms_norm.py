@@ -31,6 +31,7 @@ from tuneforge.kernels._utils import (
     row_tile_launch,
     rows_view,
 )
+from tuneforge.kernels.launcher import launch
 
 
 @triton.jit
@@ -159,7 +160,7 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block, rows, num_warps = _forward_launch(hidden, max(x2d.stride(0), hidden))
         if n_rows > 0:
-            _rms_norm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+            launch(_rms_norm_fwd_kernel, (triton.cdiv(n_rows, rows),),
                 x2d, weight, y2d, rstd,
                 x2d.stride(0), y2d.stride(0), n_rows, hidden,
                 float(eps), float(offset),
@@ -185,7 +186,7 @@ class RMSNormFunction(torch.autograd.Function):
         # Frozen norm weights (the LoRA case) skip the dW partials entirely.
         dw_partial = param_grad_partials(programs, hidden, x2d.device, compute_dw)
         if n_rows > 0:
-            _rms_norm_bwd_kernel[(programs,)](
+            launch(_rms_norm_bwd_kernel, (programs,),
                 dy2d, x2d, weight, rstd, dx, dw_partial,
                 dy2d.stride(0), x2d.stride(0), dx.stride(0),
                 n_rows, hidden, ctx.offset, rows_per_program,

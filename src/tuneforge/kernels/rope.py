@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from tuneforge.kernels._utils import check_device, check_float
+from tuneforge.kernels.launcher import launch
 
 # rope types whose cos/sin `rope_cos_sin` builds (through transformers' ROPE_INIT_FUNCTIONS for all
 # but "default"). Each is tested against transformers' own rotary embedding module.
@@ -130,7 +131,7 @@ def _launch(q, k, q_out, k_out, cos, sin, backward: bool) -> None:
     # Each program holds (Hq + Hk) x D values; more warps once that passes a few thousand.
     num_warps = 4 if (block_qh + block_kh) * block_d <= 4096 else 8
     if batch * seq_len:
-        _rope_kernel[(batch * seq_len,)](
+        launch(_rope_kernel, (batch * seq_len,),
             q, k, q_out, k_out, cos, sin,
             seq_len, n_q_heads, n_k_heads, half, tail,
             q.stride(0), q.stride(1), q.stride(2),
