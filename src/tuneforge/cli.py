@@ -133,7 +133,8 @@ def _add_export(subparsers) -> None:
     try:
         from tuneforge.export.command import add_arguments, run
     except ImportError as error:  # export is part of the package; this only guards a broken install
-        parser.set_defaults(handler=lambda _: _fail(f"export unavailable: {error}"))
+        message = f"export unavailable: {error}"  # `error` is unbound once the except block ends
+        parser.set_defaults(handler=lambda _: _fail(message))
         return
     add_arguments(parser)
     parser.set_defaults(handler=run)

@@ -10,6 +10,7 @@ import torch
 
 from tuneforge.data.templates import accept_batched_columns
 from tuneforge.export import attach_export_methods
+from tuneforge.integration.peft import base_model
 from tuneforge.lora.inject import get_peft_model
 from tuneforge.models.loader import ModelLoadError, load_model
 from tuneforge.models.record import record_of
@@ -192,7 +193,7 @@ class FastLanguageModel:
 
         model.eval()
         allow_cpu_repack(model)  # bitsandbytes' faster CPU gemm; undone exactly before any read
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         base.config.use_cache = True
         if getattr(base, "is_gradient_checkpointing", False):
             base.gradient_checkpointing_disable()
@@ -218,7 +219,7 @@ class FastLanguageModel:
         disable_fast_generate(model)
         prevent_cpu_repack(model)  # the standard layout back: training reads the weights
         model.train()
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         base.config.use_cache = False
         if record_of(base).resume_checkpointing and use_gradient_checkpointing:
             from tuneforge.patch.activation_checkpointing import enable_gradient_checkpointing

@@ -16,6 +16,8 @@ import tempfile
 import types
 from pathlib import Path
 
+from tuneforge.integration.peft import base_model
+
 log = logging.getLogger(__name__)
 
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
@@ -28,7 +30,7 @@ def _check_unsupported(function: str, extra: dict) -> None:
 
 
 def _base(model):
-    return model.get_base_model() if hasattr(model, "peft_config") else model
+    return base_model(model)
 
 
 def save_pretrained_merged(model, save_directory: str | Path, tokenizer=None, save_method: str = "merged_16bit",

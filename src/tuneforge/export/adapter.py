@@ -278,9 +278,3 @@ def adapter_problem(folder: Path) -> str | None:
         return (f"{folder}: {problem}; the adapter is damaged (a save cut off, a partial copy?): "
                 "export it again from the run's newest checkpoint-N folder, or retrain")
     return None
-
-
-# What exports write (weights, configs, tokenizer files, GGUF, Modelfile, reports): --overwrite
-# replaces a folder holding only these; anything else in it is the user's and stops it.
-EXPORT_FILES = ("*.safetensors", "*.gguf", "*.json", "*.jinja", "*.bin", "tokenizer.model", "merges.txt",
-                "vocab.txt", "README.md", "Modelfile", "*.png")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import logging
 import shutil
 import time
@@ -56,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the export to this Hub model repo")
     parser.add_argument("--token", help="Hub token (default: $HF_TOKEN or the saved login)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+
+
+# What exports write (weights, configs, tokenizer files, GGUF, Modelfile, reports): --overwrite
+# replaces a folder holding only these; anything else in it is the user's and stops it.
+EXPORT_FILES = ("*.safetensors", "*.gguf", "*.json", "*.jinja", "*.bin", "tokenizer.model", "merges.txt",
+                "vocab.txt", "README.md", "Modelfile", "*.png")
 
 
 def _is_export_file(path: Path) -> bool:

@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 
 from tuneforge.export.adapter import LoraAdapter, copy_tokenizer_files, strip_peft_prefix
+from tuneforge.integration.peft import base_model
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +404,7 @@ def merge_model(model, save_directory: str | Path, tokenizer=None, dtype: str | 
     """in-memory (peft) model -> merged 16-bit folder."""
     source = ModuleSource(model)
     out = write_merged(source, save_directory, resolve_dtype(dtype, source.config), max_shard_size)
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    base = base_model(model)
     generation_config = getattr(base, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(str(out))

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneforge.models.record import record_of
 from tuneforge.inference.cache import StaticKVCache, decode_mask, prefill_mask
 from tuneforge.inference.sampling import Sampling, block_tokens, choose
+from tuneforge.integration.peft import base_model
+from tuneforge.models.record import record_of
 
 logger = logging.getLogger(__name__)
 
@@ -478,7 +479,7 @@ class Decoder:
 
 
 def _inner(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base_model(model)
 
 
 def transformers_generate(model, *args, **kwargs):

@@ -20,6 +20,7 @@ import torch
 
 from tuneforge import switches
 from tuneforge.device import default_compute_dtype, device_map as rank_device_map, has_cuda
+from tuneforge.integration.peft import base_model
 from tuneforge.models import registry, shipped
 from tuneforge.models.families import FamilySpec, family_for_model_type
 from tuneforge.models.record import ModelRecord
@@ -360,7 +361,7 @@ def _has_tokenizer_files(folder: Path) -> bool:
 
 def family_of(model) -> FamilySpec | None:
     """The family spec recorded on a model (or its peft wrapper) at load time."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     record = base.__dict__.get("tuneforge")
     spec = record.family if record is not None else None
     if spec is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tuneforge import switches as switches_module
+from tuneforge.integration.peft import base_model
 from tuneforge.models.families import FamilySpec
 from tuneforge.switches import Switches
 
@@ -41,7 +42,7 @@ class ModelRecord:
 
 def record_of(model) -> ModelRecord:
     """`model.tuneforge`, made from the current switches for a model tuneforge did not load."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     record = base.__dict__.get("tuneforge")
     if record is None:
         record = ModelRecord(switches=switches_module.resolve())  # resolved once, when first needed

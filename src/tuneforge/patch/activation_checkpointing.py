@@ -32,6 +32,8 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tuneforge.integration.peft import base_model
+
 logger = logging.getLogger(__name__)
 
 # Accepted values of `use_gradient_checkpointing` -> what runs. "unsloth" is Unsloth's name for
@@ -125,7 +127,7 @@ def _transformers_model(model: torch.nn.Module):
     """The transformers PreTrainedModel inside `model` (a PeftModel's base model, or `model` itself)."""
     from transformers import PreTrainedModel
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base_model(model)
     if not isinstance(inner, PreTrainedModel):
         raise TypeError(
             f"gradient checkpointing needs a transformers PreTrainedModel (or a peft model around one), "

@@ -41,6 +41,7 @@ import torch
 from tuneforge import switches
 from tuneforge.device import DistributedConfigError, device_map, local_rank, rank, world_size  # noqa: F401
 from tuneforge.device import rank_device as device  # noqa: F401
+from tuneforge.integration.peft import base_model
 from tuneforge.switches import FSDP_ENV  # noqa: F401  (what `accelerate launch --use_fsdp` sets)
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def decoder_layer_classes(model: torch.nn.Module) -> list[str]:
             names.append(name)
     if names:
         return names
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     present = {type(m).__name__ for m in model.modules()}
     names = [n for n in (getattr(base, "_no_split_modules", None) or []) if n in present]
     if not names:
