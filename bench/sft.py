@@ -11,6 +11,11 @@ pads or packs them itself.
           drops the pads into one padding-free row, Unsloth's does its own thing)
   packed: packing=True, --packed-rows rows of --seq tokens per step
 
+Stack "loop": tuneforge's model, and its SFTTrainer's own dataset, collator, optimizer and scheduler,
+stepped by a plain loop (autocast bf16, forward with labels, backward, optimizer and scheduler step)
+instead of `trainer.train()`: the trainer path against our own loop on the same batches (issue #16
+asks for the trainer within 15% of the loop).
+
 Tokens/s counts real (non-pad) tokens at the collator, per batch, over the timed steps (after
 --warmup optimizer steps): Unsloth raises gradient_accumulation_steps 1 -> 2 on its own, so
 counting per batch compares the same work. Cold start: process start to the end of the first step.
@@ -87,6 +92,42 @@ class TokenCounter:
         return batch
 
 
+def plain_loop(trainer, max_steps: int, warmup: int, counter, marks: dict, sync, cuda: bool) -> list[float]:
+    """`max_steps` optimizer steps over the trainer's own batches, without the trainer's step machinery
+    (no gradient clipping, logging or callbacks); marks as the Clock callback sets them."""
+    import contextlib
+
+    import torch
+
+    trainer.create_optimizer_and_scheduler(num_training_steps=max_steps)
+    optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
+    model = trainer.model
+    model.train()
+    batches, losses = iter(trainer.get_train_dataloader()), []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    for step in range(1, max_steps + 1):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(trainer.get_train_dataloader())
+            batch = next(batches)
+        batch = trainer._prepare_inputs(batch)
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        if step == 1:
+            sync()
+            marks["first_step_end"] = time.perf_counter() - START
+        if step in (warmup, max_steps):
+            sync()
+            marks[step] = (time.perf_counter(), len(counter.counts))
+    return [float(x) for x in losses]
+
+
 def run_one(stack: str, mode: str, args) -> dict:
     import torch
     from datasets import Dataset
@@ -96,7 +137,7 @@ def run_one(stack: str, mode: str, args) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model, tokenizer, SFTConfig, SFTTrainer = load(stack, args.model, args.seq)
+    model, tokenizer, SFTConfig, SFTTrainer = load("tuneforge" if stack == "loop" else stack, args.model, args.seq)
     loaded = time.perf_counter() - START
     data = Dataset.from_list(text_rows(args.rows, args.seq, model.config.vocab_size))
     packed = mode == "packed"
@@ -124,7 +165,10 @@ def run_one(stack: str, mode: str, args) -> dict:
     trainer.add_callback(Clock())
     error = None
     try:
-        trainer.train()
+        if stack == "loop":
+            loop_losses = plain_loop(trainer, config.max_steps, args.warmup, counter, marks, sync, cuda)
+        else:
+            trainer.train()
     except torch.OutOfMemoryError as oom:
         error = f"OOM: {str(oom).splitlines()[0][:160]}"
     result = {"stack": stack, "mode": mode, "model": Path(args.model).name,
@@ -136,7 +180,7 @@ def run_one(stack: str, mode: str, args) -> dict:
     if error is None and args.warmup in marks and args.warmup + args.steps in marks:
         (t0, n0), (t1, n1) = marks[args.warmup], marks[args.warmup + args.steps]
         tokens = sum(counter.counts[n0:n1])
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        losses = loop_losses if stack == "loop" else [h["loss"] for h in trainer.state.log_history if "loss" in h]
         result.update(tokens_per_s=round(tokens / (t1 - t0), 1), timed_s=round(t1 - t0, 2), batches=n1 - n0,
                       tokens=tokens, loss_first=losses[0] if losses else None,
                       loss_last=losses[-1] if losses else None)
