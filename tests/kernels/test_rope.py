@@ -20,7 +20,8 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from kernel_checks import rel_err
-from tuneforge.kernels.rope import SUPPORTED_ROPE_TYPES, apply_rope, reference_apply_rope, rope_cos_sin
+from tuneforge.kernels.rope import apply_rope, reference_apply_rope
+from tuneforge.testing.rope_tables import SUPPORTED_ROPE_TYPES, rope_cos_sin
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

@@ -41,7 +41,7 @@ OPS: tuple[Op, ...] = (
        ("LayerNormFunction",)),
     Op("swiglu", "swiglu", "swiglu", "reference_swiglu", "test_swiglu.py", "swiglu", ("SwiGLUFunction",)),
     Op("geglu", "geglu", "geglu", "reference_geglu", "test_geglu.py", "geglu_tanh", ("GeGLUFunction",)),
-    Op("rope", "rope", "apply_rope", "reference_apply_rope", "test_rope.py", "rope", ("RoPEFunction", "rope_cos_sin")),
+    Op("rope", "rope", "apply_rope", "reference_apply_rope", "test_rope.py", "rope", ("RoPEFunction",)),
     Op("fused_linear_cross_entropy", "cross_entropy", "fused_linear_cross_entropy", "reference_linear_cross_entropy",
        "test_cross_entropy.py", "fused_linear_cross_entropy", ("LinearCrossEntropyFunction",)),
     Op("varlen_attention", "varlen_attention", "varlen_attention", "reference_varlen_attention",
