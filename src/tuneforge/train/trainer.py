@@ -5,17 +5,18 @@ callbacks that leave a CSV log, a loss plot and a one-line summary in the output
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 
 import torch
 import trl
 
-from tuneforge.models.record import record_of
 from tuneforge.data.packing import padding_free_batch
 from tuneforge.device import has_cuda, is_bfloat16_supported
-from tuneforge.train.callbacks import CsvLogCallback, SummaryCallback
+from tuneforge.models.record import record_of
 from tuneforge.patch.activation_checkpointing import keep_offloaded_checkpointing
+from tuneforge.train.callbacks import CsvLogCallback, SummaryCallback
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ class SFTTrainer(trl.SFTTrainer):
             # kernel on them, and no compute is spent on pad tokens (kernels/varlen_attention.py).
             self.data_collator = PaddingFreeBatches(self.data_collator)
             logger.info("batches go padding-free (varlen attention): pads dropped, samples kept apart")
+        # Chosen once: the patched forward computes the loss itself (chunked, no logits) or it does not.
+        self._fused_loss = _has_fused_loss(self.model)
         if not has_cuda():
             _adapters_to_fp32(self.model)
         # Resuming through peft upcasts adapter weights to fp32; training must go on in the dtypes
@@ -195,8 +198,18 @@ class SFTTrainer(trl.SFTTrainer):
             self.optimizer = create_optimizer_for_trainer(self)
         return super().create_optimizer(*args, **kwargs)
 
+    def train(self, *args, **kwargs):
+        # Everything alive now (model, data, libraries) lives through the run: moved out of the
+        # collector's reach, so its full collections stop rescanning it between steps.
+        gc.collect()
+        gc.freeze()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not _has_fused_loss(model) or return_outputs:
+        if not self._fused_loss or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Kernel-backed path: the patched forward computes the loss from hidden states in chunks
         # (the [tokens x vocab] logits never exist) and returns logits=None.
