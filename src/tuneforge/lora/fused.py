@@ -78,32 +78,34 @@ def _projections(layers):
         return None
 
 
-def fused_qkv(attn: nn.Module, hidden_states, *, grouped: bool):
+def fused_qkv(attn: nn.Module, hidden_states, *, grouped: bool, nf4_gemv: bool):
     """(q, k, v) of `attn` by `lora_qkv`; the separate projections (peft's forwards) when the
     adapters cannot be fused now. An `AttentionPlan.project` (grouped bound in by patch_lora)."""
     from tuneforge.lora.projections import lora_qkv
 
     projections = _projections((attn.q_proj, attn.k_proj, attn.v_proj))
-    return separate_qkv(attn, hidden_states) if projections is None else lora_qkv(hidden_states, *projections, grouped=grouped)
+    return separate_qkv(attn, hidden_states) if projections is None else lora_qkv(hidden_states, *projections, grouped=grouped,
+                                                                                         nf4_gemv=nf4_gemv)
 
 
-def fused_mlp(mlp: nn.Module, x, activation: str, *, grouped: bool):
+def fused_mlp(mlp: nn.Module, x, activation: str, *, grouped: bool, nf4_gemv: bool):
     """down(act(gate(x)) * up(x)) of `mlp` by `lora_mlp`; the separate projections (peft's forwards)
     when the adapters cannot be fused now. An `MlpPlan.compute` (grouped bound in by patch_lora)."""
     from tuneforge.lora.projections import lora_mlp
 
     projections = _projections((mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    return separate_mlp(mlp, x, activation) if projections is None else lora_mlp(x, *projections, activation=activation, grouped=grouped)
+    return separate_mlp(mlp, x, activation) if projections is None else lora_mlp(x, *projections, activation=activation,
+                                                                              grouped=grouped, nf4_gemv=nf4_gemv)
 
 
-def _fused_linear_forward(self, x, *args, **kwargs):
+def _fused_linear_forward(self, x, *args, nf4_gemv: bool, **kwargs):
     """A peft LoRA Linear's forward by `lora_linear`; x: [..., in] -> [..., out]."""
     if not args and not kwargs:  # adapter_names=... (mixed-batch inference) is peft's business
         projections = _projections((self,))
         if projections is not None:
             from tuneforge.lora.projections import lora_linear
 
-            out = lora_linear(x, projections[0])
+            out = lora_linear(x, projections[0], nf4_gemv=nf4_gemv)
             # kernels.lora returns a view made inside its autograd Function, which autograd forbids
             # modifying in place; Falcon adds into its MLP output in place. Clone only while the
             # kernel returns such a view (reported; a reshape outside the Function would fix it).
@@ -154,13 +156,15 @@ def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None)
             layers = [getattr(block, p) for p in projections]
             if any(hasattr(layer, "lora_A") for layer in layers):
                 # NF4 Q|K|V and gate|up as one group each unless TUNEFORGE_LORA_GROUPS=0 (decided here, once).
-                fused_fn = functools.partial(fused, grouped=record.switches.lora_groups)
+                fused_fn = functools.partial(fused, grouped=record.switches.lora_groups,
+                                             nf4_gemv=record.switches.nf4_gemv)
                 rebind(plan_type, base, name, block, dataclasses.replace(plan, **{field: fused_fn}))
                 claimed.update(id(layer) for layer in layers)
                 if patch_name not in applied:
                     applied.append(patch_name)
     from tuneforge.integration.weights import base_weight_parts
 
+    linear_forward = functools.partial(_fused_linear_forward, nf4_gemv=record.switches.nf4_gemv)
     for name, layer in _lora_layers(base):
         if id(layer) in claimed:
             continue
@@ -169,7 +173,7 @@ def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None)
         except (NotImplementedError, TypeError, ValueError) as error:
             logger.info("LoRA layer %s keeps peft's forward: %s", name, error)
             continue
-        layer.forward = types.MethodType(_fused_linear_forward, layer)
+        layer.forward = types.MethodType(linear_forward, layer)
         if "lora_linear" not in applied:
             applied.append("lora_linear")
     record.lora_kernels = applied

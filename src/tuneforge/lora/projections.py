@@ -78,6 +78,10 @@ def _grouped(grouped: bool | None) -> bool:
     return switches.current().lora_groups if grouped is None else grouped
 
 
+def _gemv(nf4_gemv: bool | None) -> bool:
+    return switches.current().nf4_gemv if nf4_gemv is None else nf4_gemv
+
+
 # --- decode steps: no autograd, NF4 bases by decode_matmul ------------------------------------------
 
 
@@ -100,11 +104,11 @@ def _is_decode_step(x: torch.Tensor, projections: list[LoRAProjection]) -> bool:
     return any(_gemv_reads(p.quant_state) for p in projections)
 
 
-def _decode_projection(x: torch.Tensor, p: LoRAProjection) -> torch.Tensor:
+def _decode_projection(x: torch.Tensor, p: LoRAProjection, nf4_gemv: bool) -> torch.Tensor:
     """One projection without autograd; x: [..., in] -> [..., out] in x's dtype."""
     if _gemv_reads(p.quant_state):
         # a fresh contiguous [..., out], not a view
-        y = decode_matmul(x, p.weight, p.quant_state, p.bias, nf4_gemv_on_cuda=switches.current().nf4_gemv)
+        y = decode_matmul(x, p.weight, p.quant_state, p.bias, nf4_gemv_on_cuda=nf4_gemv)
     else:
         y2, _ = projection_forward(x.reshape(-1, x.shape[-1]), p.weight, p.quant_state, p.bias, None, None, 1.0)
         y = y2.view(*x.shape[:-1], y2.shape[-1])
@@ -114,55 +118,59 @@ def _decode_projection(x: torch.Tensor, p: LoRAProjection) -> torch.Tensor:
     return y
 
 
-def _decode_qkv(x, projections):
-    return tuple(_decode_projection(x, p) for p in projections)
+def _decode_qkv(x, projections, nf4_gemv):
+    return tuple(_decode_projection(x, p, nf4_gemv) for p in projections)
 
 
-def _decode_mlp(x, activation, gate, up, down):
-    return _decode_projection(gated(_decode_projection(x, gate), _decode_projection(x, up), activation), down)
+def _decode_mlp(x, activation, gate, up, down, nf4_gemv):
+    hidden = gated(_decode_projection(x, gate, nf4_gemv), _decode_projection(x, up, nf4_gemv), activation)
+    return _decode_projection(hidden, down, nf4_gemv)
 
 
 # --- entry points ---------------------------------------------------------------------------------
 
 
-def lora_linear(x: torch.Tensor, layer) -> torch.Tensor:
+def lora_linear(x: torch.Tensor, layer, nf4_gemv: bool | None = None) -> torch.Tensor:
     """y = layer(x) by the fused kernels; for O projections.
 
     x: [..., in]; layer: a peft LoRA layer (one active adapter), a plain Linear / Linear4bit, or a
-    LoRAProjection. Returns [..., out] in x's dtype.
+    LoRAProjection. nf4_gemv: decode steps on CUDA by our NF4 matmul instead of bitsandbytes' (None:
+    the current `switches.nf4_gemv`; patch_lora binds the model's). Returns [..., out] in x's dtype.
     """
     p = _projection(layer)
     if _is_decode_step(x, [p]):
         check_inputs(x, p.as_args())
-        return call_in_autocast_dtype(_decode_projection, x, p)
+        return call_in_autocast_dtype(_decode_projection, x, p, _gemv(nf4_gemv))
     return ops.lora_linear(x, p)
 
 
-def lora_qkv(x: torch.Tensor, q_layer, k_layer, v_layer, grouped: bool | None = None):
+def lora_qkv(x: torch.Tensor, q_layer, k_layer, v_layer, grouped: bool | None = None,
+             nf4_gemv: bool | None = None):
     """(q_layer(x), k_layer(x), v_layer(x)) in one autograd node that saves x once.
 
     x: [..., hidden]; each layer as in `lora_linear` (layers without an adapter are allowed, e.g.
     peft's default targets q_proj and v_proj only). grouped: NF4 bases as one GEMM (None: the
-    current `switches.lora_groups`). Returns ([..., q_out], [..., kv_out], [..., kv_out]).
+    current `switches.lora_groups`); nf4_gemv as in `lora_linear`. Returns ([..., q_out], [..., kv_out],
+    [..., kv_out]).
     """
     projections = [_projection(layer) for layer in (q_layer, k_layer, v_layer)]
     if _is_decode_step(x, projections):
         check_inputs(x, sum((p.as_args() for p in projections), ()))
-        return call_in_autocast_dtype(_decode_qkv, x, projections)
+        return call_in_autocast_dtype(_decode_qkv, x, projections, _gemv(nf4_gemv))
     return ops.lora_qkv(x, projections, _grouped(grouped))
 
 
 def lora_mlp(x: torch.Tensor, gate_layer, up_layer, down_layer, activation: str = "silu",
-             grouped: bool | None = None) -> torch.Tensor:
+             grouped: bool | None = None, nf4_gemv: bool | None = None) -> torch.Tensor:
     """down_layer(act(gate_layer(x)) * up_layer(x)) by the fused kernels.
 
     x: [..., hidden]; layers as in `lora_linear`; activation: "silu" (SwiGLU: Llama, Mistral, Qwen),
-    "gelu_tanh" (Gemma's gelu_pytorch_tanh) or "gelu" (exact erf); grouped as in `lora_qkv`.
+    "gelu_tanh" (Gemma's gelu_pytorch_tanh) or "gelu" (exact erf); grouped and nf4_gemv as in `lora_qkv`.
     Returns [..., hidden].
     """
     check_activation(activation)
     gate, up, down = (_projection(layer) for layer in (gate_layer, up_layer, down_layer))
     if _is_decode_step(x, [gate, up, down]):
         check_inputs(x, gate.as_args() + up.as_args())
-        return call_in_autocast_dtype(_decode_mlp, x, activation, gate, up, down)
+        return call_in_autocast_dtype(_decode_mlp, x, activation, gate, up, down, _gemv(nf4_gemv))
     return ops.lora_mlp(x, gate, up, down, activation, _grouped(grouped))
