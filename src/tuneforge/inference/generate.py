@@ -24,6 +24,7 @@ On the CPU there are no graphs: the same step runs eagerly (what the CPU tests e
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import types
@@ -518,24 +519,36 @@ def unwrap_encoding(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _fast_generate(model, *args, **kwargs):
+@dataclass
+class FastGenerate:
+    """What `enable_fast_generate` decided for one model, bound into its `generate`.
+
+    reason: why the fast path cannot take this model (None: it may); set for good on the first
+    Unsupported. decoder: the static cache and CUDA graphs, made on the first call.
+    """
+
+    cuda_graphs: bool
+    reason: str | None = None
+    decoder: object = None
+
+
+def _fast_generate(settings: FastGenerate, model, *args, **kwargs):
     """`model.generate` after `enable_fast_generate`: the static-cache path when it takes the call."""
     args, kwargs = unwrap_encoding(args, kwargs)
-    settings = vars(model)["_tuneforge_fast_generate"]
-    reason = settings.get("reason") or model_reason(model)
+    reason = settings.reason or model_reason(model)
     call = None if reason else resolve_call(model, args, kwargs)
     if isinstance(call, str):
         reason = call
     if reason:
         return _fall_back(model, reason, args, kwargs)
     try:
-        decoder = settings.get("decoder")
+        decoder = settings.decoder
         if decoder is None:
-            decoder = settings["decoder"] = Decoder(model, cuda_graphs=settings["cuda_graphs"])
+            decoder = settings.decoder = Decoder(model, cuda_graphs=settings.cuda_graphs)
         with torch.no_grad():
             out = decoder.generate(call)
     except Unsupported as error:
-        settings["reason"] = str(error)  # a property of the model: no second attempt
+        settings.reason = str(error)  # a property of the model: no second attempt
         return _fall_back(model, str(error), args, kwargs)
     if record_of(model).generate_path != decoder.path:
         logger.info("generate: %s", decoder.path)
@@ -555,17 +568,15 @@ def enable_fast_generate(model, cuda_graphs: bool = True):
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         reason = f"peft {type(peft_config).__name__} adapters (prompt learning)"
     disable_fast_generate(model)
-    inner._tuneforge_fast_generate = {"cuda_graphs": cuda_graphs, "reason": reason, "decoder": None}
-    inner.generate = types.MethodType(_fast_generate, inner)
+    inner.generate = types.MethodType(functools.partial(_fast_generate, FastGenerate(cuda_graphs, reason)), inner)
     return model
 
 
 def disable_fast_generate(model):
     """Undo `enable_fast_generate`: transformers' generate again, the cache and graph released."""
     inner = _inner(model)
-    state = vars(inner)
-    if isinstance(state.get("generate"), types.MethodType) and state["generate"].__func__ is _fast_generate:
-        del inner.generate
-    state.pop("_tuneforge_fast_generate", None)
+    bound = vars(inner).get("generate")
+    if isinstance(bound, types.MethodType) and getattr(bound.__func__, "func", None) is _fast_generate:
+        del inner.generate  # the cache and graphs go with the FastGenerate bound into it
     return model
 
