@@ -283,7 +283,7 @@ def test_tiny_lora_model_generates_the_same_logits_with_the_gemv(tiny_llama_dir,
 
 
 def test_tiny_base_model_generates_the_same_logits_with_the_gemv(tiny_llama_dir, monkeypatch, one_thread):
-    """No adapter: models.patch binds linear4bit_forward to every bitsandbytes Linear4bit."""
+    """No adapter: tuneforge.patch binds linear4bit_forward to every bitsandbytes Linear4bit."""
     model = _load_4bit(tiny_llama_dir)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert "nf4_gemv" in model.tuneforge.kernels and len(layers) == 14

@@ -1,4 +1,4 @@
-"""models.patch: kernel-backed forwards give transformers' logits, loss and gradients, and stay local.
+"""tuneforge.patch: kernel-backed forwards give transformers' logits, loss and gradients, and stay local.
 
 Reference: the same tiny random model (same seed) left unpatched, in the same process: the
 patches live on module instances, so the reference runs transformers' code untouched.

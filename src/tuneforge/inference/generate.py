@@ -312,7 +312,7 @@ class Decoder:
         modules = dict(model.named_modules())
         layer_types = getattr(model.config, "layer_types", None)
         for name, attn in layers:
-            # As the layer itself reads it (models.patch does the same).
+            # As the layer itself reads it (patch.attention does the same).
             window = attn.sliding_window if hasattr(attn, "sliding_window") else \
                 getattr(attn.config, "sliding_window", None)
             # The key the model's forward looks its mask up by: config.layer_types (5.x), or the

@@ -235,7 +235,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         ctx.group = _group_of(parts, x2, grouped)
         if ctx.group is not None:
             # One GEMM for all: the outputs are column blocks (views) of one [..., N] tensor, so
-            # attention rotates q and k out of place (models.patch._rotate).
+            # attention rotates q and k out of place (patch.attention._rotate).
             y, xa = group_forward(x2, ctx.group)
             ctx.save_for_backward(x2, xa)
             y = y.view(*shape[:-1], y.shape[-1])

@@ -1,7 +1,7 @@
 """The family table: what differs between model families, as data (STYLE.md habit 3).
 
 Every supported family has one `FamilySpec` in one module of this package, and every per-family
-fact is a field of it: the layout (`models.patch` turns it into kernel-backed forwards), the LoRA
+fact is a field of it: the layout (`tuneforge.patch` turns it into kernel-backed forwards), the LoRA
 targets, the default chat template, the llama.cpp architecture it exports to (what that
 architecture needs is `tuneforge.export.gguf_arch`'s table, one row per llama.cpp architecture,
 which reads the family's norm from here), and the tiny test model's config (`tuneforge.testing.tiny`).
@@ -35,7 +35,7 @@ class FamilySpec:
                      x_hat * (1 + w) in fp32) or "layer" (LayerNorm, with or without bias).
     attention:       "rope": the attention is Llama-shaped (projections, optional q/k norm,
                      rotate-half RoPE on a leading slice of the head, cache, attention interface,
-                     o_proj), so `models.patch` can run it with the RoPE kernel and the fused QKV
+                     o_proj), so `tuneforge.patch` can run it with the RoPE kernel and the fused QKV
                      LoRA; None: transformers' own attention is kept (Cohere's interleaved RoPE,
                      Falcon's fused multi-query layout).
     qkv:             "separate" (q_proj, k_proj, v_proj) or "fused" (one qkv_proj: Phi-3).
@@ -48,7 +48,7 @@ class FamilySpec:
     activation:      the gated MLP's activation as the family usually configures it ("silu",
                      "gelu_tanh"); the patch reads the model's own config value.
     lora_targets:    the linear layers LoRA targets by default.
-    kernels:         True when `models.patch` forwards are proven (tests/models/test_patch.py)
+    kernels:         True when `tuneforge.patch` forwards are proven (tests/models/test_patch.py)
                      for this family; False keeps the plain transformers path with a log line.
     final_logit_softcap_attr: config attribute of the final-logit soft-cap (Gemma 2), read by the fused loss.
     logit_scale_attr: config attribute that scales the logits: multiplied (Cohere's `logit_scale`),
