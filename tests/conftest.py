@@ -65,3 +65,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """family -> a saved tiny random model folder of that family (made on first use, once per module)."""
+    made = {}
+
+    def folder(family):
+        from tuneforge.testing.tiny import TEST_DEVICE, tiny_model
+
+        if family not in made:
+            made[family] = tmp_path_factory.mktemp(family)
+            tiny_model(family, device=TEST_DEVICE).save_pretrained(made[family])
+        return made[family]
+
+    return folder

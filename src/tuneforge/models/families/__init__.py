@@ -48,7 +48,7 @@ class FamilySpec:
     activation:      the gated MLP's activation as the family usually configures it ("silu",
                      "gelu_tanh"); the patch reads the model's own config value.
     lora_targets:    the linear layers LoRA targets by default.
-    kernels:         True when `tuneforge.patch` forwards are proven (tests/models/test_patch.py)
+    kernels:         True when `tuneforge.patch` forwards are proven (tests/patch/test_patch.py)
                      for this family; False keeps the plain transformers path with a log line.
     final_logit_softcap_attr: config attribute of the final-logit soft-cap (Gemma 2), read by the fused loss.
     logit_scale_attr: config attribute that scales the logits: multiplied (Cohere's `logit_scale`),

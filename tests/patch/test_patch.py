@@ -23,7 +23,7 @@ from tuneforge.testing.tiny import TEST_DEVICE as DEVICE, record_rope_calls, tin
 from tuneforge.train.trainer import _has_fused_loss
 
 # Families whose decoder layer calls self_attn without **kwargs (transformers 5): padding-free
-# batches cannot hand it cu_seq_lens, so the patch leaves them transformers' mask (tests/models/test_varlen.py).
+# batches cannot hand it cu_seq_lens, so the patch leaves them transformers' mask (tests/patch/test_varlen.py).
 NO_VARLEN = {"stablelm"}
 KERNEL_FAMILIES = sorted(name for name, spec in all_families().items() if spec.kernels)
 
