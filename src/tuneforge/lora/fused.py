@@ -113,16 +113,12 @@ def _fused_linear_forward(self, x, *args, nf4_gemv: bool, **kwargs):
     return type(self).forward(self, x, *args, **kwargs)
 
 
-# Blocks computed by one fused Function: (plan type, the plan's separate-projection function the
-# fused one replaces, the projections the Function reads, the plan field, the fused function, name).
+# Blocks computed by one fused Function: (plan type, how patch binds it, the plan's separate-projection
+# function the fused one replaces, the projections the Function reads, the plan field, the fused function, name).
 _FUSED_BLOCKS = (
-    (MlpPlan, separate_mlp, ("gate_proj", "up_proj", "down_proj"), "compute", fused_mlp, "lora_mlp"),
-    (AttentionPlan, separate_qkv, ("q_proj", "k_proj", "v_proj"), "project", fused_qkv, "lora_qkv"),
+    (MlpPlan, mlp.bind, separate_mlp, ("gate_proj", "up_proj", "down_proj"), "compute", fused_mlp, "lora_mlp"),
+    (AttentionPlan, attention.bind, separate_qkv, ("q_proj", "k_proj", "v_proj"), "project", fused_qkv, "lora_qkv"),
 )
-
-
-def rebind(plan_type, model, name: str, block: nn.Module, plan) -> None:
-    (attention.bind if plan_type is AttentionPlan else mlp.bind)(model, name, block, plan)
 
 
 def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None) -> list[str]:
@@ -148,7 +144,7 @@ def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None)
 
     applied: list[str] = []
     claimed: set[int] = set()  # LoRA layers a fused block computes; their own forward is never called
-    for plan_type, separate, projections, field, fused, patch_name in _FUSED_BLOCKS:
+    for plan_type, bind, separate, projections, field, fused, patch_name in _FUSED_BLOCKS:
         for name, plan in list(record.plans.items()):
             if not isinstance(plan, plan_type) or getattr(plan, field) is not separate:
                 continue  # another layout (Phi-3's packed projections) or already fused
@@ -158,7 +154,7 @@ def patch_lora(peft_model, spec: FamilySpec | None, enabled: bool | None = None)
                 # NF4 Q|K|V and gate|up as one group each unless TUNEFORGE_LORA_GROUPS=0 (decided here, once).
                 fused_fn = functools.partial(fused, grouped=record.switches.lora_groups,
                                              nf4_gemv=record.switches.nf4_gemv)
-                rebind(plan_type, base, name, block, dataclasses.replace(plan, **{field: fused_fn}))
+                bind(base, name, block, dataclasses.replace(plan, **{field: fused_fn}))
                 claimed.update(id(layer) for layer in layers)
                 if patch_name not in applied:
                     applied.append(patch_name)

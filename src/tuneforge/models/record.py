@@ -35,13 +35,10 @@ class ModelRecord:
     # how generate() decodes: "tuneforge (...)" or "transformers (reason)".
     generate_path: str | None = None
 
-    @property
-    def use_kernels(self) -> bool:
-        return self.switches.kernels
-
 
 def record_of(model) -> ModelRecord:
-    """`model.tuneforge`, made from the current switches for a model tuneforge did not load."""
+    """`model.tuneforge`; for a model tuneforge did not load, made now with the switches resolved from
+    the environment at this first use."""
     base = base_model(model)
     record = base.__dict__.get("tuneforge")
     if record is None:
