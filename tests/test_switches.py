@@ -90,6 +90,7 @@ def test_triton_interpret_is_read_once_at_import(value):
     ("TUNEFORGE_RMS_NORM_FWD", "2"),
     ("TUNEFORGE_RMS_NORM_FWD", "3,8"),
     ("TUNEFORGE_RMS_NORM_FWD", "2,64"),
+    ("TUNEFORGE_RMS_NORM_FWD", "2,3"),
 ])
 def test_bad_values_are_refused_naming_the_variable(clean, variable, value):
     clean.setenv(variable, value)

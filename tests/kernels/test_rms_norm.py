@@ -131,6 +131,6 @@ def test_forward_launch_keeps_tile_offsets_in_32_bits(monkeypatch):
 @pytest.mark.parametrize("setting", ["2", "3,8", "2,3", "two,eight"])
 def test_bad_forward_launch_override_is_refused(setting, monkeypatch):
     monkeypatch.setenv(FWD_LAUNCH_ENV, setting)
-    with pytest.raises(ValueError, match=FWD_LAUNCH_ENV):  # by switches (form, ranges) or the kernel (warps)
+    with pytest.raises(ValueError, match=FWD_LAUNCH_ENV):  # by switches, when it resolves them
         use_switches(monkeypatch)
         rms_norm(torch.randn(4, 64, device=DEVICE), torch.ones(64, device=DEVICE))

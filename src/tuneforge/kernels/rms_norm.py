@@ -130,10 +130,7 @@ def _forward_launch(hidden: int, row_stride: int) -> tuple[int, int, int]:
     block, rows, num_warps = row_tile_launch(hidden)
     override = switches.current().rms_norm_launch
     if override:
-        rows, num_warps = override
-        # switches checks the form and ranges; a launch also needs a power-of-two warp count.
-        if num_warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"{FWD_LAUNCH_ENV}={rows},{num_warps}: WARPS must be one of 1, 2, 4, 8, 16, 32")
+        rows, num_warps = override  # switches checked both (powers of two, warps up to 32)
     # The tile's 32-bit offsets must not overflow (only a row-strided view of a huge buffer could).
     while rows > 1 and rows * row_stride >= 2**31:
         rows //= 2
