@@ -16,7 +16,8 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee
 for step in "$@"; do
   case $step in
     gputests)
-      python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/kernels/test_varlen_attention.py} 2>&1 | tail -25 | tee "$OUT/gputests.log" ;;
+      python3 -m pytest -q -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/kernels/test_varlen_attention.py} > "$OUT/gputests.log" 2>&1
+      tail -25 "$OUT/gputests.log" ;;
     sft)
       python3 bench/sft.py --model "$folder" ${SFT_ARGS:-} --out "$OUT" 2>&1 | grep -v '^{' | tee -a "$OUT/sft.log" ;;
     fixed)

@@ -178,6 +178,17 @@ def main() -> None:
         return batches[step % len(batches)] if args.data == "random" else (
             batches[step] if step < args.warmup else batches[step - args.warmup])
 
+    # TUNEFORGE_CUDA_GRAPHS=1 (tuneforge stack, random data): forward + backward replayed from a CUDA
+    # graph captured at the first step (train/graphed_step.py); the capture counts in step 1's time.
+    graphed = None
+    capture_s = None
+    if args.stack == "tuneforge" and args.data == "random":
+        try:  # an older tree under TUNEFORGE_BENCH_SRC may have no such switch
+            from tuneforge import switches
+
+            graphed = getattr(switches.current(), "cuda_graphs", None)
+        except ImportError:
+            pass
     losses, times, real_tokens = [], [], []
     error = None
     try:
@@ -186,9 +197,17 @@ def main() -> None:
             real_tokens.append(int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel())
             torch.cuda.synchronize()
             start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(**batch).loss
-            loss.backward()
+            if graphed is True:
+                from tuneforge.train.graphed_step import GraphedStep
+
+                graphed = GraphedStep(model, batch)
+                capture_s = round(graphed.capture_seconds, 2)
+            if graphed:
+                loss = graphed.step(batch)
+            else:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = model(**batch).loss
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
@@ -205,7 +224,7 @@ def main() -> None:
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
         "loss_step1": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-        "error": error,
+        "error": error, "graph_capture_s": capture_s,
     }
     if timed and error is None and args.data != "random":
         # Real tokens (pads excluded) over the whole pass: padding's cost shows as lost throughput.

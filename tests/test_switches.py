@@ -14,7 +14,7 @@ from tuneforge import switches
 from tuneforge.switches import SwitchError, Switches
 
 ALL = ("TUNEFORGE_DISABLE_KERNELS", "TUNEFORGE_VARLEN", "TUNEFORGE_LORA_GROUPS", "TUNEFORGE_FLAT_OPTIMIZER",
-       "TUNEFORGE_NF4_GEMV", "TUNEFORGE_RMS_NORM_FWD", "TUNEFORGE_CACHED_LAUNCH", "HF_HUB_OFFLINE",
+       "TUNEFORGE_NF4_GEMV", "TUNEFORGE_RMS_NORM_FWD", "TUNEFORGE_CACHED_LAUNCH", "TUNEFORGE_CUDA_GRAPHS", "HF_HUB_OFFLINE",
        "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "ACCELERATE_USE_FSDP")
 
 
@@ -43,6 +43,8 @@ def test_the_defaults_without_variables(clean):
     ("TUNEFORGE_RMS_NORM_FWD", " 4, 16 ", "rms_norm_launch", (4, 16)),
     ("TUNEFORGE_CACHED_LAUNCH", "0", "cached_launch", False),
     ("TUNEFORGE_CACHED_LAUNCH", "1", "cached_launch", True),
+    ("TUNEFORGE_CUDA_GRAPHS", "1", "cuda_graphs", True),
+    ("TUNEFORGE_CUDA_GRAPHS", "0", "cuda_graphs", False),
     ("HF_HUB_OFFLINE", "1", "offline", True),
     ("TRANSFORMERS_OFFLINE", "true", "offline", True),
     ("HF_DATASETS_OFFLINE", "ON", "offline", True),
@@ -86,6 +88,7 @@ def test_triton_interpret_is_read_once_at_import(value):
     ("TUNEFORGE_FLAT_OPTIMIZER", "flat"),
     ("TUNEFORGE_NF4_GEMV", "fast"),
     ("TUNEFORGE_CACHED_LAUNCH", "cached"),
+    ("TUNEFORGE_CUDA_GRAPHS", "graphs"),
     ("ACCELERATE_USE_FSDP", "sharded"),
     ("TUNEFORGE_RMS_NORM_FWD", "2"),
     ("TUNEFORGE_RMS_NORM_FWD", "3,8"),

@@ -23,6 +23,15 @@ def is_bfloat16_supported() -> bool:
     return has_cuda() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def is_capturing(device: torch.device) -> bool:
+    """Whether work issued now on `device` is being recorded into a CUDA graph (not run).
+
+    Code that reads a tensor's value on the host (a check, a cache keyed on Python state) must not
+    run while capturing: a host sync is illegal there, and a Python-side decision is frozen into
+    every replay."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def default_compute_dtype() -> torch.dtype:
     """bf16 on Ampere+ GPUs, fp16 on older GPUs, fp32 on the CPU."""
     if not has_cuda():

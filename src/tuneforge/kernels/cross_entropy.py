@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from tuneforge.kernels._utils import autocast_dtype, check_device, needs_bf16_rounding, round_bf16_rtne
+from tuneforge.device import is_capturing
 from tuneforge.kernels.launcher import launch
 
 __all__ = [
@@ -234,6 +235,16 @@ def _prepare(hidden, weight, labels, ignore_index, shift, bias):
     return hidden, labels.to(device=hidden.device, dtype=torch.int64)
 
 
+def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int = -100) -> None:
+    """Raise if a label is neither ignore_index nor in [0, vocab) (one host sync)."""
+    counted = labels[labels != ignore_index]
+    if ((counted < 0) | (counted >= vocab)).any():
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; got values in "
+            f"[{int(counted.min())}, {int(counted.max())}]"
+        )
+
+
 def _denominator(labels, ignore_index, num_items_in_batch) -> torch.Tensor:
     """The loss denominator as a fp32 tensor on labels' device (no host sync)."""
     if num_items_in_batch is None:
@@ -288,13 +299,10 @@ def fused_linear_cross_entropy(
     hidden, labels = _prepare(hidden, lm_head_weight, labels, ignore_index, shift, lm_head_bias)
     check_device(hidden, lm_head_weight)
     vocab = lm_head_weight.shape[0]
-    counted = labels[labels != ignore_index]
     # One host sync per call: an out-of-range label would otherwise read outside the logits row.
-    if ((counted < 0) | (counted >= vocab)).any():
-        raise ValueError(
-            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; got values in "
-            f"[{int(counted.min())}, {int(counted.max())}]"
-        )
+    # Under CUDA-graph capture a sync is illegal: the graphed step checks each batch before replay.
+    if not is_capturing(labels.device):
+        check_labels(labels, vocab, ignore_index)
     if logit_softcap is not None and logit_softcap <= 0:
         raise ValueError(f"logit_softcap must be positive, got {logit_softcap}")
     if chunk_size is None:

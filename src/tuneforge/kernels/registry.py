@@ -43,7 +43,7 @@ OPS: tuple[Op, ...] = (
     Op("geglu", "geglu", "geglu", "reference_geglu", "test_geglu.py", "geglu_tanh", ("GeGLUFunction",)),
     Op("rope", "rope", "apply_rope", "reference_apply_rope", "test_rope.py", "rope", ("RoPEFunction",)),
     Op("fused_linear_cross_entropy", "cross_entropy", "fused_linear_cross_entropy", "reference_linear_cross_entropy",
-       "test_cross_entropy.py", "fused_linear_cross_entropy", ("LinearCrossEntropyFunction",)),
+       "test_cross_entropy.py", "fused_linear_cross_entropy", ("LinearCrossEntropyFunction", "check_labels")),
     Op("varlen_attention", "varlen_attention", "varlen_attention", "reference_varlen_attention",
        "test_varlen_attention.py", None, ("flash_varlen_supported",)),
     Op("moe_experts", "moe", "moe_experts", "reference_moe", "test_moe.py", None,

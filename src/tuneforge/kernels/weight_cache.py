@@ -12,12 +12,17 @@ A copy is reused only while all of these hold:
   - it is the same storage and dtype.
 Copies are made only outside autograd recording (inside our Functions' forward/backward), so a
 cached tensor never carries a graph.
+
+While a CUDA graph is being captured nothing is reused or kept: the graph must contain the cast,
+because its replays run after optimizer steps that no Python check sees (train/graphed_step.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from tuneforge.device import is_capturing
 
 _optimizer_steps = 0
 
@@ -44,6 +49,8 @@ def derived_for_compute(owner: torch.Tensor, tag: str, parts: tuple, build):
     tag: names the derivation (and its dtype) among those kept on one owner.
     parts: tensors or None.
     """
+    if is_capturing(owner.device):
+        return build()
     key = (_optimizer_steps, tuple(None if p is None else (p._version, p.data_ptr(), p.dtype) for p in parts))
     store = getattr(owner, "_tuneforge_derived", None)
     if store is None:

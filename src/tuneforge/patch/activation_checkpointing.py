@@ -32,6 +32,7 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from tuneforge.device import is_capturing
 from tuneforge.integration.peft import base_model
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,9 @@ def offloaded_checkpoint(function, *args, offloader: "LayerInputOffloader"):
     else:
         raise TypeError("offloaded checkpointing needs the layer's hidden state as its first argument")
     with offloader.hooks():
-        return checkpoint(run, hidden, use_reentrant=False)
+        # Saving the RNG state reads it on the host, which a CUDA-graph capture forbids; graphed
+        # steps refuse models with dropout (train/graphed_step.py), so there is nothing to replay.
+        return checkpoint(run, hidden, use_reentrant=False, preserve_rng_state=not is_capturing(hidden.device))
 
 
 class LayerInputOffloader:
@@ -186,6 +189,51 @@ class LayerInputOffloader:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._last: weakref.ref | None = None  # the most recently packed _Offloaded
         self._logged_paths: set[str] = set()
+        # Graphed steps (train/graphed_step.py): the host buffers of one pass, reused by pack order.
+        # A captured copy writes to a fixed address on every replay, so the buffers must outlive
+        # the capture; they are page-locked with cudaHostRegister, not taken from torch's pinned
+        # pool, whose per-copy event bookkeeping cannot run inside a capture.
+        self._static: list[torch.Tensor] | None = None
+        self._static_next = 0
+
+    def keep_static_buffers(self) -> None:
+        """From now on reuse one set of host buffers, in pack order, from pass to pass; call
+        `restart_pass()` before each forward."""
+        if self._static is None:
+            self._static = []
+        self._static_next = 0
+
+    def restart_pass(self) -> None:
+        self._static_next = 0
+
+    def release_static_buffers(self) -> None:
+        for buffer in self._static or ():
+            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        self._static = None
+
+    def _host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._static is None:
+            return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        index, self._static_next = self._static_next, self._static_next + 1
+        if index < len(self._static):
+            buffer = self._static[index]
+            if buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
+                return buffer
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"offloaded checkpointing: layer input {index} changed shape during capture")
+            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        elif torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("offloaded checkpointing: more layer inputs during capture than in warm-up")
+        buffer = torch.empty(tensor.shape, dtype=tensor.dtype)
+        result = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0)
+        if int(result) != 0:
+            raise RuntimeError(f"cudaHostRegister failed ({result}) for a {buffer.numel() * buffer.element_size()}-byte "
+                               "layer input buffer")
+        if index < len(self._static):
+            self._static[index] = buffer
+        else:
+            self._static.append(buffer)
+        return buffer
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self._pack_real_tensors, self.unpack)
@@ -212,7 +260,7 @@ class LayerInputOffloader:
         if stream is None:
             stream = self._streams[tensor.device] = torch.cuda.Stream(tensor.device)
         previous = self._last() if self._last is not None else None
-        packed = _Offloaded(tensor, stream, previous)
+        packed = _Offloaded(tensor, stream, previous, self._host_buffer(tensor))
         self._last = weakref.ref(packed)
         return packed
 
@@ -238,14 +286,15 @@ class _Offloaded:
 
     __slots__ = ("cpu", "device", "stream", "previous", "copied_out", "gpu", "copied_in", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor, stream: torch.cuda.Stream, previous: "_Offloaded | None") -> None:
+    def __init__(self, tensor: torch.Tensor, stream: torch.cuda.Stream, previous: "_Offloaded | None",
+                 cpu: torch.Tensor) -> None:
         self.device = tensor.device
         self.stream = stream
         # A weak link: a finished step's entries must not be kept alive by the next step's.
         self.previous = weakref.ref(previous) if previous is not None else None
         # The copy must not start before the kernel that produced `tensor` has run.
         stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        self.cpu = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.cpu = cpu
         with torch.cuda.stream(stream):
             self.cpu.copy_(tensor, non_blocking=True)
             self.copied_out = torch.cuda.Event()
