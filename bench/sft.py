@@ -88,7 +88,10 @@ class TokenCounter:
     def __call__(self, features):
         batch = self.collator(features)
         mask = batch.get("attention_mask")
-        self.counts.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        if "num_real_tokens" in batch:  # padded to a budget for CUDA graphs (tuneforge's PaddingFreeBatches)
+            self.counts.append(int(batch["num_real_tokens"]))
+        else:
+            self.counts.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
         return batch
 
 
@@ -105,6 +108,11 @@ def plain_loop(trainer, max_steps: int, warmup: int, counter, marks: dict, sync,
     model.train()
     batches, losses = iter(trainer.get_train_dataloader()), []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    graphed = None
+    if getattr(trainer, "_graphs", False):  # TUNEFORGE_CUDA_GRAPHS=1: the loop replays graphs too
+        from tuneforge.train.graphed_step import GraphedStep
+
+        graphed = GraphedStep(model)
     for step in range(1, max_steps + 1):
         try:
             batch = next(batches)
@@ -112,9 +120,12 @@ def plain_loop(trainer, max_steps: int, warmup: int, counter, marks: dict, sync,
             batches = iter(trainer.get_train_dataloader())
             batch = next(batches)
         batch = trainer._prepare_inputs(batch)
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
+        if graphed is not None:
+            loss = graphed.step(dict(batch, use_cache=False))
+        else:
+            with autocast:
+                loss = model(**batch).loss
+            loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

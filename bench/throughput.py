@@ -200,10 +200,10 @@ def main() -> None:
             if graphed is True:
                 from tuneforge.train.graphed_step import GraphedStep
 
-                graphed = GraphedStep(model, batch)
-                capture_s = round(graphed.capture_seconds, 2)
+                graphed = GraphedStep(model)
             if graphed:
                 loss = graphed.step(batch)
+                capture_s = round(graphed.capture_seconds, 2)
             else:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = model(**batch).loss

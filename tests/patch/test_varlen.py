@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 import tuneforge.patch.attention as patch_attention
 from tuneforge import FastLanguageModel
 from tuneforge.data.masking import IGNORE_INDEX
-from tuneforge.data.packing import PaddingFreeCollator, padding_free_batch
+from tuneforge.data.packing import PaddingFreeCollator, pad_to_budget, padding_free_batch
 from tuneforge.models.families import all_families, get_family
 from tuneforge.testing.tiny import loss_one_by_one, tiny_batch
 
@@ -148,6 +148,38 @@ def test_batches_it_does_not_know_pass_through():
     assert padding_free_batch(other) == other
 
 
+@pytest.mark.parametrize("lengths", [(6, 11, 3, 8), (16, 16)], ids=["filler", "full"])
+def test_batch_padded_to_a_budget_keeps_loss_and_gradients(folders, lengths):
+    """pad_to_budget (fixed shapes for CUDA graphs): a filler sample and empty samples are added,
+    the real samples' loss and every gradient stay those of the samples one by one."""
+    ours, reference = _ours(folders("llama"), "llama"), _reference(folders("llama"))
+    features = _samples(lengths=lengths, seed=5)
+    batch = pad_to_budget(PaddingFreeCollator()(features), longest=16, samples_multiple=8)
+    tokens = -(-sum(lengths) // 16) * 16
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (1, tokens)
+    assert batch["cu_seq_lens_q"].shape == (9,) and batch["max_length_q"] == 16
+    assert batch["cu_seq_lens_q"][-1] == tokens
+    assert (batch["labels"][0, sum(lengths):] == IGNORE_INDEX).all()
+    ours(**batch).loss.backward()
+    want = loss_one_by_one(reference, features)
+    want.backward()
+    params = dict(ours.named_parameters())
+    for name, parameter in reference.named_parameters():
+        torch.testing.assert_close(params[name].grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Token by token: the real samples' logits are those of each sample alone.
+    if tokens > sum(lengths):
+        unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+        kept = ours(**unlabelled).logits[0, :sum(lengths)]
+        alone = torch.cat([reference(input_ids=torch.tensor([f["input_ids"]])).logits[0] for f in features])
+        torch.testing.assert_close(kept, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_pad_to_budget_refuses_longer_samples():
+    batch = PaddingFreeCollator()(_samples(lengths=(20, 3)))
+    with pytest.raises(ValueError, match="longer than longest=16"):
+        pad_to_budget(batch, longest=16)
+
+
 def test_padded_batch_loss_and_grads_unchanged(folders):
     ours, reference = _ours(folders("qwen2"), "qwen2"), _reference(folders("qwen2"))
     ids, mask, labels = tiny_batch(batch=3, seq=9, pad=4, seed=2)
@@ -187,3 +219,36 @@ def _tokenizer():
     vocab = {f"t{i}": i for i in range(317)}
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                    pad_token="t0", eos_token="t2")
+
+
+def test_trainer_on_batches_padded_to_a_budget_trains_the_same(folders, tmp_path):
+    """What the graphed trainer steps feed (PaddingFreeBatches with a budget), run eagerly on the
+    CPU: the same losses and adapter as unpadded batches, and num_tokens counts real tokens only."""
+    from datasets import Dataset
+
+    from tuneforge import SFTConfig, SFTTrainer
+    from tuneforge.train.trainer import PaddingFreeBatches
+
+    data = Dataset.from_list(_samples(lengths=(6, 11, 3, 8, 9, 5), seed=6))
+    runs = []
+    for longest in (None, 16):
+        args = SFTConfig(output_dir=str(tmp_path / str(longest)), max_steps=3, per_device_train_batch_size=2,
+                         report_to="none", logging_steps=1, learning_rate=1e-2, max_length=16, seed=1)
+        model, _ = FastLanguageModel.from_pretrained(str(folders("llama")), max_seq_length=64, dtype=torch.float32,
+                                                     load_in_4bit=False, use_kernels=True)
+        model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj"], random_state=0)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_tokenizer())
+        trainer.data_collator = PaddingFreeBatches(trainer.data_collator.collator, longest)
+        if longest:
+            batch = next(iter(trainer.get_train_dataloader()))
+            assert batch["input_ids"].shape[1] % longest == 0 and batch["max_length_q"] == longest
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
+        adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs.append((losses, tokens, adapter))
+    (plain_losses, plain_tokens, plain), (padded_losses, padded_tokens, padded) = runs
+    assert padded_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert padded_tokens == plain_tokens and plain_tokens[-1] == sum((6, 11, 3, 8, 9, 5))
+    for name, value in plain.items():
+        torch.testing.assert_close(padded[name], value, rtol=1e-4, atol=1e-6, msg=name)

@@ -178,3 +178,37 @@ def padding_free_batch(batch: Mapping) -> dict:
     else:
         return dict(batch)
     return PaddingFreeCollator()(samples)
+
+
+def pad_to_budget(batch: Mapping, longest: int, samples_multiple: int = 16) -> dict:
+    """A padding-free batch (cu_seq_lens) -> the same samples in one of few fixed shapes, so that a
+    captured CUDA graph (train/graphed_step.py) can replay it.
+
+    Tokens go up to the next multiple of `longest` (the trainer's max_length) with one filler sample
+    (token 0, labels -100: no loss, no gradient), the sample count up to the next multiple of
+    `samples_multiple` with empty samples (repeated boundaries), and max_length_q/k become `longest`.
+    The real samples' tokens, labels and positions are unchanged, so are the loss and gradients:
+    each sample attends only to itself, and the filler is a sample of its own.
+    Shapes: a batch of T real tokens in N samples becomes ceil(T / longest) * longest tokens and
+    ceil((N + 1) / samples_multiple) * samples_multiple samples (N when no filler is needed).
+    """
+    cu = batch["cu_seq_lens_q"]
+    ids = batch["input_ids"]
+    if ids.dim() != 2 or ids.shape[0] != 1 or cu.dim() != 1:
+        raise ValueError("pad_to_budget takes one padding-free row [1, T] with cu_seq_lens_q [N+1]")
+    real = ids.shape[1]
+    if batch["max_length_q"] > longest:
+        raise ValueError(f"a sample of {batch['max_length_q']} tokens is longer than longest={longest}")
+    tokens = -(-real // longest) * longest
+    filler = tokens - real
+    bounds = cu.tolist() + ([tokens] if filler else [])
+    samples = len(bounds) - 1
+    padded_samples = -(-samples // samples_multiple) * samples_multiple
+    bounds += [tokens] * (padded_samples - samples)
+    out = dict(batch)
+    out["input_ids"] = torch.nn.functional.pad(ids, (0, filler), value=0)
+    out["labels"] = torch.nn.functional.pad(batch["labels"], (0, filler), value=IGNORE_INDEX)
+    out["position_ids"] = torch.cat([batch["position_ids"], torch.arange(filler, dtype=torch.long, device=ids.device)[None]], 1)
+    out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = torch.tensor(bounds, dtype=torch.int32, device=cu.device)
+    out["max_length_q"] = out["max_length_k"] = longest
+    return out

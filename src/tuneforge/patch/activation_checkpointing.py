@@ -193,22 +193,29 @@ class LayerInputOffloader:
         # A captured copy writes to a fixed address on every replay, so the buffers must outlive
         # the capture; they are page-locked with cudaHostRegister, not taken from torch's pinned
         # pool, whose per-copy event bookkeeping cannot run inside a capture.
+        # One set per captured graph (its key): a graph replays the addresses it was captured with.
+        self._static_sets: dict[object, list[torch.Tensor]] = {}
         self._static: list[torch.Tensor] | None = None
         self._static_next = 0
 
-    def keep_static_buffers(self) -> None:
-        """From now on reuse one set of host buffers, in pack order, from pass to pass; call
-        `restart_pass()` before each forward."""
-        if self._static is None:
-            self._static = []
+    def use_static_buffers(self, key) -> None:
+        """Until `use_pinned_pool()`, passes take their host buffers, in pack order, from set `key`
+        (made on first use). Call before each pass of the graph named `key`."""
+        self._static = self._static_sets.setdefault(key, [])
         self._static_next = 0
 
-    def restart_pass(self) -> None:
-        self._static_next = 0
+    def use_pinned_pool(self) -> None:
+        """Back to a fresh pinned buffer per layer input (eager steps)."""
+        self._static = None
+
+    def static_buffer_count(self) -> int:
+        return sum(len(buffers) for buffers in self._static_sets.values())
 
     def release_static_buffers(self) -> None:
-        for buffer in self._static or ():
-            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        for buffers in self._static_sets.values():
+            for buffer in buffers:
+                torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        self._static_sets.clear()
         self._static = None
 
     def _host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:

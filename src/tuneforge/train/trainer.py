@@ -5,6 +5,7 @@ callbacks that leave a CSV log, a loss plot and a one-line summary in the output
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -12,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 import trl
 
-from tuneforge.data.packing import padding_free_batch
+from tuneforge.data.packing import pad_to_budget, padding_free_batch
 from tuneforge.device import has_cuda, is_bfloat16_supported
 from tuneforge.models.record import record_of
 from tuneforge.patch.activation_checkpointing import keep_offloaded_checkpointing
 from tuneforge.train.callbacks import CsvLogCallback, SummaryCallback
+from tuneforge.train.graphed_step import GraphedStep, GraphUnsupported
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +164,19 @@ class SFTTrainer(trl.SFTTrainer):
         if not any(isinstance(c, SummaryCallback) for c in callbacks):
             callbacks.append(SummaryCallback(args.output_dir))
         super().__init__(model, args, *positional, callbacks=callbacks, **kwargs)
+        # Chosen once: the patched forward computes the loss itself (chunked, no logits) or it does not.
+        self._fused_loss = _has_fused_loss(self.model)
+        self._graphs = self._graphs_wanted()
+        self._graphed: GraphedStep | None = None
+        self._real_tokens: int | None = None
         if _attention_is_varlen(self.model):
             # Padded rows and TRL's packed rows both become one padding-free row with sample
             # boundaries, computed on the CPU in the collator: the patched attention runs the varlen
             # kernel on them, and no compute is spent on pad tokens (kernels/varlen_attention.py).
-            self.data_collator = PaddingFreeBatches(self.data_collator)
-            logger.info("batches go padding-free (varlen attention): pads dropped, samples kept apart")
-        # Chosen once: the patched forward computes the loss itself (chunked, no logits) or it does not.
-        self._fused_loss = _has_fused_loss(self.model)
+            # With CUDA graphs the row is then padded to a few fixed shapes (a filler sample).
+            self.data_collator = PaddingFreeBatches(self.data_collator, self.args.max_length if self._graphs else None)
+            logger.info("batches go padding-free (varlen attention): pads dropped, samples kept apart%s",
+                        f"; padded to multiples of {self.args.max_length} tokens for CUDA graphs" if self._graphs else "")
         if not has_cuda():
             _adapters_to_fp32(self.model)
         # Resuming through peft upcasts adapter weights to fp32; training must go on in the dtypes
@@ -208,6 +215,69 @@ class SFTTrainer(trl.SFTTrainer):
         finally:
             gc.unfreeze()
 
+    def _graphs_wanted(self) -> bool:
+        """CUDA-graph steps (TUNEFORGE_CUDA_GRAPHS=1): only where every step can be captured the same
+        way. Decided once; the reason it is not used is logged."""
+        if not record_of(_base_model(self.model)).switches.cuda_graphs:
+            return False
+        args = self.args
+        why = None
+        if not has_cuda():
+            why = "no CUDA device"
+        elif not self._fused_loss:
+            why = "the model's loss is not tuneforge's fused one"
+        elif args.fp16:
+            why = "fp16 (the gradient scaler decides on the host whether to step)"
+        elif args.world_size > 1:
+            why = "more than one process"
+        elif args.max_length is None:
+            why = "no max_length to pad batches to"
+        elif not _attention_is_varlen(self.model):
+            why = "the attention does not take padding-free batches, so batch shapes vary"
+        if why:
+            logger.warning("TUNEFORGE_CUDA_GRAPHS=1 but training steps run eagerly: %s", why)
+            return False
+        logger.info("training steps replay CUDA graphs (one per batch shape; train/graphed_step.py)")
+        return True
+
+    def _prepare_inputs(self, inputs):
+        # PaddingFreeBatches' count of real tokens (the filler sample is not trained on) rides in
+        # the batch; it is not a model input.
+        if isinstance(inputs, dict) and "num_real_tokens" in inputs:
+            self._real_tokens = inputs.pop("num_real_tokens")
+        return super()._prepare_inputs(inputs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._graphs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if self._graphed is None:
+            self._graphed = GraphedStep(model, loss_fn=functools.partial(_graphed_loss, model), dtype=None)
+        batch = dict(inputs, use_cache=False)
+        device = batch["input_ids"].device
+        # As Trainer.training_step scales (transformers 5.17-5.23 name these differently).
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        scale = 1.0 if scaled else 1.0 / steps
+        batch["loss_scale"] = torch.tensor([scale], dtype=torch.float32, device=device)
+        if num_items_in_batch is not None:
+            batch["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, dtype=torch.float32,
+                                                          device=device).reshape(1)
+        try:
+            loss = self._graphed.step(batch)
+        except GraphUnsupported as why:
+            logger.warning("CUDA graphs off for the rest of the run: %s", why)
+            self._graphs = False
+            self._graphed.release()
+            return super().training_step(model, {k: v for k, v in inputs.items()}, num_items_in_batch)
+        tokens = self._real_tokens if self._real_tokens is not None else batch["input_ids"].numel()
+        self._total_train_tokens += int(tokens)
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return loss.clone()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._fused_loss or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -223,7 +293,9 @@ class SFTTrainer(trl.SFTTrainer):
         if mode == "train":
             # A host int where the batch allows it: `.item()` on a device tensor every step would
             # stop the CPU from queueing the next kernels until the GPU caught up.
-            if "attention_mask" in inputs:
+            if self._real_tokens is not None:  # padded to a budget: the filler is not counted
+                tokens = self._real_tokens
+            elif "attention_mask" in inputs:
                 tokens = inputs["attention_mask"].sum()
             else:
                 tokens = inputs["input_ids"].numel()
@@ -254,13 +326,26 @@ def _adapters_to_fp32(model) -> None:
 
 
 class PaddingFreeBatches:
-    """Wraps a collator: each batch it makes goes through `padding_free_batch` (data/packing.py)."""
+    """Wraps a collator: each batch it makes goes through `padding_free_batch` (data/packing.py),
+    then, given `longest`, through `pad_to_budget` (with `num_real_tokens`, the tokens before it)."""
 
-    def __init__(self, collator):
+    def __init__(self, collator, longest: int | None = None):
         self.collator = collator
+        self.longest = longest
 
     def __call__(self, features):
-        return padding_free_batch(self.collator(features))
+        batch = padding_free_batch(self.collator(features))
+        if self.longest is None or "cu_seq_lens_q" not in batch:
+            return batch
+        real = batch["input_ids"].shape[1]
+        return dict(pad_to_budget(batch, self.longest), num_real_tokens=real)
+
+
+def _graphed_loss(model, batch: dict) -> torch.Tensor:
+    """The loss a graphed trainer step captures: the fused loss, scaled for gradient accumulation
+    by a tensor the step fills in (the scale of the last, shorter accumulation window differs)."""
+    scale = batch.pop("loss_scale")
+    return model(**batch).loss * scale
 
 
 def _attention_is_varlen(model) -> bool:
