@@ -234,6 +234,10 @@ class SFTTrainer(trl.SFTTrainer):
             why = "no max_length to pad batches to"
         elif not _attention_is_varlen(self.model):
             why = "the attention does not take padding-free batches, so batch shapes vary"
+        elif not getattr(args, "packing", False):
+            # Unpacked batches hold anywhere from one max_length of tokens to batch-size of them:
+            # padding them to a few shapes would compute a large share of filler.
+            why = "packing=False (batch sizes vary too much to pad to a few shapes)"
         if why:
             logger.warning("TUNEFORGE_CUDA_GRAPHS=1 but training steps run eagerly: %s", why)
             return False
