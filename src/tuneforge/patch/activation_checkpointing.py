@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import mmap
 import weakref
 
 import torch
@@ -212,9 +214,7 @@ class LayerInputOffloader:
         return sum(len(buffers) for buffers in self._static_sets.values())
 
     def release_static_buffers(self) -> None:
-        for buffers in self._static_sets.values():
-            for buffer in buffers:
-                torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        # Each buffer unregisters itself when freed (_page_locked_empty).
         self._static_sets.clear()
         self._static = None
 
@@ -228,14 +228,9 @@ class LayerInputOffloader:
                 return buffer
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(f"offloaded checkpointing: layer input {index} changed shape during capture")
-            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
         elif torch.cuda.is_current_stream_capturing():
             raise RuntimeError("offloaded checkpointing: more layer inputs during capture than in warm-up")
-        buffer = torch.empty(tensor.shape, dtype=tensor.dtype)
-        result = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0)
-        if int(result) != 0:
-            raise RuntimeError(f"cudaHostRegister failed ({result}) for a {buffer.numel() * buffer.element_size()}-byte "
-                               "layer input buffer")
+        buffer = _page_locked_empty(tensor.shape, tensor.dtype)
         if index < len(self._static):
             self._static[index] = buffer
         else:
@@ -286,6 +281,27 @@ class LayerInputOffloader:
         if key not in self._logged_paths:
             self._logged_paths.add(key)
             logger.info(message)
+
+
+_PAGE = mmap.PAGESIZE
+
+
+def _page_locked_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An empty CPU tensor on whole pages of its own, page-locked with cudaHostRegister for as long
+    as it lives. Whole pages: registering a range that shares a page with another registered range
+    (two small buffers side by side, or a freed one never unregistered) fails with "already mapped"."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    rounded = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
+    raw = torch.empty(rounded + _PAGE, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % _PAGE
+    region = raw[start:start + rounded]
+    result = torch.cuda.cudart().cudaHostRegister(region.data_ptr(), rounded, 0)
+    if int(result) != 0:
+        raise RuntimeError(f"cudaHostRegister failed ({result}) for a {rounded}-byte layer input buffer")
+    buffer = region[:nbytes].view(dtype).view(shape)
+    # The view keeps `raw`'s storage alive; unregister before that storage can be freed and reused.
+    weakref.finalize(buffer, torch.cuda.cudart().cudaHostUnregister, region.data_ptr())
+    return buffer
 
 
 class _Offloaded:

@@ -266,7 +266,8 @@ class SFTTrainer(trl.SFTTrainer):
             scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         scale = 1.0 if scaled else 1.0 / steps
-        batch["loss_scale"] = torch.tensor([scale], dtype=torch.float32, device=device)
+        # 0-d, like the loss: the Trainer adds the returned loss into its 0-d running total.
+        batch["loss_scale"] = torch.tensor(scale, dtype=torch.float32, device=device)
         if num_items_in_batch is not None:
             batch["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, dtype=torch.float32,
                                                           device=device).reshape(1)
