@@ -117,6 +117,19 @@ def cases():
     yield ("lora_rank_update (y += s*XA@B^T)", lambda: launch_rank_update_(y, xa, lora_b, 0.5),
            lambda: y.addmm_(xa, lora_b.t(), alpha=0.5), [], 2 * nbytes(y), None)
 
+    # Gemma-2-9B's attention (16 q / 8 kv heads of 256, cap 50), 2 x 2048 tokens: ours against
+    # the eager soft-capped attention every Gemma 2 trained through before (fp32 scores per sample).
+    from tuneforge.kernels import softcap_attention
+
+    gq = torch.randn(2 * 2048, 16, 256, **bf16, requires_grad=True)
+    gk = torch.randn(2 * 2048, 8, 256, **bf16, requires_grad=True)
+    gv = torch.randn(2 * 2048, 8, 256, **bf16, requires_grad=True)
+    cu = torch.tensor([0, 2048, 4096], dtype=torch.int32, device="cuda")
+    yield ("softcap_attention (Gemma 2)",
+           lambda: softcap_attention.softcap_attention(gq, gk, gv, cu, 2048, 256 ** -0.5, 50.0),
+           lambda: softcap_attention.reference_softcap_attention(gq, gk, gv, cu, 2048, 256 ** -0.5, 50.0),
+           [gq, gk, gv], None, None)
+
     import bitsandbytes as bnb
 
     dense = torch.randn(INTERMEDIATE, HIDDEN, **bf16)

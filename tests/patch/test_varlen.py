@@ -52,17 +52,18 @@ def _samples(lengths=(6, 11, 3, 8), seed=3):
 
 
 class _Spy:
-    """Counts the patched attention's varlen calls."""
+    """Counts the patched attention's varlen calls (soft-capped attention: its own varlen kernel)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = patch_attention.varlen_attention
+        for name in ("varlen_attention", "softcap_attention"):
+            real = getattr(patch_attention, name)
 
-        def varlen(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
+            def varlen(*args, _real=real, **kwargs):
+                self.calls += 1
+                return _real(*args, **kwargs)
 
-        monkeypatch.setattr(patch_attention, "varlen_attention", varlen)
+            monkeypatch.setattr(patch_attention, name, varlen)
 
 
 @pytest.mark.parametrize("family", PACKING)

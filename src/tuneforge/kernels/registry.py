@@ -46,6 +46,8 @@ OPS: tuple[Op, ...] = (
        "test_cross_entropy.py", "fused_linear_cross_entropy", ("LinearCrossEntropyFunction", "check_labels")),
     Op("varlen_attention", "varlen_attention", "varlen_attention", "reference_varlen_attention",
        "test_varlen_attention.py", None, ("flash_varlen_supported",)),
+    Op("softcap_attention", "softcap_attention", "softcap_attention", "reference_softcap_attention",
+       "test_softcap_attention.py", "softcap_attention (Gemma 2)", ("dense_softcap_attention", "softcap_supported")),
     Op("moe_experts", "moe", "moe_experts", "reference_moe", "test_moe.py", None,
        ("ExpertProjection", "Groups", "MoEExperts", "dequantize_stack")),
     Op("rank_update", "rank_update", "rank_update_", "reference_rank_update", "test_rank_update.py",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.kernels import rope  # module attribute: tests spy on rope.apply_rope
+from tuneforge.kernels.softcap_attention import dense_softcap_attention, softcap_attention, softcap_supported
 from tuneforge.kernels.varlen_attention import varlen_attention
 from tuneforge.models.families import FamilySpec
 from tuneforge.models.record import record_of
@@ -103,12 +104,22 @@ class AttentionPlan:
     qk_norm: None, "full" (OLMo 2: over all heads, before the reshape) or "head" (Qwen3, Gemma 3).
     softcap: Gemma 2's attention logit soft-cap (the module's attn_logit_softcapping).
     varlen: padding-free batches (cu_seq_lens) run `kernels.varlen_attention` per sample.
+    softcap_kernel: soft-capped attention runs `kernels.softcap_attention` (flash, Triton) on
+        padding-free batches and on batches the causal-LM forward marks unpadded (UNPADDED), instead
+        of the per-sample reference and transformers' eager attention.
     """
 
     project: Callable
     qk_norm: str | None
     softcap: bool
     varlen: bool = False
+    softcap_kernel: bool = False
+
+
+# Keyword argument the patched causal-LM forward passes down (through the decoder layers' **kwargs)
+# when its batch has no attention_mask, no cache and no sample boundaries: every row is one whole
+# causal sequence, so the soft-cap kernel may take it as cu_seqlens = 0, S, 2S, ...
+UNPADDED = "tuneforge_unpadded"
 
 
 def bind(model, name: str, attn: nn.Module, plan: AttentionPlan) -> None:
@@ -150,7 +161,16 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         extra["sliding_window"] = sliding
     dropout = getattr(self, "attention_dropout", 0.0) if self.training else 0.0
     cu_seqlens = kwargs.get("cu_seq_lens_q")
-    if cu_seqlens is not None and plan.varlen and past_key_values is None and input_shape[0] == 1:
+    unpadded = kwargs.pop(UNPADDED, False)
+    if plan.softcap_kernel and cu_seqlens is not None and plan.varlen and past_key_values is None \
+            and input_shape[0] == 1:
+        out = softcap_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens,
+                                kwargs["max_length_q"], self.scaling, extra["softcap"], extra.get("sliding_window"))
+        out, weights = out.unsqueeze(0), None
+    elif plan.softcap_kernel and unpadded and cu_seqlens is None and past_key_values is None and not dropout:
+        out = dense_softcap_attention(q, k, v, self.scaling, extra["softcap"], extra.get("sliding_window"))
+        weights = None
+    elif cu_seqlens is not None and plan.varlen and past_key_values is None and input_shape[0] == 1:
         # A padding-free batch (one row of samples end to end, boundaries in cu_seqlens): per-sample
         # attention by the varlen kernel instead of a [T, T] block-diagonal mask (kernels/varlen_attention.py).
         out = varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens,
@@ -178,10 +198,30 @@ def patch_attention(model, spec: FamilySpec) -> str | None:
         logger.info("attention not patched: %s", reasons[0] if reasons else "no self_attn modules found")
         return None
     project = separate_qkv if spec.qkv == "separate" else packed_qkv
+    kernel = None
     for name, attn in modules:
         softcap = spec.attn_softcap and getattr(attn, "attn_logit_softcapping", None) is not None
-        bind(model, name, attn, AttentionPlan(project, spec.qk_norm, softcap))  # patch_varlen decides varlen
+        if softcap and kernel is None:
+            kernel = _softcap_kernel_fits(model, attn)
+        # patch_varlen decides varlen
+        bind(model, name, attn, AttentionPlan(project, spec.qk_norm, softcap, softcap_kernel=softcap and kernel))
     return "rope"
+
+
+def _softcap_kernel_fits(model, attn: nn.Module) -> bool:
+    """Whether soft-capped attention can run kernels.softcap_attention on this model's device and
+    shapes (built once here, on tiny inputs); logged either way."""
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    weight = next(p for p in attn.parameters())
+    dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    why = softcap_supported(attn.head_dim, heads, kv_heads, dtype, weight.device)
+    if why:
+        logger.info("soft-capped attention stays on transformers' eager path: %s", why)
+        return False
+    logger.info("soft-capped attention: flash kernel (kernels/softcap_attention.py)")
+    return True
 
 
 def patch_varlen(model, spec: FamilySpec) -> str | None:

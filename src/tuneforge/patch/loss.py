@@ -17,7 +17,7 @@ from torch import nn
 from tuneforge.kernels.cross_entropy import fused_linear_cross_entropy
 from tuneforge.models.families import FamilySpec
 from tuneforge.models.record import record_of
-from tuneforge.patch.attention import AttentionPlan
+from tuneforge.patch.attention import UNPADDED, AttentionPlan
 from tuneforge.patch.modules import LOGGED
 
 logger = logging.getLogger(__name__)
@@ -43,11 +43,14 @@ class LossPlan:
         Granite's logit scale), None when nothing.
     varlen: the attention runs padding-free batches by the varlen kernel, so the forward hands
         transformers an empty 4-D mask for them (see `_causal_lm_forward`).
+    unpadded_hint: the attention runs soft-capped attention by its kernel and receives keyword
+        arguments: batches without attention_mask are marked UNPADDED for it.
     """
 
     softcap: float | None
     scale: float | None
     varlen: bool
+    unpadded_hint: bool = False
 
 
 def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
@@ -80,6 +83,10 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         # so any attention that did try to read it would fail loudly rather than compute wrongly.
         device = (input_ids if input_ids is not None else inputs_embeds).device
         attention_mask = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
+    elif plan.unpadded_hint and attention_mask is None and past_key_values is None and position_ids is None \
+            and kwargs.get("cu_seq_lens_q") is None:
+        # Whole causal rows, no padding: soft-capped attention may take them as samples of S tokens.
+        kwargs[UNPADDED] = True
     ignore_index = kwargs.pop("ignore_index", -100)
     return_dict = kwargs.pop("return_dict", None)  # peft passes None: transformers then returns the dataclass
     if kwargs.get("output_router_logits") is None and getattr(self.config, "output_router_logits", False):
@@ -168,7 +175,8 @@ def patch_loss(model, spec: FamilySpec) -> str | None:
         return None
     record = record_of(model)
     varlen = any(isinstance(plan, AttentionPlan) and plan.varlen for plan in record.plans.values())
-    plan = LossPlan(*_logit_transform(model, spec), varlen=varlen)
+    hint = any(isinstance(plan, AttentionPlan) and plan.varlen and plan.softcap_kernel for plan in record.plans.values())
+    plan = LossPlan(*_logit_transform(model, spec), varlen=varlen, unpadded_hint=hint)
     model.forward = types.MethodType(functools.partial(_causal_lm_forward, plan=plan), model)
     record.plans[""] = plan  # "": the model itself
     return "fused_cross_entropy"
