@@ -41,6 +41,12 @@ def _tanh(x):
 
 
 @triton.jit
+def _tile(base, begin, index, head, stride_t, stride_h, offs_d, mask):
+    """Rows `begin + index` of one head of a [T, H, D] tensor, zeros where masked."""
+    return tl.load(base + (begin + index)[:, None] * stride_t + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _scores(q, k, rows, cols, n_tok, scale, softcap, window,
             HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """(capped scores with -inf where not allowed, tanh term for the backward) of one [M, N] tile."""
@@ -73,8 +79,7 @@ def _forward_kernel(Q, K, V, O, LSE, CU, scale, softcap, window,
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         row_ok = rows < n_tok
-        q = tl.load(Q + (begin + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = _tile(Q, begin, rows, h, stride_qt, stride_qh, offs_d, row_ok[:, None] & d_ok[None, :])
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -85,10 +90,8 @@ def _forward_kernel(Q, K, V, O, LSE, CU, scale, softcap, window,
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             kv_mask = (cols < n_tok)[:, None] & d_ok[None, :]
-            k = tl.load(K + (begin + cols)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + (begin + cols)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            k = _tile(K, begin, cols, kvh, stride_kt, stride_kh, offs_d, kv_mask)
+            v = _tile(V, begin, cols, kvh, stride_kt, stride_kh, offs_d, kv_mask)
             s, _ = _scores(q, k, rows, cols, n_tok, scale, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with nothing allowed yet (sliding window) keeps m = -inf: shift by 0 instead.
@@ -124,8 +127,8 @@ def _backward_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, softcap, win
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         kv_mask = (cols < n_tok)[:, None] & d_ok[None, :]
-        k = tl.load(K + (begin + cols)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + (begin + cols)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _tile(K, begin, cols, kvh, stride_kt, stride_kh, offs_d, kv_mask)
+        v = _tile(V, begin, cols, kvh, stride_kt, stride_kh, offs_d, kv_mask)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         lo = start_n * BLOCK_N // BLOCK_M * BLOCK_M
@@ -136,8 +139,8 @@ def _backward_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, softcap, win
             rows = start_m + offs_m
             row_ok = rows < n_tok
             q_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + (begin + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + (begin + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+            q = _tile(Q, begin, rows, h, stride_qt, stride_qh, offs_d, q_mask)
+            do = _tile(DO, begin, rows, h, stride_qt, stride_qh, offs_d, q_mask)
             lse = tl.load(LSE + h * stride_lh + begin + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + h * stride_lh + begin + rows, mask=row_ok, other=0.0)
             s, t = _scores(q, k, rows, cols, n_tok, scale, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
@@ -173,8 +176,8 @@ def _backward_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, softcap, window,
         d_ok = offs_d < D
         row_ok = rows < n_tok
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + (begin + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + (begin + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        q = _tile(Q, begin, rows, h, stride_qt, stride_qh, offs_d, q_mask)
+        do = _tile(DO, begin, rows, h, stride_qt, stride_qh, offs_d, q_mask)
         lse = tl.load(LSE + h * stride_lh + begin + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + h * stride_lh + begin + rows, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -185,8 +188,8 @@ def _backward_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, softcap, window,
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             kv_mask = (cols < n_tok)[:, None] & d_ok[None, :]
-            k = tl.load(K + (begin + cols)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + (begin + cols)[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = _tile(K, begin, cols, kvh, stride_kt, stride_kh, offs_d, kv_mask)
+            v = _tile(V, begin, cols, kvh, stride_kt, stride_kh, offs_d, kv_mask)
             s, t = _scores(q, k, rows, cols, n_tok, scale, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
             p = tl.exp(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v))
