@@ -111,3 +111,12 @@ def test_supported_says_why_not(monkeypatch):
     assert "not a multiple" in module.softcap_supported(32, 3, 2, torch.float32, torch.device("cpu"))
     monkeypatch.setattr(module, "TRITON_INTERPRETER", False)
     assert "TRITON_INTERPRET=1" in module.softcap_supported(32, 4, 2, torch.float32, torch.device("cpu"))
+
+
+def test_supported_refuses_a_kernel_that_computes_wrongly(monkeypatch):
+    """The load-time check compares with the reference: a kernel that miscomputes is not used."""
+    import tuneforge.kernels.softcap_attention as module
+
+    real = module.softcap_attention
+    monkeypatch.setattr(module, "softcap_attention", lambda q, *a: real(q, *a) * 1.1)
+    assert "output differs from the reference" in module.softcap_supported(32, 4, 2, torch.float32, torch.device("cpu"))

@@ -269,9 +269,10 @@ class _SoftcapAttention(torch.autograd.Function):
 
 def softcap_supported(head_dim: int, heads: int, kv_heads: int, dtype: torch.dtype,
                       device: torch.device) -> str | None:
-    """Why the kernel cannot run attention of this shape here (None: it can). Builds it once on
-    two tiny samples, forward and backward, so that a kernel this GPU cannot compile (registers,
-    shared memory) shows before any training step depends on it."""
+    """Why the kernel cannot run attention of this shape here (None: it can). Runs it once, forward
+    and backward, on two samples spanning several tiles, against the reference: a kernel this GPU
+    cannot compile (registers, shared memory) or computes wrongly shows before any training step
+    depends on it."""
     device = torch.device(device)
     if device.type != "cuda" and not TRITON_INTERPRETER:
         return f"tensors on {device.type} (Triton runs on CUDA, or on the CPU only under TRITON_INTERPRET=1)"
@@ -281,13 +282,26 @@ def softcap_supported(head_dim: int, heads: int, kv_heads: int, dtype: torch.dty
         return f"{heads} query heads are not a multiple of {kv_heads} key/value heads"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype}"
+    lengths = (40, 90) if TRITON_INTERPRETER else (70, 200)
+    generator = torch.Generator().manual_seed(0)  # local: the caller's random state is left alone
+    inputs = [(torch.randn(sum(lengths), h, head_dim, generator=generator) * 2).to(device=device, dtype=dtype)
+              for h in (heads, kv_heads, kv_heads)]
+    grad = torch.randn(sum(lengths), heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
+    results = []
     try:
-        q, k, v = (torch.zeros(5, h, head_dim, dtype=dtype, device=device, requires_grad=True)
-                   for h in (heads, kv_heads, kv_heads))
-        cu = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
-        softcap_attention(q, k, v, cu, 3, 1.0, 50.0, 2).sum().backward()
+        for fn in (softcap_attention, reference_softcap_attention):
+            q, k, v = (t.detach().clone().requires_grad_(True) for t in inputs)
+            out = fn(q, k, v, cu, max(lengths), head_dim ** -0.5, 30.0, 48)
+            grads = torch.autograd.grad(out, (q, k, v), grad)
+            results.append([out.detach().float(), *(g.float() for g in grads)])
     except Exception as error:  # noqa: BLE001 - any build or launch failure means: not here
         return f"the kernel does not build or run here ({type(error).__name__}: {str(error)[:200]})"
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2  # of each result's largest magnitude
+    for name, got, want in zip(("output", "dq", "dk", "dv"), *results):
+        error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+        if not error <= tolerance:
+            return f"its {name} differs from the reference by {error:.2g} of its scale on this device"
     return None
 
 
