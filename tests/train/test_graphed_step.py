@@ -195,3 +195,41 @@ def test_sft_trainer_with_graphs_trains_as_without(tiny_llama_dir, tmp_path, mon
     # each adapter matrix as a whole.
     for name, value in eager.items():
         assert (adapter[name] - value).norm() <= 5e-2 * value.norm().clamp_min(1e-6), name
+
+
+def test_gradient_views_follow_autograd_rules_on_the_cpu():
+    """_Gradients (device-independent bookkeeping of the graphed step): cleared -> zero, kept ->
+    accumulate, set elsewhere -> copied in, zeroed in place -> kept; a moved parameter is refused."""
+    from tuneforge.train.graphed_step import _Gradients
+
+    a = torch.nn.Parameter(torch.ones(2, 3))
+    b = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    c = torch.nn.Parameter(torch.ones(5))
+    grads = _Gradients([a, b, c], torch.device("cpu"))
+    assert len(grads.buffers) == 2  # one per dtype
+    grads.buffers[0].fill_(7)
+    grads.prepare()  # all None: start from zero
+    assert all(p.grad is g for p, g in zip((a, b, c), grads.views)) and grads.buffers[0].abs().sum() == 0
+    grads.views[0].add_(1)  # "a replay" added 1
+    grads.prepare()  # kept: nothing changes
+    assert torch.equal(a.grad, torch.ones(2, 3))
+    a.grad = torch.full((2, 3), 5.0)  # set elsewhere: copied into the view
+    b.grad = None  # cleared alone: counts as zero
+    c.grad = c.grad.detach().zero_()  # zero_grad(set_to_none=False): same memory, kept
+    grads.views[1].fill_(3)
+    grads.prepare()
+    assert a.grad is grads.views[0] and torch.equal(a.grad, torch.full((2, 3), 5.0))
+    assert b.grad is grads.views[1] and b.grad.abs().sum() == 0
+    assert c.grad is grads.views[2]
+    c.data = torch.ones(5)  # new storage: the graphs would read the old one
+    with pytest.raises(GraphUnsupported, match="moved since capture"):
+        grads.prepare()
+
+
+def test_signature_keeps_shapes_and_host_values_apart():
+    from tuneforge.train.graphed_step import signature
+
+    base = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "max_length_q": 8, "use_cache": False}
+    assert signature(base) == signature({k: (v.clone() if torch.is_tensor(v) else v) for k, v in base.items()})
+    assert signature(base) != signature(dict(base, input_ids=torch.zeros(1, 16, dtype=torch.long)))
+    assert signature(base) != signature(dict(base, max_length_q=16))
