@@ -162,8 +162,9 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     dropout = getattr(self, "attention_dropout", 0.0) if self.training else 0.0
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     unpadded = kwargs.pop(UNPADDED, False)
+    # The soft-cap kernel has no attention dropout: with dropout the paths below (reference, eager) run.
     if plan.softcap_kernel and cu_seqlens is not None and plan.varlen and past_key_values is None \
-            and input_shape[0] == 1:
+            and input_shape[0] == 1 and not dropout:
         out = softcap_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_seqlens,
                                 kwargs["max_length_q"], self.scaling, extra["softcap"], extra.get("sliding_window"))
         out, weights = out.unsqueeze(0), None
