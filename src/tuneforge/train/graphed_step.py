@@ -232,6 +232,8 @@ class GraphedStep:
         for captured in self.captured.values():
             captured.graph.reset()
         self.captured.clear()
+        self.gradients = None  # its views stay in the parameters' .grad until the next zero_grad
+        self.pool = None
 
 
 def _offloaders(model: torch.nn.Module) -> list[LayerInputOffloader]:

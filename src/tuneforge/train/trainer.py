@@ -214,6 +214,11 @@ class SFTTrainer(trl.SFTTrainer):
             return super().train(*args, **kwargs)
         finally:
             gc.unfreeze()
+            if self._graphed is not None:
+                # The graphs' memory pool and page-locked buffers go back: the model may generate
+                # next (one process alternating training and generation), and train() captures again.
+                self._graphed.release()
+                self._graphed = None
 
     def _graphs_wanted(self) -> bool:
         """CUDA-graph steps (TUNEFORGE_CUDA_GRAPHS=1): only where every step can be captured the same
