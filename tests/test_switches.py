@@ -14,7 +14,7 @@ from tuneforge import switches
 from tuneforge.switches import SwitchError, Switches
 
 ALL = ("TUNEFORGE_DISABLE_KERNELS", "TUNEFORGE_VARLEN", "TUNEFORGE_LORA_GROUPS", "TUNEFORGE_FLAT_OPTIMIZER",
-       "TUNEFORGE_NF4_GEMV", "TUNEFORGE_RMS_NORM_FWD", "TUNEFORGE_CACHED_LAUNCH", "TUNEFORGE_CUDA_GRAPHS", "HF_HUB_OFFLINE",
+       "TUNEFORGE_NF4_GEMV", "TUNEFORGE_RMS_NORM_FWD", "TUNEFORGE_CACHED_LAUNCH", "TUNEFORGE_CUDA_GRAPHS", "TUNEFORGE_SOFTCAP_KERNEL", "HF_HUB_OFFLINE",
        "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "ACCELERATE_USE_FSDP")
 
 
@@ -45,6 +45,8 @@ def test_the_defaults_without_variables(clean):
     ("TUNEFORGE_CACHED_LAUNCH", "1", "cached_launch", True),
     ("TUNEFORGE_CUDA_GRAPHS", "1", "cuda_graphs", True),
     ("TUNEFORGE_CUDA_GRAPHS", "0", "cuda_graphs", False),
+    ("TUNEFORGE_SOFTCAP_KERNEL", "0", "softcap_kernel", False),
+    ("TUNEFORGE_SOFTCAP_KERNEL", "1", "softcap_kernel", True),
     ("HF_HUB_OFFLINE", "1", "offline", True),
     ("TRANSFORMERS_OFFLINE", "true", "offline", True),
     ("HF_DATASETS_OFFLINE", "ON", "offline", True),
@@ -89,6 +91,7 @@ def test_triton_interpret_is_read_once_at_import(value):
     ("TUNEFORGE_NF4_GEMV", "fast"),
     ("TUNEFORGE_CACHED_LAUNCH", "cached"),
     ("TUNEFORGE_CUDA_GRAPHS", "graphs"),
+    ("TUNEFORGE_SOFTCAP_KERNEL", "flash"),
     ("ACCELERATE_USE_FSDP", "sharded"),
     ("TUNEFORGE_RMS_NORM_FWD", "2"),
     ("TUNEFORGE_RMS_NORM_FWD", "3,8"),

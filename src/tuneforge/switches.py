@@ -20,6 +20,7 @@ The environment variables and what they choose:
 | TUNEFORGE_NF4_GEMV | nf4_gemv | 1: our NF4 decode matmul on CUDA too (bitsandbytes' is faster on H100) |
 | TUNEFORGE_RMS_NORM_FWD | rms_norm_launch | "ROWS,WARPS": the RMSNorm forward's launch (bench sweeps) |
 | TUNEFORGE_CACHED_LAUNCH | cached_launch | 0: Triton kernels take Triton's own launch, not kernels/launcher.py's cached one (A/B) |
+| TUNEFORGE_SOFTCAP_KERNEL | softcap_kernel | 0: soft-capped attention (Gemma 2) on transformers' eager path, not kernels/softcap_attention.py (A/B) |
 | TUNEFORGE_CUDA_GRAPHS | cuda_graphs | 1: fixed-shape training steps replay a captured CUDA graph (train/graphed_step.py) |
 | HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, HF_DATASETS_OFFLINE | offline | any of them 1/true/yes/on: no Hub |
 | ACCELERATE_USE_FSDP | fsdp | true: NF4 codes stored in the compute dtype so FSDP2 can shard them |
@@ -42,6 +43,7 @@ NF4_GEMV_ENV = "TUNEFORGE_NF4_GEMV"
 RMS_NORM_LAUNCH_ENV = "TUNEFORGE_RMS_NORM_FWD"
 CACHED_LAUNCH_ENV = "TUNEFORGE_CACHED_LAUNCH"
 CUDA_GRAPHS_ENV = "TUNEFORGE_CUDA_GRAPHS"
+SOFTCAP_KERNEL_ENV = "TUNEFORGE_SOFTCAP_KERNEL"
 FSDP_ENV = "ACCELERATE_USE_FSDP"  # what `accelerate launch --use_fsdp` sets
 OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
@@ -93,6 +95,7 @@ class Switches:
     rms_norm_launch: tuple[int, int] | None = None
     cached_launch: bool = True
     cuda_graphs: bool = False
+    softcap_kernel: bool = True
     offline: bool = False
     fsdp: bool = False
     triton_interpreter: bool = TRITON_INTERPRETER
@@ -118,6 +121,7 @@ def from_environment(**given) -> Switches:
         rms_norm_launch=_launch(RMS_NORM_LAUNCH_ENV),
         cached_launch=_flag(CACHED_LAUNCH_ENV, True),
         cuda_graphs=_flag(CUDA_GRAPHS_ENV, False),
+        softcap_kernel=_flag(SOFTCAP_KERNEL_ENV, True),
         offline=offline(),
         fsdp=_flag(FSDP_ENV, False),
     )

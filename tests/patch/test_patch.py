@@ -188,3 +188,39 @@ def test_attention_with_an_undescribed_qk_norm_is_left_alone(caplog):
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
                                    reference(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
+SOFTCAP_FAMILIES = sorted(name for name in KERNEL_FAMILIES if get_family(name).attn_softcap)
+
+
+@pytest.mark.parametrize("family", SOFTCAP_FAMILIES)
+def test_unpadded_batch_runs_the_softcap_kernel_and_equals_transformers(family, monkeypatch):
+    """No attention_mask: the causal-LM forward marks the batch unpadded and every layer's
+    soft-capped attention runs kernels/softcap_attention (spied), with transformers' eager loss
+    and gradients (fp32: rtol 1e-5 / 1e-4). A padded batch, or the switch off, keeps transformers'."""
+    import tuneforge.patch.attention as patch_attention
+
+    calls = []
+    real = patch_attention.dense_softcap_attention
+    monkeypatch.setattr(patch_attention, "dense_softcap_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    reference, ours, _ = _patched_pair(family)
+    assert all(plan.softcap_kernel for plan in ours.tuneforge.plans.values() if hasattr(plan, "softcap_kernel"))
+    ids, mask, _ = tiny_batch(device=DEVICE)
+    labels = ids.clone()
+    expected = reference(input_ids=ids, labels=labels).loss
+    out = ours(input_ids=ids, labels=labels)
+    layers = ours.config.num_hidden_layers
+    assert len(calls) == layers
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    expected.backward()
+    out.loss.backward()
+    for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda report, name=name: f"{name}: {report}")
+    ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert len(calls) == layers  # a mask: transformers' eager attention
+    monkeypatch.setenv("TUNEFORGE_SOFTCAP_KERNEL", "0")  # resolved when the next model is patched
+    _, plain, _ = _patched_pair(family)
+    assert not any(getattr(plan, "softcap_kernel", False) for plan in plain.tuneforge.plans.values())
+    torch.testing.assert_close(plain(input_ids=ids, labels=labels).loss, expected, rtol=1e-5, atol=1e-6)
+    assert len(calls) == layers

@@ -26,7 +26,7 @@ from tuneforge.kernels.varlen_attention import varlen_attention
 from tuneforge.models.families import FamilySpec
 from tuneforge.models.record import record_of
 from tuneforge.patch.modules import LOGGED, decoder_modules
-from tuneforge.switches import VARLEN_ENV
+from tuneforge.switches import SOFTCAP_KERNEL_ENV, VARLEN_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,9 @@ def patch_attention(model, spec: FamilySpec) -> str | None:
 def _softcap_kernel_fits(model, attn: nn.Module) -> bool:
     """Whether soft-capped attention can run kernels.softcap_attention on this model's device and
     shapes (built once here, on tiny inputs); logged either way."""
+    if not record_of(model).switches.softcap_kernel:
+        logger.info("%s=0: soft-capped attention stays on transformers' eager path", SOFTCAP_KERNEL_ENV)
+        return False
     config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads

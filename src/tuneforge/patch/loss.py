@@ -86,7 +86,11 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     elif plan.unpadded_hint and attention_mask is None and past_key_values is None and position_ids is None \
             and kwargs.get("cu_seq_lens_q") is None:
         # Whole causal rows, no padding: soft-capped attention may take them as samples of S tokens.
+        # A loss needs no KV cache; one built only because the config says use_cache=True would
+        # keep the attention on transformers' path (asking for use_cache=True explicitly still does).
         kwargs[UNPADDED] = True
+        if use_cache is None:
+            use_cache = False
     ignore_index = kwargs.pop("ignore_index", -100)
     return_dict = kwargs.pop("return_dict", None)  # peft passes None: transformers then returns the dataclass
     if kwargs.get("output_router_logits") is None and getattr(self.config, "output_router_logits", False):
