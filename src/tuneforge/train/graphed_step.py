@@ -198,6 +198,10 @@ class GraphedStep:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 loss = self._pass(key, static)
+        except Exception as error:  # noqa: BLE001 - whatever breaks the capture, the step can run eagerly
+            for buffer, kept in zip(self.gradients.buffers, saved):
+                buffer.copy_(kept)
+            raise GraphUnsupported(f"capture failed ({type(error).__name__}: {str(error)[:300]})") from error
         finally:
             for offloader in self.offloaders:
                 offloader.use_pinned_pool()
