@@ -62,6 +62,37 @@ def _scores(q, k, rows, cols, n_tok, scale, softcap, window,
 
 
 @triton.jit
+def _keys_of_query_block(start_m, n_tok, window, HAS_WINDOW: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the key positions query block `start_m` can attend to (causal, sliding window),
+    lo rounded down to a key block."""
+    hi = tl.minimum(n_tok, (start_m + 1) * BLOCK_M)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(0, start_m * BLOCK_M - window + 1) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, h, stride_lh, begin, rows, row_ok):
+    """The forward's log-sum-exp and the backward's delta of rows `begin + rows` of head h."""
+    lse = tl.load(LSE + h * stride_lh + begin + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + h * stride_lh + begin + rows, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _probs_and_grad(s, t, lse, delta, do, v, HAS_SOFTCAP: tl.constexpr):
+    """(P, dS) of one tile: P recomputed from the saved log-sum-exp (exactly 0 where s = -inf),
+    dS = P (dO V^T - delta), times the cap's derivative 1 - tanh^2."""
+    p = tl.exp(s - lse[:, None])
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return p, ds
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, O, LSE, CU, scale, softcap, window,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lh,
                     GROUP, D,
@@ -83,10 +114,7 @@ def _forward_kernel(Q, K, V, O, LSE, CU, scale, softcap, window,
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        hi = tl.minimum(n_tok, (start_m + 1) * BLOCK_M)
-        lo = 0
-        if HAS_WINDOW:
-            lo = tl.maximum(0, start_m * BLOCK_M - window + 1) // BLOCK_N * BLOCK_N
+        lo, hi = _keys_of_query_block(start_m, n_tok, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             kv_mask = (cols < n_tok)[:, None] & d_ok[None, :]
@@ -141,15 +169,10 @@ def _backward_kv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, scale, softcap, win
             q_mask = row_ok[:, None] & d_ok[None, :]
             q = _tile(Q, begin, rows, h, stride_qt, stride_qh, offs_d, q_mask)
             do = _tile(DO, begin, rows, h, stride_qt, stride_qh, offs_d, q_mask)
-            lse = tl.load(LSE + h * stride_lh + begin + rows, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + h * stride_lh + begin + rows, mask=row_ok, other=0.0)
+            lse, delta = _row_stats(LSE, DELTA, h, stride_lh, begin, rows, row_ok)
             s, t = _scores(q, k, rows, cols, n_tok, scale, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
-            p = tl.exp(s - lse[:, None])  # exactly 0 where not allowed (s = -inf)
+            p, ds = _probs_and_grad(s, t, lse, delta, do, v, HAS_SOFTCAP)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         out_mask = (cols < n_tok)[:, None] & d_ok[None, :]
         tl.store(DK + (begin + cols)[:, None] * stride_gt + h * stride_gh + offs_d[None, :], dk * scale, mask=out_mask)
@@ -178,24 +201,16 @@ def _backward_q_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, scale, softcap, window,
         q_mask = row_ok[:, None] & d_ok[None, :]
         q = _tile(Q, begin, rows, h, stride_qt, stride_qh, offs_d, q_mask)
         do = _tile(DO, begin, rows, h, stride_qt, stride_qh, offs_d, q_mask)
-        lse = tl.load(LSE + h * stride_lh + begin + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + h * stride_lh + begin + rows, mask=row_ok, other=0.0)
+        lse, delta = _row_stats(LSE, DELTA, h, stride_lh, begin, rows, row_ok)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        hi = tl.minimum(n_tok, (start_m + 1) * BLOCK_M)
-        lo = 0
-        if HAS_WINDOW:
-            lo = tl.maximum(0, start_m * BLOCK_M - window + 1) // BLOCK_N * BLOCK_N
+        lo, hi = _keys_of_query_block(start_m, n_tok, window, HAS_WINDOW, BLOCK_M, BLOCK_N)
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             kv_mask = (cols < n_tok)[:, None] & d_ok[None, :]
             k = _tile(K, begin, cols, kvh, stride_kt, stride_kh, offs_d, kv_mask)
             v = _tile(V, begin, cols, kvh, stride_kt, stride_kh, offs_d, kv_mask)
             s, t = _scores(q, k, rows, cols, n_tok, scale, softcap, window, HAS_SOFTCAP, HAS_WINDOW)
-            p = tl.exp(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
+            _, ds = _probs_and_grad(s, t, lse, delta, do, v, HAS_SOFTCAP)
             dq += tl.dot(ds.to(k.dtype), k)
         tl.store(DQ + (begin + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)

@@ -116,6 +116,15 @@ def active_mode(model: torch.nn.Module) -> str | None:
     return "offload" if offloaded else "standard"
 
 
+def layer_input_offloader(model: torch.nn.Module) -> "LayerInputOffloader | None":
+    """The offloader of `model`'s offloaded checkpointing (one per model, shared by its layers), or None."""
+    for module in model.modules():
+        run = getattr(module, "_gradient_checkpointing_func", None)
+        if isinstance(run, functools.partial) and run.func is offloaded_checkpoint:
+            return run.keywords["offloader"]
+    return None
+
+
 def keep_offloaded_checkpointing(model: torch.nn.Module, args) -> None:
     """Turn off `args.gradient_checkpointing` (logged) when `model` already offloads: the Trainer
     would re-enable transformers' standard checkpointing over it, keeping every layer input on
@@ -210,9 +219,6 @@ class LayerInputOffloader:
         """Back to a fresh pinned buffer per layer input (eager steps)."""
         self._static = None
 
-    def static_buffer_count(self) -> int:
-        return sum(len(buffers) for buffers in self._static_sets.values())
-
     def release_static_buffers(self) -> None:
         # Each buffer unregisters itself when freed (_page_locked_empty).
         self._static_sets.clear()
@@ -226,9 +232,9 @@ class LayerInputOffloader:
             buffer = self._static[index]
             if buffer.shape == tensor.shape and buffer.dtype == tensor.dtype:
                 return buffer
-            if torch.cuda.is_current_stream_capturing():
+            if is_capturing(tensor.device):
                 raise RuntimeError(f"offloaded checkpointing: layer input {index} changed shape during capture")
-        elif torch.cuda.is_current_stream_capturing():
+        elif is_capturing(tensor.device):
             raise RuntimeError("offloaded checkpointing: more layer inputs during capture than in warm-up")
         buffer = _page_locked_empty(tensor.shape, tensor.dtype)
         if index < len(self._static):
@@ -290,7 +296,7 @@ def _page_locked_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An empty CPU tensor on whole pages of its own, page-locked with cudaHostRegister for as long
     as it lives. Whole pages: registering a range that shares a page with another registered range
     (two small buffers side by side, or a freed one never unregistered) fails with "already mapped"."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     rounded = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
     raw = torch.empty(rounded + _PAGE, dtype=torch.uint8)
     start = (-raw.data_ptr()) % _PAGE

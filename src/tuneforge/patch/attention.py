@@ -211,7 +211,7 @@ def patch_attention(model, spec: FamilySpec) -> str | None:
 
 def _softcap_kernel_fits(model, attn: nn.Module) -> bool:
     """Whether soft-capped attention can run kernels.softcap_attention on this model's device and
-    shapes (built once here, on tiny inputs); logged either way."""
+    shapes (built and checked against the reference once here, by softcap_supported); logged either way."""
     if not record_of(model).switches.softcap_kernel:
         logger.info("%s=0: soft-capped attention stays on transformers' eager path", SOFTCAP_KERNEL_ENV)
         return False

@@ -34,7 +34,6 @@ tests/train/test_graphed_step.py.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from collections.abc import Callable
 import torch
 
 from tuneforge.kernels.cross_entropy import check_labels
-from tuneforge.patch.activation_checkpointing import LayerInputOffloader, offloaded_checkpoint
+from tuneforge.patch.activation_checkpointing import layer_input_offloader
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ class GraphedStep:
         self.gradients: _Gradients | None = None
         self.captured: dict[tuple, _Captured] = {}
         self.pool = None
-        self.offloaders = _offloaders(model)
+        self.offloader = layer_input_offloader(model)  # None without offloaded checkpointing
 
     @property
     def capture_seconds(self) -> float:
@@ -166,8 +165,8 @@ class GraphedStep:
             return self.model(**batch).loss
 
     def _pass(self, key, static: dict) -> torch.Tensor:
-        for offloader in self.offloaders:
-            offloader.use_static_buffers(key)
+        if self.offloader is not None:
+            self.offloader.use_static_buffers(key)
         loss = self.loss_fn(dict(static))
         loss.backward()
         return loss.detach()
@@ -199,14 +198,12 @@ class GraphedStep:
             with torch.cuda.graph(graph, pool=self.pool):
                 loss = self._pass(key, static)
         except Exception as error:  # noqa: BLE001 - whatever breaks the capture, the step can run eagerly
-            for buffer, kept in zip(self.gradients.buffers, saved):
-                buffer.copy_(kept)
             raise GraphUnsupported(f"capture failed ({type(error).__name__}: {str(error)[:300]})") from error
         finally:
-            for offloader in self.offloaders:
-                offloader.use_pinned_pool()
-        for buffer, kept in zip(self.gradients.buffers, saved):
-            buffer.copy_(kept)
+            if self.offloader is not None:
+                self.offloader.use_pinned_pool()
+            for buffer, kept in zip(self.gradients.buffers, saved):
+                buffer.copy_(kept)
         torch.cuda.synchronize(device)
         captured = self.captured[key] = _Captured(static, graph, loss, time.perf_counter() - started)
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if torch.is_tensor(v) and v.dim())
@@ -231,21 +228,11 @@ class GraphedStep:
 
     def release(self) -> None:
         """Free the graphs and the offload buffers (the model goes back to eager steps)."""
-        for offloader in self.offloaders:
-            offloader.release_static_buffers()
+        if self.offloader is not None:
+            self.offloader.release_static_buffers()
         for captured in self.captured.values():
             captured.graph.reset()
         self.captured.clear()
         self.gradients = None  # its views stay in the parameters' .grad until the next zero_grad
         self.pool = None
 
-
-def _offloaders(model: torch.nn.Module) -> list[LayerInputOffloader]:
-    found = []
-    for module in model.modules():
-        run = getattr(module, "_gradient_checkpointing_func", None)
-        if isinstance(run, functools.partial) and run.func is offloaded_checkpoint:
-            offloader = run.keywords["offloader"]
-            if all(offloader is not o for o in found):
-                found.append(offloader)
-    return found

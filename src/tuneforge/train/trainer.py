@@ -282,9 +282,8 @@ class SFTTrainer(trl.SFTTrainer):
             logger.warning("CUDA graphs off for the rest of the run: %s", why)
             self._graphs = False
             self._graphed.release()
-            return super().training_step(model, {k: v for k, v in inputs.items()}, num_items_in_batch)
-        tokens = self._real_tokens if self._real_tokens is not None else batch["input_ids"].numel()
-        self._total_train_tokens += int(tokens)
+            return super().training_step(model, inputs, num_items_in_batch)
+        self._count_train_tokens(inputs)
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return loss.clone()
 
@@ -301,20 +300,24 @@ class SFTTrainer(trl.SFTTrainer):
             # Same scaling as trl/transformers: DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         if mode == "train":
-            # A host int where the batch allows it: `.item()` on a device tensor every step would
-            # stop the CPU from queueing the next kernels until the GPU caught up.
-            if self._real_tokens is not None:  # padded to a budget: the filler is not counted
-                tokens = self._real_tokens
-            elif "attention_mask" in inputs:
-                tokens = inputs["attention_mask"].sum()
-            else:
-                tokens = inputs["input_ids"].numel()
-            if self.accelerator.num_processes > 1:
-                tokens = self.accelerator.gather_for_metrics(
-                    torch.as_tensor(tokens, device=inputs["input_ids"].device)).sum()
-            self._total_train_tokens += int(tokens)
+            self._count_train_tokens(inputs)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
+
+    def _count_train_tokens(self, inputs) -> None:
+        """Add this batch's tokens (all processes') to the run's count."""
+        # A host int where the batch allows it: `.item()` on a device tensor every step would
+        # stop the CPU from queueing the next kernels until the GPU caught up.
+        if self._real_tokens is not None:  # padded to a budget: the filler is not counted
+            tokens = self._real_tokens
+        elif "attention_mask" in inputs:
+            tokens = inputs["attention_mask"].sum()
+        else:
+            tokens = inputs["input_ids"].numel()
+        if self.accelerator.num_processes > 1:
+            tokens = self.accelerator.gather_for_metrics(
+                torch.as_tensor(tokens, device=inputs["input_ids"].device)).sum()
+        self._total_train_tokens += int(tokens)
 
 
 def unsloth_train(trainer, *args, **kwargs):
