@@ -111,17 +111,22 @@ def active_mode(model: torch.nn.Module) -> str | None:
     layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     if not layers:
         return None
-    run = getattr(layers[0], "_gradient_checkpointing_func", None)
-    offloaded = isinstance(run, functools.partial) and run.func is offloaded_checkpoint
-    return "offload" if offloaded else "standard"
+    return "offload" if _offloader_of(layers[0]) is not None else "standard"
 
 
 def layer_input_offloader(model: torch.nn.Module) -> "LayerInputOffloader | None":
-    """The offloader of `model`'s offloaded checkpointing (one per model, shared by its layers), or None."""
+    """The offloader of `model`'s offloaded checkpointing (one per model, shared by its layers), or
+    None when no decoder layer checkpoints with it now."""
     for module in model.modules():
-        run = getattr(module, "_gradient_checkpointing_func", None)
-        if isinstance(run, functools.partial) and run.func is offloaded_checkpoint:
-            return run.keywords["offloader"]
+        if getattr(module, "gradient_checkpointing", False) and (offloader := _offloader_of(module)) is not None:
+            return offloader
+    return None
+
+
+def _offloader_of(layer: torch.nn.Module) -> "LayerInputOffloader | None":
+    run = getattr(layer, "_gradient_checkpointing_func", None)
+    if isinstance(run, functools.partial) and run.func is offloaded_checkpoint:
+        return run.keywords["offloader"]
     return None
 
 
